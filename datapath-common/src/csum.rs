@@ -1,0 +1,151 @@
+//! Internet checksum arithmetic (RFC 1071, incremental update per RFC 1624).
+//!
+//! Checksums are handled as the 16-bit value stored in the header, read big-endian.
+
+/// Folds a 32-bit one's-complement accumulator to 16 bits.
+#[must_use]
+pub const fn fold(mut sum: u32) -> u16 {
+    sum = (sum & 0xffff) + (sum >> 16);
+    sum = (sum & 0xffff) + (sum >> 16);
+    sum as u16
+}
+
+/// One's-complement sum of big-endian 16-bit words (odd trailing byte padded with zero),
+/// added to `initial`, unfolded.
+#[must_use]
+pub fn sum_bytes(initial: u32, bytes: &[u8]) -> u32 {
+    let mut sum = u64::from(initial);
+    let mut chunks = bytes.chunks_exact(2);
+    for pair in &mut chunks {
+        sum += u64::from(u16::from_be_bytes([pair[0], pair[1]]));
+    }
+    if let [last] = chunks.remainder() {
+        sum += u64::from(u16::from_be_bytes([*last, 0]));
+    }
+    while sum >> 32 != 0 {
+        sum = (sum & 0xffff_ffff) + (sum >> 32);
+    }
+    sum as u32
+}
+
+/// The checksum to store over `bytes` (whose checksum field must be zero).
+#[must_use]
+pub fn checksum(bytes: &[u8]) -> u16 {
+    !fold(sum_bytes(0, bytes))
+}
+
+/// Pseudo-header sum for TCP/UDP over IPv4.
+#[must_use]
+pub const fn pseudo_header_sum(src: u32, dst: u32, proto: u8, l4_len: u16) -> u32 {
+    (src >> 16) + (src & 0xffff) + (dst >> 16) + (dst & 0xffff) + proto as u32 + l4_len as u32
+}
+
+/// Updates a stored checksum for a 16-bit word of the covered data changing from `old` to
+/// `new` (RFC 1624 eqn. 3: HC' = ~(~HC + ~m + m')).
+#[must_use]
+pub const fn update16(check: u16, old: u16, new: u16) -> u16 {
+    let sum = (!check) as u32 + (!old) as u32 + new as u32;
+    !fold(sum)
+}
+
+/// Updates a stored checksum for a 32-bit field (an IPv4 address) changing from `old` to `new`.
+#[must_use]
+pub const fn update32(check: u16, old: u32, new: u32) -> u16 {
+    let check = update16(check, (old >> 16) as u16, (new >> 16) as u16);
+    update16(check, old as u16, new as u16)
+}
+
+/// Like [`update16`] for a UDP checksum: 0 means "no checksum" and stays 0, and a computed 0
+/// is sent as 0xffff (RFC 768).
+#[must_use]
+pub const fn update16_udp(check: u16, old: u16, new: u16) -> u16 {
+    if check == 0 {
+        return 0;
+    }
+    match update16(check, old, new) {
+        0 => 0xffff,
+        other => other,
+    }
+}
+
+/// [`update32`] with the UDP zero rule of [`update16_udp`].
+#[must_use]
+pub const fn update32_udp(check: u16, old: u32, new: u32) -> u16 {
+    if check == 0 {
+        return 0;
+    }
+    match update32(check, old, new) {
+        0 => 0xffff,
+        other => other,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    /// A minimal IPv4 header with a correct checksum.
+    fn ipv4_header(src: u32, dst: u32) -> [u8; 20] {
+        let mut h = [0u8; 20];
+        h[0] = 0x45;
+        h[2..4].copy_from_slice(&60u16.to_be_bytes());
+        h[8] = 64;
+        h[9] = 6;
+        h[12..16].copy_from_slice(&src.to_be_bytes());
+        h[16..20].copy_from_slice(&dst.to_be_bytes());
+        let c = checksum(&h);
+        h[10..12].copy_from_slice(&c.to_be_bytes());
+        h
+    }
+
+    #[test]
+    fn known_header_checksum() {
+        // Example from RFC 1071 style hand computation: verified header sums to 0xffff.
+        let h = ipv4_header(0xc000_020a, 0xc000_0214);
+        assert_eq!(fold(sum_bytes(0, &h)), 0xffff);
+    }
+
+    #[test]
+    fn odd_length_is_padded() {
+        assert_eq!(sum_bytes(0, &[0x12]), 0x1200);
+        assert_eq!(checksum(&[0x00, 0x01, 0xf2]), !0xf201);
+    }
+
+    proptest! {
+        #[test]
+        fn address_update_matches_recomputation(src: u32, dst: u32, new_src: u32) {
+            let h = ipv4_header(src, dst);
+            let old = u16::from_be_bytes([h[10], h[11]]);
+            let updated = update32(old, src, new_src);
+            let fresh = ipv4_header(new_src, dst);
+            // 0x0000 and 0xffff are the same value in one's complement; a header checksum
+            // is never 0xffff when recomputed, so compare on the folded sum.
+            let mut patched = fresh;
+            patched[10..12].copy_from_slice(&updated.to_be_bytes());
+            prop_assert_eq!(fold(sum_bytes(0, &patched)), 0xffff);
+        }
+
+        #[test]
+        fn word_update_keeps_data_verifiable(mut data in proptest::collection::vec(any::<u8>(), 2..64), idx: usize, new: u16) {
+            let len = data.len() & !1;
+            data.truncate(len);
+            let check = checksum(&data);
+            let i = (idx % (len / 2)) * 2;
+            let old = u16::from_be_bytes([data[i], data[i + 1]]);
+            data[i..i + 2].copy_from_slice(&new.to_be_bytes());
+            let updated = update16(check, old, new);
+            prop_assert_eq!(fold(sum_bytes(u32::from(updated), &data)), 0xffff);
+        }
+
+        #[test]
+        fn udp_update_never_produces_zero(check: u16, old: u32, new: u32) {
+            let updated = update32_udp(check, old, new);
+            if check == 0 {
+                prop_assert_eq!(updated, 0);
+            } else {
+                prop_assert_ne!(updated, 0);
+            }
+        }
+    }
+}

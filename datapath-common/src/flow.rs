@@ -1,0 +1,243 @@
+//! Flow-table keys and entries, and the per-state timeout choice.
+
+use crate::config::Timeouts;
+
+pub const PROTO_ICMP: u8 = 1;
+pub const PROTO_TCP: u8 = 6;
+pub const PROTO_UDP: u8 = 17;
+
+/// A 5-tuple, host byte order. For ICMP echo the identifier stands in for a port: the
+/// request's `src_port` and the reply's `dst_port` (the other port is 0), so a request's
+/// tuple and its reply's tuple are mirror images as they are for TCP and UDP.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct FlowKey {
+    pub src_ip: u32,
+    pub dst_ip: u32,
+    pub src_port: u16,
+    pub dst_port: u16,
+    pub proto: u8,
+    pub _pad: [u8; 3],
+}
+
+impl FlowKey {
+    #[must_use]
+    pub const fn new(proto: u8, src_ip: u32, src_port: u16, dst_ip: u32, dst_port: u16) -> Self {
+        Self {
+            src_ip,
+            dst_ip,
+            src_port,
+            dst_port,
+            proto,
+            _pad: [0; 3],
+        }
+    }
+
+    /// The tuple of a packet flowing the other way.
+    #[must_use]
+    pub const fn reversed(&self) -> Self {
+        Self::new(self.proto, self.dst_ip, self.dst_port, self.src_ip, self.src_port)
+    }
+
+    /// The key of the NAT binding for a pod flow `self` translated to `nat_ip:nat_port`: the
+    /// tuple its replies carry.
+    #[must_use]
+    pub const fn reply_tuple(&self, nat_ip: u32, nat_port: u16) -> Self {
+        Self::new(self.proto, self.dst_ip, self.dst_port, nat_ip, nat_port)
+    }
+}
+
+/// Where a flow is in its life. TCP uses the first four; UDP and ICMP the last two.
+#[repr(u8)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum FlowState {
+    /// SYN sent by the pod, no answer yet.
+    SynSent = 1,
+    Established = 2,
+    /// A FIN was seen (either way); covers TIME_WAIT.
+    Closing = 3,
+    /// A RST was seen.
+    Reset = 4,
+    /// UDP/ICMP with packets from the pod only.
+    Unreplied = 5,
+    /// UDP/ICMP that has seen a reply.
+    Replied = 6,
+}
+
+impl FlowState {
+    #[must_use]
+    pub const fn from_u8(value: u8) -> Option<Self> {
+        Some(match value {
+            1 => Self::SynSent,
+            2 => Self::Established,
+            3 => Self::Closing,
+            4 => Self::Reset,
+            5 => Self::Unreplied,
+            6 => Self::Replied,
+            _ => return None,
+        })
+    }
+
+    /// Lower-case name used by `flows`.
+    #[must_use]
+    pub const fn name(self) -> &'static str {
+        match self {
+            Self::SynSent => "syn_sent",
+            Self::Established => "established",
+            Self::Closing => "closing",
+            Self::Reset => "reset",
+            Self::Unreplied => "unreplied",
+            Self::Replied => "replied",
+        }
+    }
+
+    /// How long a flow in this state lives without packets, in seconds.
+    #[must_use]
+    pub const fn timeout(self, proto: u8, timeouts: &Timeouts) -> u32 {
+        match self {
+            Self::SynSent => timeouts.tcp_syn,
+            Self::Established => timeouts.tcp_established,
+            Self::Closing => timeouts.tcp_closing,
+            Self::Reset => timeouts.tcp_rst,
+            Self::Unreplied if proto == PROTO_ICMP => timeouts.icmp,
+            Self::Replied if proto == PROTO_ICMP => timeouts.icmp,
+            Self::Unreplied => timeouts.udp_one_way,
+            Self::Replied => timeouts.udp_replied,
+        }
+    }
+}
+
+/// Flow flags.
+pub const FLAG_FIN_OUT: u8 = 1;
+pub const FLAG_FIN_IN: u8 = 1 << 1;
+/// `pod_mac`/`gateway_mac` hold the addresses seen on the pod's first packet, so replies can
+/// be handed straight to the pod's interface.
+pub const FLAG_HAS_MACS: u8 = 1 << 2;
+/// Created by the uplink-egress safety net rather than the pod-side program.
+pub const FLAG_FROM_EGRESS: u8 = 1 << 3;
+
+/// The flow-table entry, keyed by the pod-side [`FlowKey`].
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Flow {
+    /// CLOCK_MONOTONIC (coarse) nanoseconds of the first packet.
+    pub created_ns: u64,
+    /// CLOCK_MONOTONIC (coarse) nanoseconds of the latest packet.
+    pub last_seen_ns: u64,
+    /// When the outbound path last confirmed the NAT binding is present.
+    pub binding_checked_ns: u64,
+    pub packets_out: u64,
+    pub bytes_out: u64,
+    pub packets_in: u64,
+    pub bytes_in: u64,
+    pub nat_ip: u32,
+    /// The pod's host-side veth.
+    pub pod_ifindex: u32,
+    pub nat_port: u16,
+    /// A [`FlowState`] as `u8`.
+    pub state: u8,
+    /// `FLAG_*` bits.
+    pub flags: u8,
+    pub pod_mac: [u8; 6],
+    pub gateway_mac: [u8; 6],
+    pub _pad: [u8; 6],
+}
+
+impl Flow {
+    #[must_use]
+    pub const fn state(&self) -> Option<FlowState> {
+        FlowState::from_u8(self.state)
+    }
+
+    /// Nanoseconds (monotonic) at which this flow expires, given its state's timeout.
+    #[must_use]
+    pub const fn expires_at_ns(&self, proto: u8, timeouts: &Timeouts) -> u64 {
+        let timeout = match self.state() {
+            Some(state) => state.timeout(proto, timeouts),
+            None => 0,
+        };
+        self.last_seen_ns + timeout as u64 * 1_000_000_000
+    }
+}
+
+/// Key of an inbound fragment train: (src, dst, IP id, proto), host order.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct FragKey {
+    pub src_ip: u32,
+    pub dst_ip: u32,
+    pub id: u16,
+    pub proto: u8,
+    pub _pad: u8,
+}
+
+impl FragKey {
+    #[must_use]
+    pub const fn new(src_ip: u32, dst_ip: u32, id: u16, proto: u8) -> Self {
+        Self {
+            src_ip,
+            dst_ip,
+            id,
+            proto,
+            _pad: 0,
+        }
+    }
+}
+
+/// Lower-case protocol name.
+#[must_use]
+pub const fn proto_name(proto: u8) -> &'static str {
+    match proto {
+        PROTO_TCP => "tcp",
+        PROTO_UDP => "udp",
+        PROTO_ICMP => "icmp",
+        _ => "other",
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::ipv4::addr;
+
+    #[test]
+    fn reply_tuple_mirrors_the_translated_packet() {
+        let pod = FlowKey::new(PROTO_TCP, addr(169, 254, 172, 2), 40000, addr(192, 0, 2, 20), 80);
+        let reply = pod.reply_tuple(addr(192, 0, 2, 10), 33000);
+        assert_eq!(
+            reply,
+            FlowKey::new(PROTO_TCP, addr(192, 0, 2, 20), 80, addr(192, 0, 2, 10), 33000)
+        );
+        assert_eq!(pod.reversed().reversed(), pod);
+    }
+
+    #[test]
+    fn timeouts_follow_state_and_protocol() {
+        let t = Timeouts::DEFAULT;
+        assert_eq!(FlowState::Established.timeout(PROTO_TCP, &t), 7440);
+        assert_eq!(FlowState::SynSent.timeout(PROTO_TCP, &t), 60);
+        assert_eq!(FlowState::Closing.timeout(PROTO_TCP, &t), 120);
+        assert_eq!(FlowState::Reset.timeout(PROTO_TCP, &t), 10);
+        assert_eq!(FlowState::Unreplied.timeout(PROTO_UDP, &t), 30);
+        assert_eq!(FlowState::Replied.timeout(PROTO_UDP, &t), 120);
+        assert_eq!(FlowState::Replied.timeout(PROTO_ICMP, &t), 30);
+        let flow = Flow {
+            last_seen_ns: 5_000_000_000,
+            state: FlowState::Unreplied as u8,
+            ..Flow::default()
+        };
+        assert_eq!(flow.expires_at_ns(PROTO_UDP, &t), 35_000_000_000);
+    }
+
+    #[test]
+    fn states_round_trip() {
+        for v in 0..=255u8 {
+            if let Some(s) = FlowState::from_u8(v) {
+                assert_eq!(s as u8, v);
+                assert!(!s.name().is_empty());
+            }
+        }
+        assert_eq!(core::mem::size_of::<FlowKey>(), 16);
+        assert_eq!(core::mem::size_of::<Flow>() % 8, 0);
+    }
+}
