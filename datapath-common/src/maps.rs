@@ -51,10 +51,10 @@ impl LayoutInfo {
     pub const fn current() -> Self {
         Self {
             version: LAYOUT_VERSION,
-            flow_key_size: core::mem::size_of::<crate::flow::FlowKey>() as u32,
-            flow_size: core::mem::size_of::<crate::flow::Flow>() as u32,
-            pod_info_size: core::mem::size_of::<crate::pod::PodInfo>() as u32,
-            config_size: core::mem::size_of::<crate::config::Config>() as u32,
+            flow_key_size: size_of::<crate::flow::FlowKey>() as u32,
+            flow_size: size_of::<crate::flow::Flow>() as u32,
+            pod_info_size: size_of::<crate::pod::PodInfo>() as u32,
+            config_size: size_of::<crate::config::Config>() as u32,
             counters: crate::counters::Counter::COUNT as u32,
         }
     }

@@ -1,2 +1,407 @@
+//! TC programs of the pod IPv4 egress datapath. Each entry point is a thin wrapper: the
+//! `try_*` function returns the verdict or the drop counter, and `verdict` counts drops.
 #![no_std]
 #![no_main]
+// Atomic adds on flow counters: the BPF target has no core::sync::atomic read-modify-write.
+#![allow(internal_features)]
+#![feature(core_intrinsics)]
+
+mod conntrack;
+mod forward;
+mod icmp;
+mod maps;
+mod nat;
+mod parse;
+
+use aya_ebpf::{
+    bindings::{TC_ACT_OK, TC_ACT_SHOT},
+    macros::classifier,
+    programs::TcContext,
+};
+use datapath_common::{
+    config::Config,
+    counters::Counter,
+    flow::{Flow, FlowKey, FlowState, FragKey, FLAG_FROM_EGRESS, PROTO_ICMP, PROTO_TCP},
+    ipv4::is_multicast_or_broadcast,
+    tcp::Direction,
+};
+use network_types::eth::EthHdr;
+
+use crate::{
+    conntrack::PodMacs,
+    forward::Route,
+    maps::{count, CONNTRACK, FRAGMENTS, NAT_BINDINGS},
+    nat::Side,
+    parse::{Fragment, Ipv4, L4, ICMP_ECHO_REPLY, ICMP_ECHO_REQUEST},
+};
+
+const PASS: i32 = TC_ACT_OK as i32;
+
+#[inline(always)]
+fn verdict(result: Result<i32, Counter>) -> i32 {
+    match result {
+        Ok(action) => action,
+        Err(counter) => {
+            count(counter);
+            TC_ACT_SHOT as i32
+        }
+    }
+}
+
+#[inline(always)]
+fn pass(counter: Counter) -> Result<i32, Counter> {
+    count(counter);
+    Ok(PASS)
+}
+
+#[inline(always)]
+fn ifindex(ctx: &TcContext) -> u32 {
+    // SAFETY: reading a context field.
+    unsafe { (*ctx.skb.skb).ifindex }
+}
+
+/// TC ingress of a pod's host veth: anti-spoofing, pod-to-pod drop, SNAT and redirect to the
+/// uplink.
+#[classifier]
+pub fn tc_from_pod(ctx: TcContext) -> i32 {
+    verdict(try_from_pod(&ctx))
+}
+
+fn try_from_pod(ctx: &TcContext) -> Result<i32, Counter> {
+    let Some(ip) = parse::ipv4(ctx)? else {
+        return pass(Counter::PassNonIpv4);
+    };
+    let cfg = conntrack::config()?;
+    let ifindex = ifindex(ctx);
+    if !cfg.pod_cidr.contains(ip.src) {
+        return Err(Counter::DropSpoofedSource);
+    }
+    if is_multicast_or_broadcast(ip.dst) {
+        conntrack::registered_pod(ip.src, ifindex)?;
+        return pass(Counter::PassMulticast);
+    }
+    if cfg.pod_cidr.contains(ip.dst) {
+        if ip.dst != cfg.gateway_ip {
+            return Err(Counter::DropPodToPod);
+        }
+        conntrack::registered_pod(ip.src, ifindex)?;
+        return pass(Counter::PassLocal);
+    }
+    if ip.fragment == Fragment::Later {
+        conntrack::registered_pod(ip.src, ifindex)?;
+        let (out_if, macs, next_hop) = match forward::route(ctx, &ip, cfg.node_ip, ifindex) {
+            Route::Forward { ifindex, macs, next_hop } => (ifindex, macs, next_hop),
+            Route::Local => return pass(Counter::PassLocal),
+            Route::HostStack => return pass(Counter::PassHostStack),
+        };
+        nat::rewrite(ctx, &ip, None, Side::Source, cfg.node_ip, 0)?;
+        count(Counter::FragmentOut);
+        return forward::send(ctx, out_if, macs, next_hop);
+    }
+    let l4 = parse::l4(ctx, &ip)?;
+    if ip.proto == PROTO_ICMP && l4.icmp_type != ICMP_ECHO_REQUEST {
+        conntrack::registered_pod(ip.src, ifindex)?;
+        return icmp_error_from_pod(ctx, &ip, &l4, Some(ifindex));
+    }
+
+    let key = FlowKey::new(ip.proto, ip.src, l4.src_port, ip.dst, l4.dst_port);
+    let existing = CONNTRACK.get_ptr_mut(&key);
+    // A flow created on this interface already proved the source; otherwise check the pod map.
+    // SAFETY: map value pointer.
+    let proven = existing.is_some_and(|f| unsafe { (*f).pod_ifindex } == ifindex);
+    if !proven {
+        conntrack::registered_pod(ip.src, ifindex)?;
+    }
+    let (out_if, macs, next_hop) = match forward::route(ctx, &ip, cfg.node_ip, ifindex) {
+        Route::Forward { ifindex, macs, next_hop } => (ifindex, macs, next_hop),
+        Route::Local => return pass(Counter::PassLocal),
+        Route::HostStack => return pass(Counter::PassHostStack),
+    };
+    let pod_macs = pod_macs(ctx);
+    let existing = match existing {
+        Some(f) if !proven => {
+            // The pod moved to another veth (re-created with the same address).
+            // SAFETY: map value pointer.
+            unsafe { (*f).pod_ifindex = ifindex };
+            Some(f)
+        }
+        other => other,
+    };
+    let (nat_ip, nat_port) = snat_flow(ctx, cfg, &ip, &l4, &key, existing, ifindex, pod_macs, 0)?;
+    nat::rewrite(ctx, &ip, Some(&l4), Side::Source, nat_ip, nat_port)?;
+    count(Counter::TranslatedOut);
+    forward::send(ctx, out_if, macs, next_hop)
+}
+
+#[inline(always)]
+fn pod_macs(ctx: &TcContext) -> Option<PodMacs> {
+    let eth = parse::ptr_at::<EthHdr>(ctx, 0)?;
+    // SAFETY: bounds checked by ptr_at.
+    let eth = unsafe { &*eth };
+    Some(PodMacs {
+        pod: eth.src_addr,
+        gateway: eth.dst_addr,
+    })
+}
+
+/// Finds or creates the flow for an outbound pod packet, accounts it, and returns the NAT
+/// address and port to write.
+#[inline(always)]
+#[allow(clippy::too_many_arguments)]
+fn snat_flow(
+    ctx: &TcContext,
+    cfg: &Config,
+    ip: &Ipv4,
+    l4: &L4,
+    key: &FlowKey,
+    existing: Option<*mut Flow>,
+    pod_ifindex: u32,
+    macs: Option<PodMacs>,
+    extra_flags: u8,
+) -> Result<(u32, u16), Counter> {
+    let now = conntrack::now_ns();
+    let create = || conntrack::create(ctx, cfg, key, pod_ifindex, macs, extra_flags, l4.tcp_flags, now);
+    let mut flow = match existing {
+        Some(flow) => flow,
+        None => create()?,
+    };
+    if !conntrack::keep_binding(key, flow, now) {
+        // The reply tuple went to another flow while our binding was evicted: start afresh.
+        let _ = CONNTRACK.remove(key);
+        flow = create()?;
+    }
+    conntrack::account(flow, ip.proto, Direction::Out, ip.l3_len, l4.tcp_flags, now);
+    // SAFETY: map value pointer.
+    let f = unsafe { &*flow };
+    Ok((f.nat_ip, f.nat_port))
+}
+
+/// An ICMP error a pod sends about a packet it received (remote → pod): translated to the
+/// node address. `ingress` is the pod veth when called from the pod side (then the packet
+/// is redirected to the uplink); `None` at the uplink's egress.
+#[inline(always)]
+fn icmp_error_from_pod(
+    ctx: &TcContext,
+    ip: &Ipv4,
+    l4: &L4,
+    ingress: Option<u32>,
+) -> Result<i32, Counter> {
+    if !parse::is_icmp_error(l4.icmp_type) {
+        return Err(Counter::DropIcmpUntracked);
+    }
+    let emb = icmp::embedded(ctx, ip)?;
+    let key = emb.flow_key();
+    // SAFETY: map value read.
+    let flow = unsafe { CONNTRACK.get(&key) }.ok_or(Counter::DropIcmpUntracked)?;
+    let (nat_ip, nat_port) = (flow.nat_ip, flow.nat_port);
+    let route = match ingress {
+        Some(ifindex) => match forward::route(ctx, ip, nat_ip, ifindex) {
+            Route::Forward { ifindex, macs, next_hop } => Some((ifindex, macs, next_hop)),
+            Route::Local => return pass(Counter::PassLocal),
+            Route::HostStack => return pass(Counter::PassHostStack),
+        },
+        None => None,
+    };
+    icmp::translate(ctx, ip, &emb, Side::Source, nat_ip, Side::Destination, nat_ip, nat_port)?;
+    count(Counter::IcmpErrorOut);
+    match route {
+        Some((ifindex, macs, next_hop)) => forward::send(ctx, ifindex, macs, next_hop),
+        None => Ok(PASS),
+    }
+}
+
+/// TC ingress of the uplink: reverse translation of replies and ICMP errors, redirect to the
+/// pod; drop of pod-range IPv4 from the wire; everything else passes untouched.
+#[classifier]
+pub fn tc_uplink_ingress(ctx: TcContext) -> i32 {
+    verdict(try_uplink_ingress(&ctx))
+}
+
+fn try_uplink_ingress(ctx: &TcContext) -> Result<i32, Counter> {
+    let Some(ip) = parse::ipv4(ctx)? else {
+        return pass(Counter::PassNonIpv4);
+    };
+    // Unconfigured, the uplink must not lose the node's own traffic.
+    let Ok(cfg) = conntrack::config() else {
+        return Ok(PASS);
+    };
+    if cfg.pod_cidr.contains(ip.dst) {
+        return Err(Counter::DropCrossNode);
+    }
+    if ip.dst != cfg.node_ip {
+        return pass(Counter::PassNode);
+    }
+    if ip.fragment == Fragment::Later {
+        return fragment_to_pod(ctx, &ip);
+    }
+    let l4 = match parse::l4(ctx, &ip) {
+        Ok(l4) => l4,
+        Err(Counter::DropUnsupportedProtocol) => return pass(Counter::PassNode),
+        Err(other) => return Err(other),
+    };
+    if ip.proto == PROTO_ICMP {
+        if parse::is_icmp_error(l4.icmp_type) {
+            return icmp_error_to_pod(ctx, &ip);
+        }
+        if l4.icmp_type != ICMP_ECHO_REPLY {
+            return pass(Counter::PassNode);
+        }
+    }
+    let tuple = FlowKey::new(ip.proto, ip.src, l4.src_port, ip.dst, l4.dst_port);
+    // SAFETY: map value read, copied out.
+    let Some(pod_key) = (unsafe { NAT_BINDINGS.get(&tuple) }).copied() else {
+        if ip.proto != PROTO_ICMP
+            && cfg.port_in_range(l4.dst_port)
+            && !conntrack::node_socket_owns(ctx.skb.skb, &tuple)
+        {
+            return Err(Counter::DropUntrackedInbound);
+        }
+        return pass(Counter::PassNode);
+    };
+    let flow = flow_for_binding(&pod_key, &tuple)?;
+    let now = conntrack::now_ns();
+    conntrack::account(flow, ip.proto, Direction::In, ip.l3_len, l4.tcp_flags, now);
+    if ip.fragment == Fragment::First {
+        let frag = FragKey::new(ip.src, ip.dst, ip.id, ip.proto);
+        let _ = FRAGMENTS.insert(&frag, &pod_key, 0);
+    }
+    nat::rewrite(ctx, &ip, Some(&l4), Side::Destination, pod_key.src_ip, pod_key.src_port)?;
+    count(Counter::TranslatedIn);
+    // SAFETY: map value pointer.
+    forward::to_pod(ctx, unsafe { &*flow }, true)
+}
+
+/// The flow behind a NAT binding. If LRU pressure evicted the flow but not its binding, the
+/// flow is rebuilt from the binding and the pod map rather than dropping the reply.
+#[inline(always)]
+fn flow_for_binding(pod_key: &FlowKey, reply: &FlowKey) -> Result<*mut Flow, Counter> {
+    if let Some(flow) = CONNTRACK.get_ptr_mut(pod_key) {
+        return Ok(flow);
+    }
+    let Ok(pod) = conntrack::any_registered_pod(pod_key.src_ip) else {
+        let _ = NAT_BINDINGS.remove(reply);
+        return Err(Counter::DropUntrackedInbound);
+    };
+    let now = conntrack::now_ns();
+    let state = if pod_key.proto == PROTO_TCP {
+        FlowState::Established
+    } else {
+        FlowState::Unreplied
+    };
+    let flow = Flow {
+        created_ns: now,
+        last_seen_ns: now,
+        binding_checked_ns: now,
+        nat_ip: reply.dst_ip,
+        nat_port: reply.dst_port,
+        pod_ifindex: pod.host_ifindex,
+        state: state as u8,
+        ..Flow::default()
+    };
+    let _ = CONNTRACK.insert(pod_key, &flow, 0);
+    count(Counter::HalfPairRepaired);
+    CONNTRACK.get_ptr_mut(pod_key).ok_or(Counter::DropTableFull)
+}
+
+#[inline(always)]
+fn fragment_to_pod(ctx: &TcContext, ip: &Ipv4) -> Result<i32, Counter> {
+    let frag = FragKey::new(ip.src, ip.dst, ip.id, ip.proto);
+    // SAFETY: map value read, copied out.
+    let Some(pod_key) = (unsafe { FRAGMENTS.get(&frag) }).copied() else {
+        return pass(Counter::PassFragmentUntracked);
+    };
+    let Some(flow) = CONNTRACK.get_ptr_mut(&pod_key) else {
+        return pass(Counter::PassFragmentUntracked);
+    };
+    conntrack::account(flow, ip.proto, Direction::In, ip.l3_len, 0, conntrack::now_ns());
+    nat::rewrite(ctx, ip, None, Side::Destination, pod_key.src_ip, 0)?;
+    count(Counter::FragmentIn);
+    // SAFETY: map value pointer.
+    forward::to_pod(ctx, unsafe { &*flow }, true)
+}
+
+#[inline(always)]
+fn icmp_error_to_pod(ctx: &TcContext, ip: &Ipv4) -> Result<i32, Counter> {
+    let emb = match icmp::embedded(ctx, ip) {
+        Ok(emb) => emb,
+        // Not about a flow we could have made: the node's business.
+        Err(Counter::DropIcmpUntracked) => return pass(Counter::PassNode),
+        Err(other) => return Err(other),
+    };
+    let binding = emb.binding_key();
+    // SAFETY: map value read, copied out.
+    let Some(pod_key) = (unsafe { NAT_BINDINGS.get(&binding) }).copied() else {
+        return pass(Counter::PassNode);
+    };
+    let Some(flow) = CONNTRACK.get_ptr_mut(&pod_key) else {
+        return pass(Counter::PassNode);
+    };
+    conntrack::account(flow, PROTO_ICMP, Direction::In, ip.l3_len, 0, conntrack::now_ns());
+    icmp::translate(
+        ctx,
+        ip,
+        &emb,
+        Side::Destination,
+        pod_key.src_ip,
+        Side::Source,
+        pod_key.src_ip,
+        pod_key.src_port,
+    )?;
+    count(Counter::IcmpErrorIn);
+    // SAFETY: map value pointer.
+    forward::to_pod(ctx, unsafe { &*flow }, true)
+}
+
+/// TC egress of the uplink: the safety net for pod packets that went through the host stack
+/// untranslated (the pod-side program handed them over, or was not attached yet).
+#[classifier]
+pub fn tc_uplink_egress(ctx: TcContext) -> i32 {
+    verdict(try_uplink_egress(&ctx))
+}
+
+fn try_uplink_egress(ctx: &TcContext) -> Result<i32, Counter> {
+    let Ok(Some(ip)) = parse::ipv4(ctx) else {
+        return Ok(PASS);
+    };
+    let Ok(cfg) = conntrack::config() else {
+        return Ok(PASS);
+    };
+    // The node's own traffic: the common case, kept free of map lookups.
+    if !cfg.pod_cidr.contains(ip.src) {
+        return Ok(PASS);
+    }
+    let pod = conntrack::any_registered_pod(ip.src)?;
+    if is_multicast_or_broadcast(ip.dst) {
+        return pass(Counter::PassMulticast);
+    }
+    if cfg.pod_cidr.contains(ip.dst) {
+        return Err(Counter::DropPodToPod);
+    }
+    if ip.fragment == Fragment::Later {
+        nat::rewrite(ctx, &ip, None, Side::Source, cfg.node_ip, 0)?;
+        count(Counter::FragmentOut);
+        return Ok(PASS);
+    }
+    let l4 = parse::l4(ctx, &ip)?;
+    if ip.proto == PROTO_ICMP && l4.icmp_type != ICMP_ECHO_REQUEST {
+        return icmp_error_from_pod(ctx, &ip, &l4, None);
+    }
+    let key = FlowKey::new(ip.proto, ip.src, l4.src_port, ip.dst, l4.dst_port);
+    let existing = CONNTRACK.get_ptr_mut(&key);
+    let host_ifindex = pod.host_ifindex;
+    let (nat_ip, nat_port) =
+        snat_flow(ctx, cfg, &ip, &l4, &key, existing, host_ifindex, None, FLAG_FROM_EGRESS)?;
+    nat::rewrite(ctx, &ip, Some(&l4), Side::Source, nat_ip, nat_port)?;
+    count(Counter::TranslatedEgress);
+    Ok(PASS)
+}
+
+#[cfg(not(test))]
+#[panic_handler]
+fn panic(_info: &core::panic::PanicInfo) -> ! {
+    loop {}
+}
+
+#[link_section = "license"]
+#[no_mangle]
+static LICENSE: [u8; 13] = *b"Dual MIT/GPL\0";

@@ -1,0 +1,127 @@
+//! Sending packets on without the host stack: FIB lookup + redirect towards the uplink, and
+//! redirect to the pod for replies.
+
+use aya_ebpf::{
+    bindings::{
+        bpf_fib_lookup as FibParams, bpf_redir_neigh, BPF_FIB_LKUP_RET_NOT_FWDED,
+        BPF_FIB_LKUP_RET_NO_NEIGH, BPF_FIB_LKUP_RET_SUCCESS, TC_ACT_REDIRECT,
+    },
+    helpers::{bpf_fib_lookup, bpf_redirect, bpf_redirect_neigh, bpf_redirect_peer},
+    programs::TcContext,
+};
+use datapath_common::{
+    counters::Counter,
+    flow::{Flow, FLAG_HAS_MACS},
+};
+use network_types::eth::EthHdr;
+
+use crate::parse::{ptr_at, Ipv4};
+
+const AF_INET: u8 = 2;
+
+/// What the FIB says about a translated pod packet.
+pub enum Route {
+    /// Forward out of `ifindex`; `macs` when the neighbour is known.
+    Forward {
+        ifindex: u32,
+        macs: Option<([u8; 6], [u8; 6])>,
+        next_hop: u32,
+    },
+    /// Addressed to the node itself: the host stack delivers it.
+    Local,
+    /// Not forwardable here (no route, fragmentation needed, forwarding off): the host stack
+    /// deals with it and answers the pod with ICMP where appropriate.
+    HostStack,
+}
+
+/// Looks up the route for `ip` as it will be after translation to `nat_ip`.
+#[inline(always)]
+pub fn route(ctx: &TcContext, ip: &Ipv4, nat_ip: u32, ingress_ifindex: u32) -> Route {
+    // SAFETY: plain-data parameter block; zero is valid for every field.
+    let mut params: FibParams = unsafe { core::mem::zeroed() };
+    params.family = AF_INET;
+    params.l4_protocol = ip.proto;
+    params.ifindex = ingress_ifindex;
+    // tot_len stays 0: the kernel then checks this skb (GSO-aware) against the egress MTU.
+    params.__bindgen_anon_3.ipv4_src = nat_ip.to_be();
+    params.__bindgen_anon_4.ipv4_dst = ip.dst.to_be();
+    let size = size_of::<FibParams>() as i32;
+    // SAFETY: valid context and parameter block.
+    let rc = unsafe { bpf_fib_lookup(ctx.skb.skb.cast(), &raw mut params, size, 0) };
+    match rc as u32 {
+        BPF_FIB_LKUP_RET_SUCCESS => Route::Forward {
+            ifindex: params.ifindex,
+            macs: Some((params.smac, params.dmac)),
+            // SAFETY: the kernel filled in the IPv4 member.
+            next_hop: unsafe { params.__bindgen_anon_4.ipv4_dst },
+        },
+        BPF_FIB_LKUP_RET_NO_NEIGH => Route::Forward {
+            ifindex: params.ifindex,
+            macs: None,
+            // SAFETY: as above.
+            next_hop: unsafe { params.__bindgen_anon_4.ipv4_dst },
+        },
+        BPF_FIB_LKUP_RET_NOT_FWDED => Route::Local,
+        _ => Route::HostStack,
+    }
+}
+
+/// Sends a translated packet out per `route` (a `Route::Forward`).
+#[inline(always)]
+pub fn send(ctx: &TcContext, ifindex: u32, macs: Option<([u8; 6], [u8; 6])>, next_hop: u32) -> Result<i32, Counter> {
+    let rc = match macs {
+        Some((src, dst)) => {
+            set_macs(ctx, src, dst)?;
+            // SAFETY: plain helper call.
+            unsafe { bpf_redirect(ifindex, 0) }
+        }
+        None => {
+            let mut nh = bpf_redir_neigh {
+                nh_family: u32::from(AF_INET),
+                __bindgen_anon_1: aya_ebpf::bindings::bpf_redir_neigh__bindgen_ty_1 {
+                    ipv4_nh: next_hop,
+                },
+            };
+            let size = size_of::<bpf_redir_neigh>() as i32;
+            // SAFETY: valid parameter block.
+            unsafe { bpf_redirect_neigh(ifindex, &raw mut nh, size, 0) }
+        }
+    };
+    redirect_verdict(rc)
+}
+
+/// Hands a reverse-translated packet to the pod: straight into the pod's namespace when the
+/// flow knows the link-layer addresses, else through the host veth's neighbour entry. Either
+/// way the host stack (and its FORWARD REJECT rule for the pod range) is not involved.
+#[inline(always)]
+pub fn to_pod(ctx: &TcContext, flow: &Flow, peer_allowed: bool) -> Result<i32, Counter> {
+    let rc = if flow.flags & FLAG_HAS_MACS != 0 && peer_allowed {
+        set_macs(ctx, flow.gateway_mac, flow.pod_mac)?;
+        // SAFETY: plain helper call.
+        unsafe { bpf_redirect_peer(flow.pod_ifindex, 0) }
+    } else {
+        // SAFETY: a null parameter block makes the kernel route on the packet's destination.
+        unsafe { bpf_redirect_neigh(flow.pod_ifindex, core::ptr::null_mut(), 0, 0) }
+    };
+    redirect_verdict(rc)
+}
+
+#[inline(always)]
+fn set_macs(ctx: &TcContext, src: [u8; 6], dst: [u8; 6]) -> Result<(), Counter> {
+    let eth = ptr_at::<EthHdr>(ctx, 0).ok_or(Counter::DropMalformed)?;
+    // SAFETY: bounds checked by ptr_at.
+    unsafe {
+        (*eth).src_addr = src;
+        (*eth).dst_addr = dst;
+    }
+    Ok(())
+}
+
+#[inline(always)]
+fn redirect_verdict(rc: i64) -> Result<i32, Counter> {
+    if rc == i64::from(TC_ACT_REDIRECT) {
+        Ok(rc as i32)
+    } else {
+        Err(Counter::DropRedirectFailed)
+    }
+}

@@ -1,0 +1,47 @@
+//! The maps, pinned by name under the daemon's pin path so a restart re-uses them.
+
+use aya_ebpf::{
+    macros::map,
+    maps::{Array, HashMap, LruHashMap, PerCpuArray},
+};
+use datapath_common::{
+    config::Config,
+    counters::Counter,
+    flow::{Flow, FlowKey, FragKey},
+    maps::{LayoutInfo, DEFAULT_FLOW_TABLE_SIZE, FRAGMENT_TABLE_SIZE, MAX_PODS},
+    pod::PodInfo,
+};
+
+/// Pod-side tuple → flow. Userspace resizes it at load time (`--flow-table-size`).
+#[map(name = "CONNTRACK")]
+pub static CONNTRACK: LruHashMap<FlowKey, Flow> = LruHashMap::pinned(DEFAULT_FLOW_TABLE_SIZE, 0);
+
+/// Reply tuple (remote → node_ip:nat_port) → pod-side tuple. Same size as CONNTRACK.
+#[map(name = "NAT_BINDINGS")]
+pub static NAT_BINDINGS: LruHashMap<FlowKey, FlowKey> =
+    LruHashMap::pinned(DEFAULT_FLOW_TABLE_SIZE, 0);
+
+/// Pod IPv4 → pod; written by `datapath-user pod add|del`.
+#[map(name = "PODS")]
+pub static PODS: HashMap<u32, PodInfo> = HashMap::pinned(MAX_PODS, 0);
+
+#[map(name = "CONFIG")]
+pub static CONFIG: Array<Config> = Array::pinned(1, 0);
+
+#[map(name = "COUNTERS")]
+pub static COUNTERS: PerCpuArray<u64> = PerCpuArray::pinned(Counter::COUNT as u32, 0);
+
+/// Inbound fragment trains of translated flows → pod-side tuple.
+#[map(name = "FRAGMENTS")]
+pub static FRAGMENTS: LruHashMap<FragKey, FlowKey> = LruHashMap::pinned(FRAGMENT_TABLE_SIZE, 0);
+
+#[map(name = "LAYOUT")]
+pub static LAYOUT: Array<LayoutInfo> = Array::pinned(1, 0);
+
+#[inline(always)]
+pub fn count(counter: Counter) {
+    if let Some(slot) = COUNTERS.get_ptr_mut(counter as u32) {
+        // SAFETY: per-CPU slot, only this CPU writes it while the program runs.
+        unsafe { *slot += 1 };
+    }
+}

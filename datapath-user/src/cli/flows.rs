@@ -1,0 +1,132 @@
+//! `datapath-user flows`: the flow table, per pod.
+
+use std::{io::Write as _, time::Duration};
+
+use datapath_common::{
+    flow::{PROTO_ICMP, PROTO_TCP, PROTO_UDP},
+    ipv4::Cidr,
+};
+use datapath_user::{
+    flows::{self, Filter, FlowRecord},
+    maps::Maps,
+};
+
+use super::{
+    output::{human_bytes, print_table},
+    parse_cidr, Format, PinArgs,
+};
+
+/// List tracked flows: pod, destination, NAT address, state, counters each way.
+///
+/// Examples:
+///   datapath-user flows
+///   datapath-user flows --pod default/web-0 --proto tcp
+///   datapath-user flows --dst 192.0.2.0/24 -o json
+///   datapath-user flows --watch 2
+#[derive(clap::Args)]
+#[command(verbatim_doc_comment)]
+pub struct FlowsArgs {
+    #[arg(short = 'o', long = "output", value_enum, default_value = "table")]
+    format: Format,
+    /// Only this pod (NAMESPACE/POD, POD or its IPv4).
+    #[arg(long, value_name = "NAME|IP")]
+    pod: Option<String>,
+    /// Only this protocol.
+    #[arg(long, value_parser = ["tcp", "udp", "icmp"])]
+    proto: Option<String>,
+    /// Only destinations in this range.
+    #[arg(long, value_parser = parse_cidr, value_name = "CIDR")]
+    dst: Option<Cidr>,
+    /// Only flows in this state.
+    #[arg(long, value_parser = ["syn_sent", "established", "closing", "reset", "unreplied", "replied"])]
+    state: Option<String>,
+    /// Only flows with this pod, destination or NAT port.
+    #[arg(long)]
+    port: Option<u16>,
+    /// Refresh every SECONDS until interrupted.
+    #[arg(long, value_name = "SECONDS", num_args = 0..=1, default_missing_value = "2")]
+    watch: Option<f64>,
+    #[command(flatten)]
+    pin: PinArgs,
+}
+
+pub fn execute(args: FlowsArgs) -> anyhow::Result<()> {
+    let filter = Filter {
+        pod: args.pod.clone(),
+        proto: args.proto.as_deref().map(|p| match p {
+            "tcp" => PROTO_TCP,
+            "udp" => PROTO_UDP,
+            _ => PROTO_ICMP,
+        }),
+        dst: args.dst,
+        state: args.state.clone(),
+        port: args.port,
+    };
+    let maps = Maps::open(&args.pin.pin_path)?;
+    loop {
+        let records = flows::collect(&maps, &filter)?;
+        if args.watch.is_some() {
+            print!("\x1b[2J\x1b[H");
+        }
+        print_records(&records, args.format)?;
+        eprintln!("{} flows", records.len());
+        let Some(seconds) = args.watch else { break };
+        let _ = std::io::stdout().flush();
+        std::thread::sleep(Duration::from_secs_f64(seconds.max(0.1)));
+    }
+    Ok(())
+}
+
+fn print_records(records: &[FlowRecord], format: Format) -> anyhow::Result<()> {
+    match format {
+        Format::Json => {
+            let stdout = std::io::stdout();
+            let mut out = std::io::BufWriter::new(stdout.lock());
+            serde_json::to_writer(&mut out, records)?;
+            writeln!(out)?;
+        }
+        Format::Table | Format::Wide => {
+            let wide = format == Format::Wide;
+            let mut header = vec!["PROTO", "POD", "POD ADDRESS", "DESTINATION", "NAT ADDRESS", "STATE"];
+            header.extend(if wide {
+                ["PKTS OUT", "BYTES OUT", "PKTS IN", "BYTES IN", "AGE", "EXPIRES", "IFINDEX"].as_slice()
+            } else {
+                ["OUT", "IN", "AGE", "EXPIRES"].as_slice()
+            });
+            let rows: Vec<Vec<String>> = records
+                .iter()
+                .map(|r| {
+                    let mut row = vec![
+                        r.proto.to_string(),
+                        r.pod.clone().unwrap_or_else(|| "-".into()),
+                        format!("{}:{}", r.pod_ip, r.pod_port),
+                        format!("{}:{}", r.dst_ip, r.dst_port),
+                        format!("{}:{}", r.nat_ip, r.nat_port),
+                        r.state.to_string(),
+                    ];
+                    if wide {
+                        row.extend([
+                            r.packets_out.to_string(),
+                            r.bytes_out.to_string(),
+                            r.packets_in.to_string(),
+                            r.bytes_in.to_string(),
+                            format!("{}s", r.age_s),
+                            format!("{}s", r.expires_s),
+                            r.ifindex.to_string(),
+                        ]);
+                    } else {
+                        row.extend([
+                            format!("{}p/{}", r.packets_out, human_bytes(r.bytes_out)),
+                            format!("{}p/{}", r.packets_in, human_bytes(r.bytes_in)),
+                            format!("{}s", r.age_s),
+                            format!("{}s", r.expires_s),
+                        ]);
+                    }
+                    row
+                })
+                .collect();
+            print_table(&header, &rows);
+        }
+    }
+    Ok(())
+}

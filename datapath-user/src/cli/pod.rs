@@ -1,0 +1,155 @@
+//! `datapath-user pod add|del|list`: the per-pod map.
+
+use std::net::Ipv4Addr;
+
+use anyhow::bail;
+use datapath_common::{
+    config::DEFAULT_POD_CIDR,
+    maps::DEFAULT_FLOW_TABLE_SIZE,
+    pod::PodInfo,
+};
+use datapath_user::{
+    loader::{self, LoadOptions},
+    maps::Maps,
+    netdev, Error,
+};
+use serde::Serialize;
+
+use super::{output::print_table, Format, PinArgs};
+
+/// Register, remove and list pods.
+#[derive(clap::Subcommand)]
+pub enum PodCommand {
+    /// Register a pod's IPv4 on its host veth and attach the pod-side program there.
+    ///
+    /// Example: datapath-user pod add --ip 169.254.172.2 --host-veth veth1a2b3c4d --name default/web-0
+    Add {
+        /// The pod's node-local IPv4 (in the pod range).
+        #[arg(long, value_name = "169.254.172.N")]
+        ip: Ipv4Addr,
+        /// Host side of the pod's IPv4 veth.
+        #[arg(long, value_name = "IFACE")]
+        host_veth: String,
+        /// NAMESPACE/POD, shown by `flows` and `pod list`.
+        #[arg(long, value_name = "NAMESPACE/POD")]
+        name: Option<String>,
+        #[command(flatten)]
+        pin: PinArgs,
+    },
+    /// Remove a pod and its flows (succeeds when it is not registered).
+    ///
+    /// Example: datapath-user pod del --ip 169.254.172.2
+    Del {
+        #[arg(long, value_name = "169.254.172.N")]
+        ip: Ipv4Addr,
+        #[command(flatten)]
+        pin: PinArgs,
+    },
+    /// List registered pods.
+    List {
+        #[arg(short = 'o', long = "output", value_enum, default_value = "table")]
+        format: Format,
+        #[command(flatten)]
+        pin: PinArgs,
+    },
+}
+
+#[derive(Serialize)]
+struct PodRow {
+    ip: Ipv4Addr,
+    name: Option<String>,
+    host_veth: Option<String>,
+    ifindex: u32,
+}
+
+pub fn execute(cmd: PodCommand) -> anyhow::Result<()> {
+    match cmd {
+        PodCommand::Add { ip, host_veth, name, pin } => {
+            let ifindex = netdev::ifindex(&host_veth)?;
+            let mut maps = match Maps::open(&pin.pin_path) {
+                Ok(maps) => maps,
+                // No daemon has run yet: create the pinned maps so the pod is picked up when
+                // one starts.
+                Err(Error::NotRunning(_)) => {
+                    drop(loader::load(&LoadOptions {
+                        pin_path: pin.pin_path.clone(),
+                        flow_table_size: DEFAULT_FLOW_TABLE_SIZE,
+                    })?);
+                    Maps::open(&pin.pin_path)?
+                }
+                Err(e) => return Err(e.into()),
+            };
+            let cidr = match maps.config() {
+                Ok(cfg) if cfg.node_ip != 0 => cfg.pod_cidr,
+                _ => DEFAULT_POD_CIDR,
+            };
+            if !cidr.contains(u32::from(ip)) {
+                bail!(
+                    "{ip} is outside the pod range {}/{}",
+                    Ipv4Addr::from(cidr.network),
+                    cidr.prefix_len
+                );
+            }
+            let info = PodInfo::new(ifindex, name.as_deref().unwrap_or(""));
+            maps.pods
+                .insert(u32::from(ip), info, 0)
+                .map_err(|e| Error::map("writing PODS", e))?;
+            let attached = match loader::pinned_from_pod_program(&pin.pin_path) {
+                Some(mut prog) => {
+                    loader::attach_pod(&mut prog, &pin.pin_path, ifindex)?;
+                    "attached"
+                }
+                None => "registered; attached when `datapath-user run` starts",
+            };
+            println!(
+                "pod {ip}{} on {host_veth} (ifindex {ifindex}): {attached}",
+                name.map(|n| format!(" ({n})")).unwrap_or_default()
+            );
+        }
+        PodCommand::Del { ip, pin } => {
+            let mut maps = Maps::open(&pin.pin_path)?;
+            let key = u32::from(ip);
+            let Ok(info) = maps.pods.get(&key, 0) else {
+                println!("pod {ip}: not registered");
+                return Ok(());
+            };
+            let _ = maps.pods.remove(&key);
+            let shared = maps.pods()?.iter().any(|(_, p)| p.host_ifindex == info.host_ifindex);
+            if !shared {
+                loader::detach_pod(&pin.pin_path, info.host_ifindex)?;
+            }
+            let flows = maps.remove_pod_flows(key)?;
+            println!("pod {ip}: removed with {flows} flows");
+        }
+        PodCommand::List { format, pin } => {
+            let maps = Maps::open(&pin.pin_path)?;
+            let rows: Vec<PodRow> = maps
+                .pods()?
+                .into_iter()
+                .map(|(ip, p)| PodRow {
+                    ip,
+                    name: (!p.name().is_empty()).then(|| p.name().to_string()),
+                    host_veth: netdev::ifname(p.host_ifindex),
+                    ifindex: p.host_ifindex,
+                })
+                .collect();
+            if format == Format::Json {
+                println!("{}", serde_json::to_string_pretty(&rows)?);
+            } else {
+                let table: Vec<Vec<String>> = rows
+                    .iter()
+                    .map(|r| {
+                        vec![
+                            r.ip.to_string(),
+                            r.name.clone().unwrap_or_else(|| "-".into()),
+                            r.host_veth.clone().unwrap_or_else(|| "(gone)".into()),
+                            r.ifindex.to_string(),
+                        ]
+                    })
+                    .collect();
+                print_table(&["IP", "NAME", "HOST VETH", "IFINDEX"], &table);
+            }
+        }
+    }
+    Ok(())
+}

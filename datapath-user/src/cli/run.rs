@@ -1,0 +1,277 @@
+//! `datapath-user run`: load, configure, attach, pin; sweep expired flows until signalled.
+
+use std::{
+    io::Write as _,
+    net::{Ipv4Addr, SocketAddr},
+    sync::{Arc, Mutex},
+    time::Duration,
+};
+
+use anyhow::{bail, Context as _};
+use aya::programs::TcAttachType;
+use clap::ValueEnum;
+use datapath_common::{
+    config::{Config, PortRandomisation, Timeouts},
+    ipv4::Cidr,
+    maps::{self as names, DEFAULT_FLOW_TABLE_SIZE},
+};
+use datapath_user::{
+    loader::{self, DaemonLock, LoadOptions},
+    maps::Maps,
+    metrics, netdev,
+    sweep::Sweeper,
+    Error,
+};
+use log::{info, warn};
+
+use super::{parse_cidr, PinArgs};
+
+/// Load the datapath, attach it to the uplink and the registered pods, and stay in the
+/// foreground. SIGTERM/SIGINT detach the programs and keep the pinned maps, so the next
+/// `run` continues with every flow.
+///
+/// Examples:
+///   datapath-user run --uplink eth0
+///   datapath-user run --uplink eth0 --node-ip 192.0.2.10 --port-range 20000-29999 \
+///       --metrics-addr 127.0.0.1:9465
+#[derive(clap::Args)]
+#[command(verbatim_doc_comment)]
+pub struct RunArgs {
+    /// The node's uplink (primary ENI) interface.
+    #[arg(long, value_name = "IFACE")]
+    uplink: String,
+    /// Address pods are translated to. Default: the uplink's primary IPv4.
+    #[arg(long, value_name = "A.B.C.D")]
+    node_ip: Option<Ipv4Addr>,
+    /// The pods' node-local IPv4 range.
+    #[arg(long, default_value = "169.254.172.0/22", value_parser = parse_cidr, value_name = "CIDR")]
+    pod_cidr: Cidr,
+    /// The pods' gateway in the pod range. Default: the range's first host address.
+    #[arg(long, value_name = "A.B.C.D")]
+    gateway: Option<Ipv4Addr>,
+    /// NAT source ports, inclusive. Default: the larger part of 1024-65535 outside the
+    /// kernel's ip_local_port_range, so the node's own sockets never collide with NAT ports.
+    #[arg(long, value_parser = parse_port_range, value_name = "LO-HI")]
+    port_range: Option<(u16, u16)>,
+    /// How the first NAT port of a flow is chosen.
+    #[arg(long, value_enum, default_value = "prng")]
+    randomisation: Randomisation,
+    #[command(flatten)]
+    pin: PinArgs,
+    /// Serve Prometheus metrics at http://HOST:PORT/metrics.
+    #[arg(long, value_name = "HOST:PORT")]
+    metrics_addr: Option<SocketAddr>,
+    /// Flow-table size (flows). Applies when the maps are created; pinned maps keep theirs.
+    #[arg(long, default_value_t = DEFAULT_FLOW_TABLE_SIZE, value_name = "N")]
+    flow_table_size: u32,
+    /// Seconds between expired-flow sweeps.
+    #[arg(long, default_value_t = 1.0, value_name = "SECONDS")]
+    sweep_interval: f64,
+    /// Leave the programs attached on exit (zero-gap restarts and upgrades: the next `run`
+    /// swaps its programs into the pinned links).
+    #[arg(long)]
+    keep_attached: bool,
+    #[command(flatten)]
+    timeouts: TimeoutArgs,
+}
+
+/// Flow timeouts in seconds (defaults as nf_conntrack / RFC 5382).
+#[derive(clap::Args)]
+struct TimeoutArgs {
+    #[arg(long, default_value_t = Timeouts::DEFAULT.tcp_syn, value_name = "S")]
+    timeout_tcp_syn: u32,
+    #[arg(long, default_value_t = Timeouts::DEFAULT.tcp_established, value_name = "S")]
+    timeout_tcp_established: u32,
+    #[arg(long, default_value_t = Timeouts::DEFAULT.tcp_closing, value_name = "S")]
+    timeout_tcp_closing: u32,
+    #[arg(long, default_value_t = Timeouts::DEFAULT.tcp_rst, value_name = "S")]
+    timeout_tcp_rst: u32,
+    #[arg(long, default_value_t = Timeouts::DEFAULT.udp_one_way, value_name = "S")]
+    timeout_udp: u32,
+    #[arg(long, default_value_t = Timeouts::DEFAULT.udp_replied, value_name = "S")]
+    timeout_udp_replied: u32,
+    #[arg(long, default_value_t = Timeouts::DEFAULT.icmp, value_name = "S")]
+    timeout_icmp: u32,
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum Randomisation {
+    /// A random start per flow (iptables --random-fully).
+    Prng,
+    /// A start hashed from the flow tuple (iptables --random).
+    Hashrandom,
+    /// Keep the pod's port when in range and free.
+    None,
+}
+
+fn parse_port_range(s: &str) -> Result<(u16, u16), String> {
+    let (lo, hi) = s
+        .split_once('-')
+        .ok_or_else(|| format!("{s:?} is not a port range (expected LO-HI)"))?;
+    let lo: u16 = lo.parse().map_err(|_| format!("{lo:?} is not a port"))?;
+    let hi: u16 = hi.parse().map_err(|_| format!("{hi:?} is not a port"))?;
+    if lo == 0 || lo > hi {
+        return Err(format!("port range {lo}-{hi} is empty or starts at 0"));
+    }
+    Ok((lo, hi))
+}
+
+pub fn execute(args: RunArgs) -> anyhow::Result<()> {
+    let config = build_config(&args)?;
+    let pin_path = args.pin.pin_path.clone();
+    let _lock = DaemonLock::acquire(&pin_path)?;
+    let mut ebpf = loader::load(&LoadOptions {
+        pin_path: pin_path.clone(),
+        flow_table_size: args.flow_table_size,
+    })?;
+    loader::write_config(&mut ebpf, &config)?;
+    loader::pin_from_pod_program(&mut ebpf, &pin_path)?;
+    loader::attach(
+        loader::program(&mut ebpf, names::PROG_UPLINK_INGRESS)?,
+        &args.uplink,
+        TcAttachType::Ingress,
+        &pin_path,
+        "uplink_ingress",
+    )?;
+    loader::attach(
+        loader::program(&mut ebpf, names::PROG_UPLINK_EGRESS)?,
+        &args.uplink,
+        TcAttachType::Egress,
+        &pin_path,
+        "uplink_egress",
+    )?;
+    let mut maps = Maps::open(&pin_path)?;
+    let pods = loader::attach_registered_pods(loader::program(&mut ebpf, names::PROG_FROM_POD)?, &maps)?;
+    let flows = maps.conntrack.keys().filter(Result::is_ok).count();
+    let sweeper = Arc::new(Mutex::new(Sweeper::default()));
+    if let Some(addr) = args.metrics_addr {
+        metrics::serve(addr, pin_path.clone(), Arc::clone(&sweeper))?;
+        info!("metrics on http://{addr}/metrics");
+    }
+    info!(
+        "running: uplink {} node ip {} pods {}/{} ports {}-{} ({:?}); {pods} pods attached, {flows} flows carried over; maps at {}",
+        args.uplink,
+        Ipv4Addr::from(config.node_ip),
+        Ipv4Addr::from(config.pod_cidr.network),
+        config.pod_cidr.prefix_len,
+        config.port_min,
+        config.port_max,
+        config.randomisation(),
+        pin_path.display()
+    );
+    println!("ready");
+    let _ = std::io::stdout().flush();
+
+    let interval = Duration::from_secs_f64(args.sweep_interval.max(0.05));
+    let signal = wait_for_signal(interval, || {
+        let mut sweeper = sweeper.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        match sweeper.run(&mut maps) {
+            Ok(r) if r.expired + r.orphan_bindings > 0 => info!(
+                "sweep: {} expired flows and {} orphan bindings removed of {} ({:?})",
+                r.expired, r.orphan_bindings, r.scanned, r.duration
+            ),
+            Ok(_) => {}
+            Err(e) => warn!("sweep: {e}"),
+        }
+    })?;
+    if args.keep_attached {
+        info!("{signal}: exiting with the programs left attached (--keep-attached)");
+    } else {
+        let detached = loader::detach_all(&pin_path)?;
+        info!("{signal}: detached {detached} programs; pinned maps kept at {}", pin_path.display());
+    }
+    Ok(())
+}
+
+fn build_config(args: &RunArgs) -> anyhow::Result<Config> {
+    netdev::ifindex(&args.uplink)?;
+    let addrs = netdev::ipv4_addrs(&args.uplink)?;
+    let node_ip = match args.node_ip {
+        Some(ip) if addrs.contains(&ip) => ip,
+        Some(ip) => {
+            return Err(Error::NodeIpNotOnUplink {
+                ip,
+                iface: args.uplink.clone(),
+                have: if addrs.is_empty() {
+                    "no IPv4".into()
+                } else {
+                    addrs.iter().map(ToString::to_string).collect::<Vec<_>>().join(", ")
+                },
+            }
+            .into())
+        }
+        None => *addrs.first().ok_or_else(|| Error::NoIpv4(args.uplink.clone()))?,
+    };
+    let cidr = args.pod_cidr;
+    if cidr.contains(u32::from(node_ip)) {
+        bail!("node IP {node_ip} is inside the pod range");
+    }
+    let gateway = args.gateway.map_or(cidr.network + 1, u32::from);
+    if !cidr.contains(gateway) {
+        bail!("gateway {} is outside the pod range", Ipv4Addr::from(gateway));
+    }
+    let (port_min, port_max) = match args.port_range {
+        Some(range) => range,
+        None => netdev::default_nat_range(netdev::local_port_range()?),
+    };
+    let t = &args.timeouts;
+    Ok(Config {
+        node_ip: u32::from(node_ip),
+        pod_cidr: cidr,
+        gateway_ip: gateway,
+        port_min,
+        port_max,
+        randomisation: match args.randomisation {
+            Randomisation::Prng => PortRandomisation::Prng,
+            Randomisation::Hashrandom => PortRandomisation::HashRandom,
+            Randomisation::None => PortRandomisation::None,
+        } as u8,
+        _pad: [0; 3],
+        timeouts: Timeouts {
+            tcp_syn: t.timeout_tcp_syn,
+            tcp_established: t.timeout_tcp_established,
+            tcp_closing: t.timeout_tcp_closing,
+            tcp_rst: t.timeout_tcp_rst,
+            udp_one_way: t.timeout_udp,
+            udp_replied: t.timeout_udp_replied,
+            icmp: t.timeout_icmp,
+            _pad: 0,
+        },
+    })
+}
+
+/// Calls `tick` every `interval` until SIGTERM or SIGINT; returns the signal's name.
+fn wait_for_signal(interval: Duration, mut tick: impl FnMut()) -> anyhow::Result<&'static str> {
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .context("starting the runtime")?;
+    runtime.block_on(async {
+        use tokio::signal::unix::{signal, SignalKind};
+        let mut term = signal(SignalKind::terminate()).context("SIGTERM handler")?;
+        let mut int = signal(SignalKind::interrupt()).context("SIGINT handler")?;
+        let mut ticker = tokio::time::interval(interval);
+        loop {
+            tokio::select! {
+                _ = term.recv() => return Ok("SIGTERM"),
+                _ = int.recv() => return Ok("SIGINT"),
+                _ = ticker.tick() => tick(),
+            }
+        }
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn port_ranges_parse_strictly() {
+        assert_eq!(parse_port_range("1024-65535"), Ok((1024, 65535)));
+        assert_eq!(parse_port_range("7-7"), Ok((7, 7)));
+        assert!(parse_port_range("0-10").is_err());
+        assert!(parse_port_range("10-9").is_err());
+        assert!(parse_port_range("10").is_err());
+        assert!(parse_port_range("10-70000").is_err());
+    }
+}

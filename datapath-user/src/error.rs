@@ -1,0 +1,94 @@
+//! Errors of the library, each worded as the one line an operator sees.
+
+use std::path::PathBuf;
+
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("interface {0:?} does not exist")]
+    UnknownInterface(String),
+    #[error("interface {0:?} has no IPv4 address; pass --node-ip")]
+    NoIpv4(String),
+    #[error("node IP {ip} is not an address of {iface:?} (it has: {have})")]
+    NodeIpNotOnUplink {
+        ip: std::net::Ipv4Addr,
+        iface: String,
+        have: String,
+    },
+    #[error("{0}: permission denied (run as root, or with CAP_BPF, CAP_NET_ADMIN and CAP_SYS_ADMIN)")]
+    Permission(String),
+    #[error("bpffs is not mounted at {path} and could not be mounted: {reason}")]
+    Bpffs { path: PathBuf, reason: String },
+    #[error("no datapath maps at {0} (is `datapath-user run` running with this --pin-path?)")]
+    NotRunning(PathBuf),
+    #[error("pinned maps at {path} have layout {found:?}, this version needs {expected:?}; stop the old daemon and remove {path} (flows are lost) or use another --pin-path")]
+    IncompatibleLayout {
+        path: PathBuf,
+        found: datapath_common::maps::LayoutInfo,
+        expected: datapath_common::maps::LayoutInfo,
+    },
+    #[error("another datapath-user run already uses {path} (pid {pid})")]
+    AlreadyRunning { path: PathBuf, pid: String },
+    #[error("pod {0} is not registered")]
+    UnknownPod(String),
+    #[error("{context}: {source}")]
+    Io {
+        context: String,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("{context}: {source}")]
+    Map {
+        context: String,
+        #[source]
+        source: aya::maps::MapError,
+    },
+    #[error("{context}: {source}")]
+    Program {
+        context: String,
+        #[source]
+        source: aya::programs::ProgramError,
+    },
+    #[error("{context}: {source}")]
+    Link {
+        context: String,
+        #[source]
+        source: aya::programs::links::LinkError,
+    },
+    #[error("loading the eBPF object: {0}")]
+    Load(#[from] aya::EbpfError),
+}
+
+impl Error {
+    pub fn io(context: impl Into<String>, source: std::io::Error) -> Self {
+        if source.kind() == std::io::ErrorKind::PermissionDenied {
+            return Self::Permission(context.into());
+        }
+        Self::Io {
+            context: context.into(),
+            source,
+        }
+    }
+
+    pub fn map(context: impl Into<String>, source: aya::maps::MapError) -> Self {
+        Self::Map {
+            context: context.into(),
+            source,
+        }
+    }
+
+    pub fn link(context: impl Into<String>, source: aya::programs::links::LinkError) -> Self {
+        Self::Link {
+            context: context.into(),
+            source,
+        }
+    }
+
+    pub fn program(context: impl Into<String>, source: aya::programs::ProgramError) -> Self {
+        Self::Program {
+            context: context.into(),
+            source,
+        }
+    }
+}
+
+pub type Result<T, E = Error> = std::result::Result<T, E>;

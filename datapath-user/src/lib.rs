@@ -1,0 +1,17 @@
+//! Userspace of the datapath: loading, pinning and attaching the eBPF programs, the pinned
+//! maps as typed tables, the expired-flow sweep, and the views `datapath-user` prints.
+
+pub mod bpffs;
+pub mod error;
+pub mod flows;
+pub mod loader;
+pub mod maps;
+pub mod metrics;
+pub mod netdev;
+pub mod stats;
+pub mod sweep;
+
+pub use error::Error;
+
+/// Default bpffs directory for pinned maps, programs and links.
+pub const DEFAULT_PIN_PATH: &str = "/sys/fs/bpf/datapath";

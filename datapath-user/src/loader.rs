@@ -1,0 +1,262 @@
+//! Loading the eBPF object with pinned maps, writing the configuration, and attaching the
+//! programs. Attachments are TCX links pinned under `<pin>/links`, so `pod add` (another
+//! process) can attach pods, a crashed daemon leaves translation running, and a new daemon
+//! swaps its programs into the existing links atomically.
+
+use std::{
+    fs::File,
+    io::Write as _,
+    os::fd::AsRawFd as _,
+    path::{Path, PathBuf},
+};
+
+use aya::{
+    maps::Array,
+    programs::{
+        links::{FdLink, PinnedLink},
+        tc::{self, SchedClassifierLink, TcAttachOptions},
+        SchedClassifier, TcAttachType,
+    },
+    util::KernelVersion,
+    Ebpf, EbpfLoader,
+};
+use datapath_common::{
+    config::Config,
+    maps::{self as names, LayoutInfo},
+};
+use log::{info, warn};
+
+use crate::{
+    bpffs,
+    error::{Error, Result},
+    maps::{self, Maps},
+    netdev,
+};
+
+/// The eBPF object built by this crate's build script.
+static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/datapath"));
+
+/// Pinned program the pod side attaches (`pod add` opens it from another process).
+const FROM_POD_PIN: &str = "prog_tc_from_pod";
+const LINKS_DIR: &str = "links";
+
+/// What `run` loads.
+pub struct LoadOptions {
+    pub pin_path: PathBuf,
+    pub flow_table_size: u32,
+}
+
+/// Loads the object, re-using maps pinned at `pin_path` (after checking their layout) and
+/// pinning new ones there.
+pub fn load(opts: &LoadOptions) -> Result<Ebpf> {
+    bpffs::ensure_pin_dir(&opts.pin_path)?;
+    maps::check_layout(&opts.pin_path)?;
+    let mut ebpf = EbpfLoader::new()
+        .default_map_pin_directory(&opts.pin_path)
+        .map_max_entries(names::CONNTRACK, opts.flow_table_size)
+        .map_max_entries(names::NAT_BINDINGS, opts.flow_table_size)
+        .load(OBJECT)
+        .map_err(|e| match e {
+            aya::EbpfError::MapError(aya::maps::MapError::CreateError { io_error, .. })
+                if io_error.kind() == std::io::ErrorKind::PermissionDenied =>
+            {
+                Error::Permission("creating BPF maps".into())
+            }
+            other => Error::Load(other),
+        })?;
+    let mut layout: Array<_, LayoutInfo> = Array::try_from(
+        ebpf.map_mut(names::LAYOUT)
+            .ok_or_else(|| Error::NotRunning(opts.pin_path.clone()))?,
+    )
+    .map_err(|e| Error::map("LAYOUT", e))?;
+    layout
+        .set(0, LayoutInfo::current(), 0)
+        .map_err(|e| Error::map("writing LAYOUT", e))?;
+    for name in [names::PROG_FROM_POD, names::PROG_UPLINK_INGRESS, names::PROG_UPLINK_EGRESS] {
+        program(&mut ebpf, name)?
+            .load()
+            .map_err(|e| Error::program(format!("loading {name} (verifier)"), e))?;
+    }
+    Ok(ebpf)
+}
+
+/// Writes the configuration the programs read.
+pub fn write_config(ebpf: &mut Ebpf, config: &Config) -> Result<()> {
+    let mut map: Array<_, Config> = Array::try_from(
+        ebpf.map_mut(names::CONFIG)
+            .ok_or_else(|| Error::NotRunning(PathBuf::new()))?,
+    )
+    .map_err(|e| Error::map("CONFIG", e))?;
+    map.set(0, config, 0)
+        .map_err(|e| Error::map("writing CONFIG", e))
+}
+
+pub fn program<'a>(ebpf: &'a mut Ebpf, name: &str) -> Result<&'a mut SchedClassifier> {
+    ebpf.program_mut(name)
+        .ok_or_else(|| Error::program(name.to_string(), aya::programs::ProgramError::NotLoaded))?
+        .try_into()
+        .map_err(|e| Error::program(name.to_string(), e))
+}
+
+fn tcx_supported() -> bool {
+    KernelVersion::current().is_ok_and(|v| v >= KernelVersion::new(6, 6, 0))
+}
+
+fn link_pin(pin_path: &Path, what: &str) -> PathBuf {
+    pin_path.join(LINKS_DIR).join(what)
+}
+
+fn pod_link_name(ifindex: u32) -> String {
+    format!("pod_{ifindex}")
+}
+
+/// Attaches `prog` to `ifname`, keeping the attachment pinned at `<pin>/links/<what>`. An
+/// existing pinned link gets the new program atomically (no gap in translation).
+pub fn attach(
+    prog: &mut SchedClassifier,
+    ifname: &str,
+    attach_type: TcAttachType,
+    pin_path: &Path,
+    what: &str,
+) -> Result<()> {
+    let context = || format!("attaching to {ifname}");
+    if !tcx_supported() {
+        // Older kernels: a clsact filter, which stays until it is detached explicitly.
+        let _ = tc::qdisc_add_clsact(ifname);
+        let id = prog
+            .attach_with_options(ifname, attach_type, TcAttachOptions::Netlink(tc::NlOptions::default()))
+            .map_err(|e| Error::program(context(), e))?;
+        std::mem::forget(prog.take_link(id).map_err(|e| Error::program(context(), e))?);
+        return Ok(());
+    }
+    let path = link_pin(pin_path, what);
+    std::fs::create_dir_all(path.parent().unwrap_or(pin_path))
+        .map_err(|e| Error::io("creating the links directory", e))?;
+    if let Ok(pinned) = PinnedLink::from_pin(&path) {
+        let link = SchedClassifierLink::try_from(FdLink::from(pinned))
+            .map_err(|e| Error::link(context(), e))?;
+        let id = prog.attach_to_link(link).map_err(|e| Error::program(context(), e))?;
+        // The pin keeps the link; dropping our handle only closes the descriptor.
+        let link: FdLink = prog
+            .take_link(id)
+            .map_err(|e| Error::program(context(), e))?
+            .try_into()
+            .map_err(|e: aya::programs::links::LinkError| Error::link(context(), e))?;
+        drop(link);
+        return Ok(());
+    }
+    let id = prog.attach(ifname, attach_type).map_err(|e| Error::program(context(), e))?;
+    let link: FdLink = prog
+        .take_link(id)
+        .map_err(|e| Error::program(context(), e))?
+        .try_into()
+        .map_err(|e: aya::programs::links::LinkError| Error::link(context(), e))?;
+    link.pin(&path)
+        .map_err(|e| Error::io(format!("pinning link {}", path.display()), std::io::Error::other(e.to_string())))?;
+    Ok(())
+}
+
+/// Detaches what is pinned at `<pin>/links/<what>`; false when nothing was.
+pub fn detach(pin_path: &Path, what: &str) -> Result<bool> {
+    let path = link_pin(pin_path, what);
+    match PinnedLink::from_pin(&path) {
+        Ok(pinned) => {
+            let link = pinned
+                .unpin()
+                .map_err(|e| Error::io(format!("unpinning {}", path.display()), e))?;
+            // Closing the last reference detaches the program.
+            drop(link);
+            Ok(true)
+        }
+        Err(_) => Ok(false),
+    }
+}
+
+/// Pins the pod-side program so `pod add` in another process can attach it.
+pub fn pin_from_pod_program(ebpf: &mut Ebpf, pin_path: &Path) -> Result<()> {
+    let path = pin_path.join(FROM_POD_PIN);
+    let _ = std::fs::remove_file(&path);
+    program(ebpf, names::PROG_FROM_POD)?
+        .pin(&path)
+        .map_err(|e| Error::io(format!("pinning {}", path.display()), std::io::Error::other(e.to_string())))
+}
+
+/// The pinned pod-side program, when a daemon is running.
+pub fn pinned_from_pod_program(pin_path: &Path) -> Option<SchedClassifier> {
+    SchedClassifier::from_pin(pin_path.join(FROM_POD_PIN)).ok()
+}
+
+/// Attaches the pod-side program to a pod's host veth.
+pub fn attach_pod(prog: &mut SchedClassifier, pin_path: &Path, ifindex: u32) -> Result<()> {
+    let ifname = netdev::ifname(ifindex).ok_or_else(|| Error::UnknownInterface(format!("ifindex {ifindex}")))?;
+    attach(prog, &ifname, TcAttachType::Ingress, pin_path, &pod_link_name(ifindex))
+}
+
+pub fn detach_pod(pin_path: &Path, ifindex: u32) -> Result<bool> {
+    detach(pin_path, &pod_link_name(ifindex))
+}
+
+/// Attaches the pod-side program to every registered pod's veth (pods added while no daemon
+/// ran). Returns how many were attached.
+pub fn attach_registered_pods(prog: &mut SchedClassifier, maps: &Maps) -> Result<usize> {
+    let mut attached = 0;
+    for (ip, pod) in maps.pods()? {
+        match attach_pod(prog, &maps.path, pod.host_ifindex) {
+            Ok(()) => attached += 1,
+            Err(e) => warn!("pod {ip} ({}): {e}", pod.name()),
+        }
+    }
+    Ok(attached)
+}
+
+/// Removes every pinned link (detaching the programs) and the pinned program; the maps stay.
+pub fn detach_all(pin_path: &Path) -> Result<usize> {
+    let mut detached = 0;
+    if let Ok(entries) = std::fs::read_dir(pin_path.join(LINKS_DIR)) {
+        for entry in entries.flatten() {
+            let name = entry.file_name().to_string_lossy().into_owned();
+            if detach(pin_path, &name)? {
+                detached += 1;
+            }
+        }
+    }
+    let _ = std::fs::remove_file(pin_path.join(FROM_POD_PIN));
+    Ok(detached)
+}
+
+/// An exclusive lock per pin path, so two daemons never drive the same maps.
+pub struct DaemonLock {
+    _file: File,
+}
+
+impl DaemonLock {
+    pub fn acquire(pin_path: &Path) -> Result<Self> {
+        let dir = Path::new("/run/datapath-user");
+        std::fs::create_dir_all(dir).map_err(|e| Error::io("creating /run/datapath-user", e))?;
+        let escaped: String = pin_path
+            .to_string_lossy()
+            .chars()
+            .map(|c| if c.is_ascii_alphanumeric() { c } else { '_' })
+            .collect();
+        let path = dir.join(format!("{escaped}.lock"));
+        let mut file = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(false)
+            .open(&path)
+            .map_err(|e| Error::io(format!("opening {}", path.display()), e))?;
+        // SAFETY: valid descriptor.
+        if unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } != 0 {
+            let pid = std::fs::read_to_string(&path).unwrap_or_default();
+            return Err(Error::AlreadyRunning {
+                path: pin_path.to_path_buf(),
+                pid: pid.trim().to_string(),
+            });
+        }
+        file.set_len(0).map_err(|e| Error::io("truncating lock file", e))?;
+        write!(file, "{}", std::process::id()).map_err(|e| Error::io("writing lock file", e))?;
+        info!("lock {} held", path.display());
+        Ok(Self { _file: file })
+    }
+}

@@ -1,0 +1,157 @@
+//! The pinned maps as typed tables, opened by any process (daemon or CLI) from the pin path.
+
+use std::{
+    net::Ipv4Addr,
+    path::{Path, PathBuf},
+};
+
+use aya::maps::{Array, HashMap, Map, MapData, PerCpuArray};
+use datapath_common::{
+    config::Config,
+    counters::Counter,
+    flow::{Flow, FlowKey},
+    maps::{self as names, LayoutInfo},
+    pod::PodInfo,
+};
+
+use crate::error::{Error, Result};
+
+/// All datapath maps.
+pub struct Maps {
+    pub path: PathBuf,
+    pub conntrack: HashMap<MapData, FlowKey, Flow>,
+    pub bindings: HashMap<MapData, FlowKey, FlowKey>,
+    pub pods: HashMap<MapData, u32, PodInfo>,
+    pub config: Array<MapData, Config>,
+    pub counters: PerCpuArray<MapData, u64>,
+    pub conntrack_capacity: u32,
+}
+
+fn open_map(path: &Path, name: &str) -> Result<Map> {
+    let file = path.join(name);
+    if !file.exists() {
+        return Err(Error::NotRunning(path.to_path_buf()));
+    }
+    let data = MapData::from_pin(&file).map_err(|e| Error::map(format!("opening {}", file.display()), e))?;
+    Map::from_map_data(data).map_err(|e| Error::map(format!("opening {}", file.display()), e))
+}
+
+fn typed<T>(path: &Path, name: &str) -> Result<T>
+where
+    T: TryFrom<Map, Error = aya::maps::MapError>,
+{
+    T::try_from(open_map(path, name)?).map_err(|e| Error::map(format!("map {name}"), e))
+}
+
+/// Reads the layout pinned at `path`, if any.
+pub fn pinned_layout(path: &Path) -> Result<Option<LayoutInfo>> {
+    if !path.join(names::LAYOUT).exists() {
+        return Ok(None);
+    }
+    let layout: Array<MapData, LayoutInfo> = typed(path, names::LAYOUT)?;
+    let info = layout.get(&0, 0).map_err(|e| Error::map("reading LAYOUT", e))?;
+    Ok((info != LayoutInfo::default()).then_some(info))
+}
+
+/// Fails unless maps pinned at `path` (if any) have this build's layout.
+pub fn check_layout(path: &Path) -> Result<()> {
+    match pinned_layout(path)? {
+        Some(found) if found != LayoutInfo::current() => Err(Error::IncompatibleLayout {
+            path: path.to_path_buf(),
+            found,
+            expected: LayoutInfo::current(),
+        }),
+        _ => Ok(()),
+    }
+}
+
+impl Maps {
+    /// Opens the maps pinned at `path`, refusing an incompatible layout.
+    pub fn open(path: &Path) -> Result<Self> {
+        if !crate::bpffs::is_bpffs(path) || !path.join(names::CONNTRACK).exists() {
+            return Err(Error::NotRunning(path.to_path_buf()));
+        }
+        check_layout(path)?;
+        let conntrack_map = open_map(path, names::CONNTRACK)?;
+        let conntrack_capacity = match &conntrack_map {
+            Map::LruHashMap(data) | Map::HashMap(data) => data
+                .info()
+                .map_err(|e| Error::map("CONNTRACK info", e))?
+                .max_entries(),
+            _ => 0,
+        };
+        Ok(Self {
+            path: path.to_path_buf(),
+            conntrack: HashMap::try_from(conntrack_map).map_err(|e| Error::map("CONNTRACK", e))?,
+            bindings: typed(path, names::NAT_BINDINGS)?,
+            pods: typed(path, names::PODS)?,
+            config: typed(path, names::CONFIG)?,
+            counters: typed(path, names::COUNTERS)?,
+            conntrack_capacity,
+        })
+    }
+
+    pub fn config(&self) -> Result<Config> {
+        self.config.get(&0, 0).map_err(|e| Error::map("reading CONFIG", e))
+    }
+
+    /// Registered pods, by address.
+    pub fn pods(&self) -> Result<Vec<(Ipv4Addr, PodInfo)>> {
+        let mut pods = self
+            .pods
+            .iter()
+            .map(|r| r.map(|(ip, pod)| (Ipv4Addr::from(ip), pod)))
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(|e| Error::map("reading PODS", e))?;
+        pods.sort_by_key(|(ip, _)| *ip);
+        Ok(pods)
+    }
+
+    /// Each counter summed over CPUs.
+    pub fn counters(&self) -> Result<Vec<(Counter, u64)>> {
+        Counter::ALL
+            .iter()
+            .map(|c| {
+                let values = self
+                    .counters
+                    .get(&(*c as u32), 0)
+                    .map_err(|e| Error::map("reading COUNTERS", e))?;
+                Ok((*c, values.iter().sum()))
+            })
+            .collect()
+    }
+
+    /// Removes every flow (and its NAT binding) whose pod address is `pod_ip`.
+    pub fn remove_pod_flows(&mut self, pod_ip: u32) -> Result<usize> {
+        let doomed: Vec<(FlowKey, Flow)> = self
+            .conntrack
+            .iter()
+            .filter_map(Result::ok)
+            .filter(|(key, _)| key.src_ip == pod_ip)
+            .collect();
+        for (key, flow) in &doomed {
+            let _ = self.bindings.remove(&key.reply_tuple(flow.nat_ip, flow.nat_port));
+            let _ = self.conntrack.remove(key);
+        }
+        let orphans: Vec<FlowKey> = self
+            .bindings
+            .iter()
+            .filter_map(Result::ok)
+            .filter(|(_, owner)| owner.src_ip == pod_ip)
+            .map(|(binding, _)| binding)
+            .collect();
+        for binding in &orphans {
+            let _ = self.bindings.remove(binding);
+        }
+        Ok(doomed.len())
+    }
+}
+
+/// CLOCK_MONOTONIC_COARSE in nanoseconds: the clock the programs stamp flows with.
+#[must_use]
+pub fn monotonic_coarse_ns() -> u64 {
+    let mut ts = libc::timespec { tv_sec: 0, tv_nsec: 0 };
+    // SAFETY: valid out-pointer.
+    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC_COARSE, &raw mut ts) };
+    ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
+}

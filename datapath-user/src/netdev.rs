@@ -1,0 +1,102 @@
+//! Interfaces and addresses of the current network namespace.
+
+use std::{ffi::CString, net::Ipv4Addr};
+
+use crate::error::{Error, Result};
+
+/// The ifindex of `name`.
+pub fn ifindex(name: &str) -> Result<u32> {
+    let c_name = CString::new(name).map_err(|_| Error::UnknownInterface(name.into()))?;
+    // SAFETY: valid C string.
+    match unsafe { libc::if_nametoindex(c_name.as_ptr()) } {
+        0 => Err(Error::UnknownInterface(name.into())),
+        index => Ok(index),
+    }
+}
+
+/// The name of interface `ifindex`, if it exists.
+#[must_use]
+pub fn ifname(ifindex: u32) -> Option<String> {
+    let mut buf = [0u8; libc::IF_NAMESIZE];
+    // SAFETY: buffer of IF_NAMESIZE bytes as the call requires.
+    let ptr = unsafe { libc::if_indextoname(ifindex, buf.as_mut_ptr().cast()) };
+    if ptr.is_null() {
+        return None;
+    }
+    let len = buf.iter().position(|b| *b == 0).unwrap_or(buf.len());
+    Some(String::from_utf8_lossy(&buf[..len]).into_owned())
+}
+
+/// The IPv4 addresses of `name`, primary first (in the order the kernel lists them).
+pub fn ipv4_addrs(name: &str) -> Result<Vec<Ipv4Addr>> {
+    let mut addrs = Vec::new();
+    let mut ifap: *mut libc::ifaddrs = std::ptr::null_mut();
+    // SAFETY: getifaddrs fills a list we free below.
+    if unsafe { libc::getifaddrs(&raw mut ifap) } != 0 {
+        return Err(Error::io("getifaddrs", std::io::Error::last_os_error()));
+    }
+    let mut cur = ifap;
+    while !cur.is_null() {
+        // SAFETY: walking the list returned by getifaddrs.
+        unsafe {
+            let entry = &*cur;
+            let entry_name = std::ffi::CStr::from_ptr(entry.ifa_name).to_string_lossy();
+            if entry_name == name
+                && !entry.ifa_addr.is_null()
+                && i32::from((*entry.ifa_addr).sa_family) == libc::AF_INET
+            {
+                let sin = &*entry.ifa_addr.cast::<libc::sockaddr_in>();
+                addrs.push(Ipv4Addr::from(u32::from_be(sin.sin_addr.s_addr)));
+            }
+            cur = entry.ifa_next;
+        }
+    }
+    // SAFETY: list from getifaddrs.
+    unsafe { libc::freeifaddrs(ifap) };
+    Ok(addrs)
+}
+
+/// The kernel's ephemeral port range (`net.ipv4.ip_local_port_range`).
+pub fn local_port_range() -> Result<(u16, u16)> {
+    let path = "/proc/sys/net/ipv4/ip_local_port_range";
+    let text = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
+    let mut parts = text.split_whitespace().map(str::parse::<u16>);
+    match (parts.next(), parts.next()) {
+        (Some(Ok(lo)), Some(Ok(hi))) => Ok((lo, hi)),
+        _ => Err(Error::io(
+            path,
+            std::io::Error::new(std::io::ErrorKind::InvalidData, format!("unexpected {text:?}")),
+        )),
+    }
+}
+
+/// The default NAT port range: the larger part of 1024–65535 left over by the kernel's
+/// ephemeral range, so NAT ports never collide with the node's own outgoing sockets.
+#[must_use]
+pub fn default_nat_range(local: (u16, u16)) -> (u16, u16) {
+    let (lo, hi) = local;
+    let below = (1024u16, lo.saturating_sub(1));
+    let above = (hi.saturating_add(1), 65535u16);
+    let size = |(a, b): (u16, u16)| if b >= a { u32::from(b - a) + 1 } else { 0 };
+    if lo <= 1024 && hi >= 65535 {
+        // The kernel uses everything: share the top quarter rather than fail.
+        return (49152, 65535);
+    }
+    if size(below) >= size(above) {
+        below
+    } else {
+        above
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn nat_range_avoids_the_ephemeral_range() {
+        assert_eq!(default_nat_range((32768, 60999)), (1024, 32767));
+        assert_eq!(default_nat_range((1024, 20000)), (20001, 65535));
+        assert_eq!(default_nat_range((1024, 65535)), (49152, 65535));
+    }
+}
