@@ -15,7 +15,7 @@ use datapath_common::{
 };
 use network_types::eth::EthHdr;
 
-use crate::parse::{ptr_at, Ipv4};
+use crate::parse::{ptr_at, Ipv4, IP_CSUM_OFF, IP_TTL_OFF};
 
 const AF_INET: u8 = 2;
 
@@ -64,6 +64,25 @@ pub fn route(ctx: &TcContext, ip: &Ipv4, nat_ip: u32, ingress_ifindex: u32) -> R
         BPF_FIB_LKUP_RET_NOT_FWDED => Route::Local,
         _ => Route::HostStack,
     }
+}
+
+/// Decrements the TTL as a router does (the fast path skips the kernel's forwarding code).
+/// Returns false when the TTL is exhausted: the caller hands the packet to the host stack,
+/// which answers with time-exceeded (traceroute then shows the node).
+#[inline(always)]
+pub fn decrement_ttl(ctx: &TcContext, ip: &Ipv4) -> Result<bool, Counter> {
+    if ip.ttl <= 1 {
+        return Ok(false);
+    }
+    let ttl = ptr_at::<u8>(ctx, IP_TTL_OFF).ok_or(Counter::DropMalformed)?;
+    // SAFETY: bounds checked by ptr_at (constant offset).
+    unsafe { *ttl = ip.ttl - 1 };
+    // The checksum covers TTL and protocol as one 16-bit word.
+    let old = u16::from_be_bytes([ip.ttl, ip.proto]).to_be();
+    let new = u16::from_be_bytes([ip.ttl - 1, ip.proto]).to_be();
+    ctx.l3_csum_replace(IP_CSUM_OFF, u64::from(old), u64::from(new), 2)
+        .map_err(|_| Counter::DropMalformed)?;
+    Ok(true)
 }
 
 /// Sends a translated packet out per `route` (a `Route::Forward`).

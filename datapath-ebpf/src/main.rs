@@ -94,6 +94,9 @@ fn try_from_pod(ctx: &TcContext) -> Result<i32, Counter> {
             Route::Local => return pass(Counter::PassLocal),
             Route::HostStack => return pass(Counter::PassHostStack),
         };
+        if !forward::decrement_ttl(ctx, &ip)? {
+            return pass(Counter::PassHostStack);
+        }
         nat::rewrite(ctx, &ip, None, Side::Source, cfg.node_ip, 0)?;
         count(Counter::FragmentOut);
         return forward::send(ctx, out_if, macs, next_hop);
@@ -117,6 +120,9 @@ fn try_from_pod(ctx: &TcContext) -> Result<i32, Counter> {
         Route::Local => return pass(Counter::PassLocal),
         Route::HostStack => return pass(Counter::PassHostStack),
     };
+    if !forward::decrement_ttl(ctx, &ip)? {
+        return pass(Counter::PassHostStack);
+    }
     let pod_macs = pod_macs(ctx);
     let existing = match existing {
         Some(f) if !proven => {

@@ -13,6 +13,7 @@ const ETH_P_IP: u16 = 0x0800;
 pub const IP_SRC_OFF: usize = ETH_LEN + 12;
 pub const IP_DST_OFF: usize = ETH_LEN + 16;
 pub const IP_CSUM_OFF: usize = ETH_LEN + 10;
+pub const IP_TTL_OFF: usize = ETH_LEN + 8;
 
 pub const ICMP_ECHO_REPLY: u8 = 0;
 pub const ICMP_DEST_UNREACH: u8 = 3;
@@ -36,6 +37,7 @@ pub struct Ipv4 {
     pub src: u32,
     pub dst: u32,
     pub proto: u8,
+    pub ttl: u8,
     pub id: u16,
     pub fragment: Fragment,
     /// Offset of the L4 header from the start of the frame.
@@ -144,6 +146,7 @@ pub fn ipv4(ctx: &TcContext) -> Result<Option<Ipv4>, Counter> {
         src: u32::from_be_bytes(ip.src_addr),
         dst: u32::from_be_bytes(ip.dst_addr),
         proto: ip.proto,
+        ttl: ip.ttl,
         id: u16::from_be_bytes(ip.id),
         fragment,
         l4_off: ETH_LEN + ihl,

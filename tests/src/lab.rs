@@ -1,0 +1,369 @@
+//! The node of the design brief in network namespaces:
+//!
+//! ```text
+//!  pod i (v4if0 169.254.172.(i+2)/22) ── vethXi ─┐
+//!                                               node (eth0 192.0.2.10/24, FORWARD REJECT)
+//!                                                 │ eth0
+//!  wire (bridge) ── server 192.0.2.20, other node 192.0.2.11, router 192.0.2.1
+//!  router ── 1280-byte MTU link ── far server 198.51.100.20
+//! ```
+//!
+//! Namespaces carry a per-lab suffix and are deleted when the `Lab` is dropped (also when a
+//! test fails), as are the daemon and the bpffs mount.
+
+use std::{
+    io::{BufRead as _, BufReader},
+    path::{Path, PathBuf},
+    process::{Child, Command, Stdio},
+    sync::atomic::{AtomicU32, Ordering},
+    time::{Duration, Instant},
+};
+
+use anyhow::{bail, Context as _, Result};
+
+use crate::netns::{exec, run};
+
+pub const NODE_IP: &str = "192.0.2.10";
+pub const SERVER_IP: &str = "192.0.2.20";
+pub const OTHER_NODE_IP: &str = "192.0.2.11";
+pub const ROUTER_IP: &str = "192.0.2.1";
+pub const FAR_SERVER_IP: &str = "198.51.100.20";
+pub const FAR_LINK_MTU: u32 = 1280;
+pub const GATEWAY_IP: &str = "169.254.172.1";
+
+/// How the node translates pod IPv4.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Mode {
+    /// The eBPF datapath (`datapath-user run`).
+    Datapath,
+    /// The iptables egress-v4 setup: a SNAT chain per pod with --random-fully.
+    Iptables,
+    /// Plain routing, no NAT: the server routes the pod range back to the node.
+    Plain,
+}
+
+#[derive(Clone, Debug)]
+pub struct LabOptions {
+    pub mode: Mode,
+    pub pods: usize,
+    /// Turn veth checksum offloads and TSO/GSO off (tests that check checksums).
+    pub offloads_off: bool,
+    /// Extra arguments to `datapath-user run`.
+    pub run_args: Vec<String>,
+    /// Start the daemon and register the pods (Datapath mode).
+    pub start_daemon: bool,
+}
+
+impl Default for LabOptions {
+    fn default() -> Self {
+        Self {
+            mode: Mode::Datapath,
+            pods: 2,
+            offloads_off: false,
+            run_args: Vec::new(),
+            start_daemon: true,
+        }
+    }
+}
+
+/// A pod of the lab.
+#[derive(Clone, Debug)]
+pub struct Pod {
+    pub ns: String,
+    pub ip: String,
+    pub host_veth: String,
+    pub name: String,
+}
+
+pub struct Lab {
+    pub id: String,
+    pub opts: LabOptions,
+    pub node: String,
+    pub server: String,
+    pub other_node: String,
+    pub router: String,
+    pub far_server: String,
+    wire: String,
+    pub pods: Vec<Pod>,
+    /// bpffs mount holding the pin path (Datapath mode).
+    pub bpf_mount: PathBuf,
+    pub pin_path: PathBuf,
+    daemon: Option<Child>,
+    pub daemon_log: PathBuf,
+    namespaces: Vec<String>,
+}
+
+fn unique_id() -> String {
+    static COUNTER: AtomicU32 = AtomicU32::new(0);
+    let n = COUNTER.fetch_add(1, Ordering::Relaxed);
+    format!("{:x}{n:x}", std::process::id() & 0xfffff)
+}
+
+impl Lab {
+    /// Builds the lab; on error everything created so far is removed.
+    pub fn new(opts: LabOptions) -> Result<Self> {
+        if !crate::is_root() {
+            bail!("the lab needs root (network namespaces, bpf)");
+        }
+        let id = unique_id();
+        let bpf_mount = PathBuf::from(format!("/tmp/dplab-{id}"));
+        let mut lab = Self {
+            node: format!("dp-node-{id}"),
+            server: format!("dp-srv-{id}"),
+            other_node: format!("dp-other-{id}"),
+            router: format!("dp-rtr-{id}"),
+            far_server: format!("dp-far-{id}"),
+            wire: format!("dp-wire-{id}"),
+            pods: Vec::new(),
+            pin_path: bpf_mount.join("pin"),
+            daemon_log: bpf_mount.with_extension("log"),
+            bpf_mount,
+            daemon: None,
+            namespaces: Vec::new(),
+            id,
+            opts,
+        };
+        lab.build().context("building the lab")?;
+        Ok(lab)
+    }
+
+    fn add_ns(&mut self, name: &str) -> Result<()> {
+        run("ip", &["netns", "add", name])?;
+        self.namespaces.push(name.to_string());
+        exec(name, &["ip", "link", "set", "lo", "up"])?;
+        Ok(())
+    }
+
+    /// A veth pair between two namespaces, both ends renamed and up.
+    fn veth(&self, a_ns: &str, a: &str, b_ns: &str, b: &str) -> Result<()> {
+        let tmp_a = format!("t{}a", self.id);
+        let tmp_b = format!("t{}b", self.id);
+        run("ip", &["link", "add", &tmp_a, "netns", a_ns, "type", "veth", "peer", "name", &tmp_b, "netns", b_ns])?;
+        exec(a_ns, &["ip", "link", "set", &tmp_a, "name", a])?;
+        exec(b_ns, &["ip", "link", "set", &tmp_b, "name", b])?;
+        for (ns, dev) in [(a_ns, a), (b_ns, b)] {
+            if self.opts.offloads_off {
+                exec(ns, &["ethtool", "-K", dev, "tx", "off", "rx", "off", "tso", "off", "gso", "off", "gro", "off"])?;
+            }
+            exec(ns, &["ip", "link", "set", dev, "up"])?;
+        }
+        Ok(())
+    }
+
+    fn build(&mut self) -> Result<()> {
+        let (node, server, other, router, far, wire) = (
+            self.node.clone(),
+            self.server.clone(),
+            self.other_node.clone(),
+            self.router.clone(),
+            self.far_server.clone(),
+            self.wire.clone(),
+        );
+        for ns in [&node, &server, &other, &router, &far, &wire] {
+            self.add_ns(ns)?;
+        }
+        exec(&wire, &["ip", "link", "add", "br0", "type", "bridge"])?;
+        exec(&wire, &["ip", "link", "set", "br0", "up"])?;
+        for (ns, port, addr) in [
+            (&node, "p-node", "192.0.2.10/24"),
+            (&server, "p-srv", "192.0.2.20/24"),
+            (&other, "p-other", "192.0.2.11/24"),
+            (&router, "p-rtr", "192.0.2.1/24"),
+        ] {
+            self.veth(ns, "eth0", &wire, port)?;
+            exec(&wire, &["ip", "link", "set", port, "master", "br0"])?;
+            exec(ns, &["ip", "addr", "add", addr, "dev", "eth0"])?;
+        }
+        // Far side of the router: a 1280-byte link.
+        self.veth(&router, "eth1", &far, "eth0")?;
+        let mtu = FAR_LINK_MTU.to_string();
+        exec(&router, &["ip", "link", "set", "eth1", "mtu", &mtu])?;
+        exec(&far, &["ip", "link", "set", "eth0", "mtu", &mtu])?;
+        exec(&router, &["ip", "addr", "add", "198.51.100.1/24", "dev", "eth1"])?;
+        exec(&far, &["ip", "addr", "add", "198.51.100.20/24", "dev", "eth0"])?;
+        // The far server advertises a 1500-byte MSS, as a host behind a smaller tunnel does:
+        // senders must learn the 1280-byte path MTU from the router's fragmentation-needed.
+        exec(&far, &["ip", "route", "add", "default", "via", "198.51.100.1", "advmss", "1460"])?;
+        exec(&router, &["sysctl", "-qw", "net.ipv4.ip_forward=1"])?;
+        exec(&server, &["ip", "route", "add", "198.51.100.0/24", "via", ROUTER_IP])?;
+        exec(&node, &["ip", "route", "add", "default", "via", ROUTER_IP])?;
+        exec(&node, &["sysctl", "-qw", "net.ipv4.ip_forward=1"])?;
+        // The node agent's rule: no pod IPv4 reachable from elsewhere.
+        exec(&node, &["iptables", "-I", "FORWARD", "1", "-d", "169.254.172.0/22", "-m", "conntrack", "--ctstate", "NEW", "-j", "REJECT"])?;
+        if self.opts.mode == Mode::Plain {
+            exec(&server, &["ip", "route", "add", "169.254.172.0/22", "via", NODE_IP])?;
+            exec(&router, &["ip", "route", "add", "169.254.172.0/22", "via", NODE_IP])?;
+        }
+        for i in 0..self.opts.pods {
+            self.add_pod(i)?;
+        }
+        if self.opts.mode == Mode::Datapath {
+            std::fs::create_dir_all(&self.bpf_mount)?;
+            run("mount", &["-t", "bpf", "bpf", self.bpf_mount.to_str().unwrap_or_default()])?;
+            if self.opts.start_daemon {
+                self.start_daemon()?;
+                for pod in self.pods.clone() {
+                    self.register_pod(&pod)?;
+                }
+            }
+        }
+        Ok(())
+    }
+
+    fn add_pod(&mut self, i: usize) -> Result<()> {
+        let ns = format!("dp-pod{i}-{}", self.id);
+        let ip = format!("169.254.172.{}", i + 2);
+        let host_veth = format!("veth{}{i}", self.id);
+        self.add_ns(&ns)?;
+        let node = self.node.clone();
+        self.veth(&node, &host_veth, &ns, "v4if0")?;
+        // The egress-v4 plugin's wiring (design brief, section 1).
+        exec(&node, &["ip", "addr", "add", "169.254.172.1/32", "dev", &host_veth, "scope", "link"])?;
+        exec(&node, &["ip", "route", "add", &format!("{ip}/32"), "dev", &host_veth, "scope", "link"])?;
+        exec(&ns, &["ip", "addr", "add", &format!("{ip}/22"), "dev", "v4if0", "noprefixroute"])?;
+        exec(&ns, &["ip", "route", "add", "169.254.172.1/32", "dev", "v4if0", "scope", "link"])?;
+        exec(&ns, &["ip", "route", "add", "169.254.172.0/22", "via", GATEWAY_IP, "dev", "v4if0"])?;
+        exec(&ns, &["ip", "route", "add", "default", "via", GATEWAY_IP, "dev", "v4if0"])?;
+        if self.opts.mode == Mode::Iptables {
+            let chain = format!("CNI-E4-{}{i}", self.id);
+            exec(&node, &["iptables", "-t", "nat", "-N", &chain])?;
+            exec(&node, &["iptables", "-t", "nat", "-A", &chain, "-d", "224.0.0.0/4", "-j", "ACCEPT"])?;
+            exec(&node, &["iptables", "-t", "nat", "-A", &chain, "-j", "SNAT", "--to-source", NODE_IP, "--random-fully"])?;
+            exec(&node, &["iptables", "-t", "nat", "-A", "POSTROUTING", "-s", &ip, "-j", &chain])?;
+        }
+        self.pods.push(Pod {
+            ns,
+            ip,
+            host_veth,
+            name: format!("default/pod-{i}"),
+        });
+        Ok(())
+    }
+
+    /// Runs `datapath-user ARGS` in the node namespace.
+    pub fn cli(&self, args: &[&str]) -> Result<String> {
+        let bin = crate::datapath_user_bin();
+        let mut full = vec![bin.to_str().unwrap_or_default()];
+        full.extend_from_slice(args);
+        let pin = self.pin_path.to_string_lossy().into_owned();
+        full.extend_from_slice(&["--pin-path", &pin]);
+        exec(&self.node, &full)
+    }
+
+    /// Runs `datapath-user ARGS` (no --pin-path added) and returns its raw output.
+    pub fn cli_output(&self, args: &[&str]) -> Result<std::process::Output> {
+        let bin = crate::datapath_user_bin();
+        let mut full = vec![bin.to_str().unwrap_or_default()];
+        full.extend_from_slice(args);
+        crate::netns::exec_output(&self.node, &full)
+    }
+
+    pub fn register_pod(&self, pod: &Pod) -> Result<String> {
+        self.cli(&["pod", "add", "--ip", &pod.ip, "--host-veth", &pod.host_veth, "--name", &pod.name])
+    }
+
+    /// Starts `datapath-user run` in the node and waits for it to report ready.
+    pub fn start_daemon(&mut self) -> Result<()> {
+        let bin = crate::datapath_user_bin();
+        if !bin.exists() {
+            bail!("{} does not exist: build it first (cargo build -p datapath-user)", bin.display());
+        }
+        let log = std::fs::OpenOptions::new().create(true).append(true).open(&self.daemon_log)?;
+        let mut child = Command::new("ip")
+            .args(["netns", "exec", &self.node])
+            .arg(&bin)
+            .args(["run", "--uplink", "eth0", "--pin-path"])
+            .arg(&self.pin_path)
+            .args(&self.opts.run_args)
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(log)
+            .spawn()
+            .context("starting datapath-user run")?;
+        let stdout = child.stdout.take().context("daemon stdout")?;
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+                if line.trim() == "ready" {
+                    let _ = tx.send(());
+                }
+            }
+        });
+        self.daemon = Some(child);
+        if rx.recv_timeout(Duration::from_secs(60)).is_err() {
+            let log = std::fs::read_to_string(&self.daemon_log).unwrap_or_default();
+            let tail: Vec<&str> = log.lines().rev().take(15).collect();
+            bail!("datapath-user run did not become ready:\n{}", tail.into_iter().rev().collect::<Vec<_>>().join("\n"));
+        }
+        Ok(())
+    }
+
+    /// Sends `signal` to the daemon and waits for it to exit; returns its exit status.
+    pub fn stop_daemon(&mut self, signal: i32) -> Result<Option<std::process::ExitStatus>> {
+        let Some(mut child) = self.daemon.take() else {
+            return Ok(None);
+        };
+        // `ip netns exec` execs the program, so the child's pid is the daemon's.
+        // SAFETY: signalling our own child.
+        unsafe { libc::kill(child.id() as i32, signal) };
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            if let Some(status) = child.try_wait()? {
+                return Ok(Some(status));
+            }
+            if Instant::now() > deadline {
+                let _ = child.kill();
+                bail!("daemon did not exit after signal {signal}");
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    pub fn daemon_running(&mut self) -> bool {
+        self.daemon.as_mut().is_some_and(|c| c.try_wait().ok().flatten().is_none())
+    }
+
+    /// `flows -o json` as parsed JSON.
+    pub fn flows(&self) -> Result<Vec<serde_json::Value>> {
+        let out = self.cli(&["flows", "-o", "json"])?;
+        Ok(serde_json::from_str(&out).context("parsing flows JSON")?)
+    }
+
+    /// A datapath counter from `stats -o json`.
+    pub fn counter(&self, name: &str) -> Result<u64> {
+        let out = self.cli(&["stats", "-o", "json"])?;
+        let v: serde_json::Value = serde_json::from_str(&out)?;
+        v["counters"]
+            .as_array()
+            .and_then(|cs| cs.iter().find(|c| c["name"] == name))
+            .and_then(|c| c["value"].as_u64())
+            .with_context(|| format!("counter {name} not found"))
+    }
+
+    /// The pod namespace of pod `i`.
+    #[must_use]
+    pub fn pod(&self, i: usize) -> &Pod {
+        &self.pods[i]
+    }
+
+    #[must_use]
+    pub fn pin_path(&self) -> &Path {
+        &self.pin_path
+    }
+}
+
+impl Drop for Lab {
+    fn drop(&mut self) {
+        let _ = self.stop_daemon(libc::SIGTERM);
+        for ns in self.namespaces.iter().rev() {
+            let _ = Command::new("ip").args(["netns", "del", ns]).status();
+        }
+        if self.bpf_mount.exists() {
+            let _ = Command::new("umount").arg(&self.bpf_mount).status();
+            let _ = std::fs::remove_dir(&self.bpf_mount);
+        }
+        if std::env::var_os("DATAPATH_KEEP_LOGS").is_none() {
+            let _ = std::fs::remove_file(&self.daemon_log);
+        }
+    }
+}
