@@ -10,7 +10,9 @@ fn main() -> anyhow::Result<()> {
         .output()
         .context("cargo locate-project")?;
     let workspace = std::path::PathBuf::from(String::from_utf8(metadata.stdout)?.trim());
-    let root = workspace.parent().ok_or_else(|| anyhow!("workspace root"))?;
+    let root = workspace
+        .parent()
+        .ok_or_else(|| anyhow!("workspace root"))?;
     let ebpf_dir = root.join("datapath-ebpf");
     let ebpf_dir = ebpf_dir.to_str().ok_or_else(|| anyhow!("non-UTF-8 path"))?;
     // `cargo xtask setup` installs rust-src for nightly; a machine without nightly can build

@@ -36,7 +36,13 @@ impl FlowKey {
     /// The tuple of a packet flowing the other way.
     #[must_use]
     pub const fn reversed(&self) -> Self {
-        Self::new(self.proto, self.dst_ip, self.dst_port, self.src_ip, self.src_port)
+        Self::new(
+            self.proto,
+            self.dst_ip,
+            self.dst_port,
+            self.src_ip,
+            self.src_port,
+        )
     }
 
     /// The key of the NAT binding for a pod flow `self` translated to `nat_ip:nat_port`: the
@@ -99,8 +105,7 @@ impl FlowState {
             Self::Established => timeouts.tcp_established,
             Self::Closing => timeouts.tcp_closing,
             Self::Reset => timeouts.tcp_rst,
-            Self::Unreplied if proto == PROTO_ICMP => timeouts.icmp,
-            Self::Replied if proto == PROTO_ICMP => timeouts.icmp,
+            Self::Unreplied | Self::Replied if proto == PROTO_ICMP => timeouts.icmp,
             Self::Unreplied => timeouts.udp_one_way,
             Self::Replied => timeouts.udp_replied,
         }
@@ -202,11 +207,23 @@ mod tests {
 
     #[test]
     fn reply_tuple_mirrors_the_translated_packet() {
-        let pod = FlowKey::new(PROTO_TCP, addr(169, 254, 172, 2), 40000, addr(192, 0, 2, 20), 80);
+        let pod = FlowKey::new(
+            PROTO_TCP,
+            addr(169, 254, 172, 2),
+            40000,
+            addr(192, 0, 2, 20),
+            80,
+        );
         let reply = pod.reply_tuple(addr(192, 0, 2, 10), 33000);
         assert_eq!(
             reply,
-            FlowKey::new(PROTO_TCP, addr(192, 0, 2, 20), 80, addr(192, 0, 2, 10), 33000)
+            FlowKey::new(
+                PROTO_TCP,
+                addr(192, 0, 2, 20),
+                80,
+                addr(192, 0, 2, 10),
+                33000
+            )
         );
         assert_eq!(pod.reversed().reversed(), pod);
     }
@@ -237,7 +254,7 @@ mod tests {
                 assert!(!s.name().is_empty());
             }
         }
-        assert_eq!(core::mem::size_of::<FlowKey>(), 16);
-        assert_eq!(core::mem::size_of::<Flow>() % 8, 0);
+        assert_eq!(size_of::<FlowKey>(), 16);
+        assert_eq!(size_of::<Flow>() % 8, 0);
     }
 }

@@ -75,7 +75,10 @@ mod tests {
 
     #[test]
     fn none_mode_keeps_the_pod_port_first() {
-        assert_eq!(candidate(PortRandomisation::None, 7, 0, 40000, 32768, 28232), 40000);
+        assert_eq!(
+            candidate(PortRandomisation::None, 7, 0, 40000, 32768, 28232),
+            40000
+        );
         // Out of range: falls back to a hashed candidate inside the range.
         let c = candidate(PortRandomisation::None, 7, 0, 80, 32768, 28232);
         assert!(c >= 32768);
@@ -87,7 +90,10 @@ mod tests {
             probe_seed(PortRandomisation::HashRandom, &KEY, 1),
             probe_seed(PortRandomisation::HashRandom, &KEY, 2)
         );
-        let other = FlowKey { src_port: 40001, ..KEY };
+        let other = FlowKey {
+            src_port: 40001,
+            ..KEY
+        };
         assert_ne!(tuple_hash(&KEY), tuple_hash(&other));
         assert_eq!(probe_seed(PortRandomisation::Prng, &KEY, 99), 99);
     }

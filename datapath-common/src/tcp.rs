@@ -34,7 +34,12 @@ pub const fn initial_state(flags: u8) -> (FlowState, u8) {
 
 /// The state and FIN flags after a packet with TCP `flags` going `dir`.
 #[must_use]
-pub const fn next_state(state: FlowState, fin_flags: u8, flags: u8, dir: Direction) -> (FlowState, u8) {
+pub const fn next_state(
+    state: FlowState,
+    fin_flags: u8,
+    flags: u8,
+    dir: Direction,
+) -> (FlowState, u8) {
     if flags & TCP_RST != 0 {
         return (FlowState::Reset, fin_flags);
     }
@@ -77,9 +82,17 @@ mod tests {
     fn handshake_data_and_close() {
         use Direction::{In, Out};
         assert_eq!(walk(&[(TCP_SYN, Out)]), FlowState::SynSent);
-        assert_eq!(walk(&[(TCP_SYN, Out), (TCP_SYN | TCP_ACK, In)]), FlowState::Established);
         assert_eq!(
-            walk(&[(TCP_SYN, Out), (TCP_SYN | TCP_ACK, In), (TCP_ACK, Out), (TCP_FIN | TCP_ACK, Out)]),
+            walk(&[(TCP_SYN, Out), (TCP_SYN | TCP_ACK, In)]),
+            FlowState::Established
+        );
+        assert_eq!(
+            walk(&[
+                (TCP_SYN, Out),
+                (TCP_SYN | TCP_ACK, In),
+                (TCP_ACK, Out),
+                (TCP_FIN | TCP_ACK, Out)
+            ]),
             FlowState::Closing
         );
         assert_eq!(
@@ -87,7 +100,10 @@ mod tests {
             FlowState::Reset
         );
         // A new SYN after a RST re-opens the tuple.
-        assert_eq!(walk(&[(TCP_SYN, Out), (TCP_RST, In), (TCP_SYN, Out)]), FlowState::SynSent);
+        assert_eq!(
+            walk(&[(TCP_SYN, Out), (TCP_RST, In), (TCP_SYN, Out)]),
+            FlowState::SynSent
+        );
         // Mid-stream pickup.
         assert_eq!(walk(&[(TCP_ACK, Out)]), FlowState::Established);
     }

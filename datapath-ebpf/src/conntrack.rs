@@ -6,8 +6,8 @@ use aya_ebpf::{
     bindings::{__sk_buff, bpf_sock_tuple, BPF_F_CURRENT_NETNS, BPF_NOEXIST},
     cty::c_void,
     helpers::{
-        bpf_get_prandom_u32, bpf_ktime_get_coarse_ns, bpf_loop, bpf_sk_lookup_udp,
-        bpf_sk_release, bpf_skc_lookup_tcp,
+        bpf_get_prandom_u32, bpf_ktime_get_coarse_ns, bpf_loop, bpf_sk_lookup_udp, bpf_sk_release,
+        bpf_skc_lookup_tcp,
     },
     programs::TcContext,
 };
@@ -69,6 +69,7 @@ pub struct PodMacs {
 /// Creates the flow for pod tuple `key`, allocating a NAT port whose reply tuple is free both
 /// in the binding table and among the node's own sockets.
 #[inline(always)]
+#[allow(clippy::too_many_arguments)]
 pub fn create(
     ctx: &TcContext,
     cfg: &Config,
@@ -126,7 +127,7 @@ pub fn create(
         ..Flow::default()
     };
     // Another CPU may have created it meanwhile: then use theirs (the insert fails).
-    if CONNTRACK.insert(key, &flow, u64::from(BPF_NOEXIST)).is_ok() {
+    if CONNTRACK.insert(key, flow, u64::from(BPF_NOEXIST)).is_ok() {
         count(Counter::FlowCreated);
     } else {
         let _ = NAT_BINDINGS.remove(key.reply_tuple(cfg.node_ip, nat_port));
@@ -162,14 +163,17 @@ extern "C" fn probe_port(attempt: u64, ctx: *mut c_void) -> i64 {
         s.port_count,
     );
     let binding = s.key.reply_tuple(s.node_ip, candidate);
-    if NAT_BINDINGS.insert(&binding, &s.key, u64::from(BPF_NOEXIST)).is_err() {
+    if NAT_BINDINGS
+        .insert(binding, s.key, u64::from(BPF_NOEXIST))
+        .is_err()
+    {
         // Taken. If it is ours (the flow entry was evicted, the binding survived), keep it.
         // SAFETY: FlowKey is plain data.
-        if unsafe { NAT_BINDINGS.get(&binding) } != Some(&s.key) {
+        if unsafe { NAT_BINDINGS.get(binding) } != Some(&s.key) {
             return 0;
         }
     } else if node_socket_owns(s.skb, &binding) {
-        let _ = NAT_BINDINGS.remove(&binding);
+        let _ = NAT_BINDINGS.remove(binding);
         return 0;
     }
     s.found = 1;
@@ -252,13 +256,12 @@ pub fn keep_binding(key: &FlowKey, flow: *mut Flow, now: u64) -> bool {
     f.binding_checked_ns = now;
     let binding = key.reply_tuple(f.nat_ip, f.nat_port);
     // SAFETY: FlowKey is plain data.
-    match unsafe { NAT_BINDINGS.get(&binding) } {
-        Some(owner) => owner == key,
-        None => {
-            count(Counter::BindingRepaired);
-            NAT_BINDINGS
-                .insert(&binding, key, u64::from(BPF_NOEXIST))
-                .is_ok()
-        }
+    if let Some(owner) = unsafe { NAT_BINDINGS.get(binding) } {
+        owner == key
+    } else {
+        count(Counter::BindingRepaired);
+        NAT_BINDINGS
+            .insert(binding, key, u64::from(BPF_NOEXIST))
+            .is_ok()
     }
 }

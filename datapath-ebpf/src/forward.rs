@@ -87,24 +87,26 @@ pub fn decrement_ttl(ctx: &TcContext, ip: &Ipv4) -> Result<bool, Counter> {
 
 /// Sends a translated packet out per `route` (a `Route::Forward`).
 #[inline(always)]
-pub fn send(ctx: &TcContext, ifindex: u32, macs: Option<([u8; 6], [u8; 6])>, next_hop: u32) -> Result<i32, Counter> {
-    let rc = match macs {
-        Some((src, dst)) => {
-            set_macs(ctx, src, dst)?;
-            // SAFETY: plain helper call.
-            unsafe { bpf_redirect(ifindex, 0) }
-        }
-        None => {
-            let mut nh = bpf_redir_neigh {
-                nh_family: u32::from(AF_INET),
-                __bindgen_anon_1: aya_ebpf::bindings::bpf_redir_neigh__bindgen_ty_1 {
-                    ipv4_nh: next_hop,
-                },
-            };
-            let size = size_of::<bpf_redir_neigh>() as i32;
-            // SAFETY: valid parameter block.
-            unsafe { bpf_redirect_neigh(ifindex, &raw mut nh, size, 0) }
-        }
+pub fn send(
+    ctx: &TcContext,
+    ifindex: u32,
+    macs: Option<([u8; 6], [u8; 6])>,
+    next_hop: u32,
+) -> Result<i32, Counter> {
+    let rc = if let Some((src, dst)) = macs {
+        set_macs(ctx, src, dst)?;
+        // SAFETY: plain helper call.
+        unsafe { bpf_redirect(ifindex, 0) }
+    } else {
+        let mut nh = bpf_redir_neigh {
+            nh_family: u32::from(AF_INET),
+            __bindgen_anon_1: aya_ebpf::bindings::bpf_redir_neigh__bindgen_ty_1 {
+                ipv4_nh: next_hop,
+            },
+        };
+        let size = size_of::<bpf_redir_neigh>() as i32;
+        // SAFETY: valid parameter block.
+        unsafe { bpf_redirect_neigh(ifindex, &raw mut nh, size, 0) }
     };
     redirect_verdict(rc)
 }

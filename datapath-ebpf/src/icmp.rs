@@ -123,8 +123,16 @@ pub fn translate(
     };
     if let Some(old_l4) = parse::read_u16(ctx, l4_csum_off) {
         let new_l4 = match emb.key.proto {
-            PROTO_UDP => csum::update16_udp(csum::update32_udp(old_l4, old_addr, inner_addr), old_port, inner_port),
-            PROTO_TCP => csum::update16(csum::update32(old_l4, old_addr, inner_addr), old_port, inner_port),
+            PROTO_UDP => csum::update16_udp(
+                csum::update32_udp(old_l4, old_addr, inner_addr),
+                old_port,
+                inner_port,
+            ),
+            PROTO_TCP => csum::update16(
+                csum::update32(old_l4, old_addr, inner_addr),
+                old_port,
+                inner_port,
+            ),
             // ICMP echo: no pseudo-header.
             _ => csum::update16(old_l4, old_port, inner_port),
         };

@@ -5,6 +5,12 @@
 // Atomic adds on flow counters: the BPF target has no core::sync::atomic read-modify-write.
 #![allow(internal_features)]
 #![feature(core_intrinsics)]
+// Everything inlines into the three programs: BPF-to-BPF calls would cost verifier state and
+// stack, and the helpers here are a few instructions each.
+#![allow(clippy::inline_always)]
+// Entry points take the context by value (the classifier macro's signature); struct sizes
+// passed to helpers are small constants.
+#![allow(clippy::needless_pass_by_value, clippy::cast_possible_wrap)]
 
 mod conntrack;
 mod forward;
@@ -32,10 +38,10 @@ use crate::{
     forward::Route,
     maps::{count, CONNTRACK, FRAGMENTS, NAT_BINDINGS},
     nat::Side,
-    parse::{Fragment, Ipv4, L4, ICMP_ECHO_REPLY, ICMP_ECHO_REQUEST},
+    parse::{Fragment, Ipv4, ICMP_ECHO_REPLY, ICMP_ECHO_REQUEST, L4},
 };
 
-const PASS: i32 = TC_ACT_OK as i32;
+const PASS: i32 = TC_ACT_OK;
 
 #[inline(always)]
 fn verdict(result: Result<i32, Counter>) -> i32 {
@@ -43,12 +49,14 @@ fn verdict(result: Result<i32, Counter>) -> i32 {
         Ok(action) => action,
         Err(counter) => {
             count(counter);
-            TC_ACT_SHOT as i32
+            TC_ACT_SHOT
         }
     }
 }
 
+/// Counts a pass verdict; a `Result` so every exit of a `try_*` reads alike.
 #[inline(always)]
+#[allow(clippy::unnecessary_wraps)]
 fn pass(counter: Counter) -> Result<i32, Counter> {
     count(counter);
     Ok(PASS)
@@ -90,7 +98,11 @@ fn try_from_pod(ctx: &TcContext) -> Result<i32, Counter> {
     if ip.fragment == Fragment::Later {
         conntrack::registered_pod(ip.src, ifindex)?;
         let (out_if, macs, next_hop) = match forward::route(ctx, &ip, cfg.node_ip, ifindex) {
-            Route::Forward { ifindex, macs, next_hop } => (ifindex, macs, next_hop),
+            Route::Forward {
+                ifindex,
+                macs,
+                next_hop,
+            } => (ifindex, macs, next_hop),
             Route::Local => return pass(Counter::PassLocal),
             Route::HostStack => return pass(Counter::PassHostStack),
         };
@@ -108,7 +120,7 @@ fn try_from_pod(ctx: &TcContext) -> Result<i32, Counter> {
     }
 
     let key = FlowKey::new(ip.proto, ip.src, l4.src_port, ip.dst, l4.dst_port);
-    let existing = CONNTRACK.get_ptr_mut(&key);
+    let existing = CONNTRACK.get_ptr_mut(key);
     // A flow created on this interface already proved the source; otherwise check the pod map.
     // SAFETY: map value pointer.
     let proven = existing.is_some_and(|f| unsafe { (*f).pod_ifindex } == ifindex);
@@ -116,7 +128,11 @@ fn try_from_pod(ctx: &TcContext) -> Result<i32, Counter> {
         conntrack::registered_pod(ip.src, ifindex)?;
     }
     let (out_if, macs, next_hop) = match forward::route(ctx, &ip, cfg.node_ip, ifindex) {
-        Route::Forward { ifindex, macs, next_hop } => (ifindex, macs, next_hop),
+        Route::Forward {
+            ifindex,
+            macs,
+            next_hop,
+        } => (ifindex, macs, next_hop),
         Route::Local => return pass(Counter::PassLocal),
         Route::HostStack => return pass(Counter::PassHostStack),
     };
@@ -166,7 +182,18 @@ fn snat_flow(
     extra_flags: u8,
 ) -> Result<(u32, u16), Counter> {
     let now = conntrack::now_ns();
-    let create = || conntrack::create(ctx, cfg, key, pod_ifindex, macs, extra_flags, l4.tcp_flags, now);
+    let create = || {
+        conntrack::create(
+            ctx,
+            cfg,
+            key,
+            pod_ifindex,
+            macs,
+            extra_flags,
+            l4.tcp_flags,
+            now,
+        )
+    };
     let mut flow = match existing {
         Some(flow) => flow,
         None => create()?,
@@ -198,17 +225,30 @@ fn icmp_error_from_pod(
     let emb = icmp::embedded(ctx, ip)?;
     let key = emb.flow_key();
     // SAFETY: map value read.
-    let flow = unsafe { CONNTRACK.get(&key) }.ok_or(Counter::DropIcmpUntracked)?;
+    let flow = unsafe { CONNTRACK.get(key) }.ok_or(Counter::DropIcmpUntracked)?;
     let (nat_ip, nat_port) = (flow.nat_ip, flow.nat_port);
     let route = match ingress {
         Some(ifindex) => match forward::route(ctx, ip, nat_ip, ifindex) {
-            Route::Forward { ifindex, macs, next_hop } => Some((ifindex, macs, next_hop)),
+            Route::Forward {
+                ifindex,
+                macs,
+                next_hop,
+            } => Some((ifindex, macs, next_hop)),
             Route::Local => return pass(Counter::PassLocal),
             Route::HostStack => return pass(Counter::PassHostStack),
         },
         None => None,
     };
-    icmp::translate(ctx, ip, &emb, Side::Source, nat_ip, Side::Destination, nat_ip, nat_port)?;
+    icmp::translate(
+        ctx,
+        ip,
+        &emb,
+        Side::Source,
+        nat_ip,
+        Side::Destination,
+        nat_ip,
+        nat_port,
+    )?;
     count(Counter::IcmpErrorOut);
     match route {
         Some((ifindex, macs, next_hop)) => forward::send(ctx, ifindex, macs, next_hop),
@@ -255,7 +295,7 @@ fn try_uplink_ingress(ctx: &TcContext) -> Result<i32, Counter> {
     }
     let tuple = FlowKey::new(ip.proto, ip.src, l4.src_port, ip.dst, l4.dst_port);
     // SAFETY: map value read, copied out.
-    let Some(pod_key) = (unsafe { NAT_BINDINGS.get(&tuple) }).copied() else {
+    let Some(pod_key) = (unsafe { NAT_BINDINGS.get(tuple) }).copied() else {
         if ip.proto != PROTO_ICMP
             && cfg.port_in_range(l4.dst_port)
             && !conntrack::node_socket_owns(ctx.skb.skb, &tuple)
@@ -269,9 +309,16 @@ fn try_uplink_ingress(ctx: &TcContext) -> Result<i32, Counter> {
     conntrack::account(flow, ip.proto, Direction::In, ip.l3_len, l4.tcp_flags, now);
     if ip.fragment == Fragment::First {
         let frag = FragKey::new(ip.src, ip.dst, ip.id, ip.proto);
-        let _ = FRAGMENTS.insert(&frag, &pod_key, 0);
+        let _ = FRAGMENTS.insert(frag, pod_key, 0);
     }
-    nat::rewrite(ctx, &ip, Some(&l4), Side::Destination, pod_key.src_ip, pod_key.src_port)?;
+    nat::rewrite(
+        ctx,
+        &ip,
+        Some(&l4),
+        Side::Destination,
+        pod_key.src_ip,
+        pod_key.src_port,
+    )?;
     count(Counter::TranslatedIn);
     // SAFETY: map value pointer.
     forward::to_pod(ctx, unsafe { &*flow }, true)
@@ -304,7 +351,7 @@ fn flow_for_binding(pod_key: &FlowKey, reply: &FlowKey) -> Result<*mut Flow, Cou
         state: state as u8,
         ..Flow::default()
     };
-    let _ = CONNTRACK.insert(pod_key, &flow, 0);
+    let _ = CONNTRACK.insert(pod_key, flow, 0);
     count(Counter::HalfPairRepaired);
     CONNTRACK.get_ptr_mut(pod_key).ok_or(Counter::DropTableFull)
 }
@@ -313,13 +360,20 @@ fn flow_for_binding(pod_key: &FlowKey, reply: &FlowKey) -> Result<*mut Flow, Cou
 fn fragment_to_pod(ctx: &TcContext, ip: &Ipv4) -> Result<i32, Counter> {
     let frag = FragKey::new(ip.src, ip.dst, ip.id, ip.proto);
     // SAFETY: map value read, copied out.
-    let Some(pod_key) = (unsafe { FRAGMENTS.get(&frag) }).copied() else {
+    let Some(pod_key) = (unsafe { FRAGMENTS.get(frag) }).copied() else {
         return pass(Counter::PassFragmentUntracked);
     };
-    let Some(flow) = CONNTRACK.get_ptr_mut(&pod_key) else {
+    let Some(flow) = CONNTRACK.get_ptr_mut(pod_key) else {
         return pass(Counter::PassFragmentUntracked);
     };
-    conntrack::account(flow, ip.proto, Direction::In, ip.l3_len, 0, conntrack::now_ns());
+    conntrack::account(
+        flow,
+        ip.proto,
+        Direction::In,
+        ip.l3_len,
+        0,
+        conntrack::now_ns(),
+    );
     nat::rewrite(ctx, ip, None, Side::Destination, pod_key.src_ip, 0)?;
     count(Counter::FragmentIn);
     // SAFETY: map value pointer.
@@ -336,13 +390,20 @@ fn icmp_error_to_pod(ctx: &TcContext, ip: &Ipv4) -> Result<i32, Counter> {
     };
     let binding = emb.binding_key();
     // SAFETY: map value read, copied out.
-    let Some(pod_key) = (unsafe { NAT_BINDINGS.get(&binding) }).copied() else {
+    let Some(pod_key) = (unsafe { NAT_BINDINGS.get(binding) }).copied() else {
         return pass(Counter::PassNode);
     };
-    let Some(flow) = CONNTRACK.get_ptr_mut(&pod_key) else {
+    let Some(flow) = CONNTRACK.get_ptr_mut(pod_key) else {
         return pass(Counter::PassNode);
     };
-    conntrack::account(flow, PROTO_ICMP, Direction::In, ip.l3_len, 0, conntrack::now_ns());
+    conntrack::account(
+        flow,
+        PROTO_ICMP,
+        Direction::In,
+        ip.l3_len,
+        0,
+        conntrack::now_ns(),
+    );
     icmp::translate(
         ctx,
         ip,
@@ -393,10 +454,19 @@ fn try_uplink_egress(ctx: &TcContext) -> Result<i32, Counter> {
         return icmp_error_from_pod(ctx, &ip, &l4, None);
     }
     let key = FlowKey::new(ip.proto, ip.src, l4.src_port, ip.dst, l4.dst_port);
-    let existing = CONNTRACK.get_ptr_mut(&key);
+    let existing = CONNTRACK.get_ptr_mut(key);
     let host_ifindex = pod.host_ifindex;
-    let (nat_ip, nat_port) =
-        snat_flow(ctx, cfg, &ip, &l4, &key, existing, host_ifindex, None, FLAG_FROM_EGRESS)?;
+    let (nat_ip, nat_port) = snat_flow(
+        ctx,
+        cfg,
+        &ip,
+        &l4,
+        &key,
+        existing,
+        host_ifindex,
+        None,
+        FLAG_FROM_EGRESS,
+    )?;
     nat::rewrite(ctx, &ip, Some(&l4), Side::Source, nat_ip, nat_port)?;
     count(Counter::TranslatedEgress);
     Ok(PASS)

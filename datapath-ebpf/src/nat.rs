@@ -10,7 +10,7 @@ use datapath_common::{
     flow::{PROTO_ICMP, PROTO_TCP, PROTO_UDP},
 };
 
-use crate::parse::{self, Fragment, Ipv4, L4, IP_CSUM_OFF, IP_DST_OFF, IP_SRC_OFF};
+use crate::parse::{self, Fragment, Ipv4, IP_CSUM_OFF, IP_DST_OFF, IP_SRC_OFF, L4};
 
 const BPF_F_PSEUDO_HDR: u64 = 1 << 4;
 const BPF_F_MARK_MANGLED_0: u64 = 1 << 5;
@@ -71,7 +71,8 @@ pub fn rewrite(
         _ => {
             if old_port != port {
                 let (from, to) = (u64::from(old_port.to_be()), u64::from(port.to_be()));
-                ctx.l4_csum_replace(csum_off, from, to, 2).map_err(|_| bad)?;
+                ctx.l4_csum_replace(csum_off, from, to, 2)
+                    .map_err(|_| bad)?;
             }
             return Ok(());
         }

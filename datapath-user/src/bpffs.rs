@@ -48,7 +48,10 @@ pub fn ensure_pin_dir(pin_path: &Path) -> Result<()> {
         if rc != 0 {
             let err = std::io::Error::last_os_error();
             if err.kind() == std::io::ErrorKind::PermissionDenied {
-                return Err(Error::Permission(format!("mounting bpffs at {}", mount_point.display())));
+                return Err(Error::Permission(format!(
+                    "mounting bpffs at {}",
+                    mount_point.display()
+                )));
             }
             return Err(bpffs_err(err.to_string()));
         }
@@ -56,7 +59,10 @@ pub fn ensure_pin_dir(pin_path: &Path) -> Result<()> {
     std::fs::create_dir_all(pin_path)
         .map_err(|e| Error::io(format!("creating {}", pin_path.display()), e))?;
     if !is_bpffs(pin_path) {
-        return Err(bpffs_err(format!("{} is not on a bpffs", pin_path.display())));
+        return Err(bpffs_err(format!(
+            "{} is not on a bpffs",
+            pin_path.display()
+        )));
     }
     Ok(())
 }

@@ -14,7 +14,9 @@ pub enum Error {
         iface: String,
         have: String,
     },
-    #[error("{0}: permission denied (run as root, or with CAP_BPF, CAP_NET_ADMIN and CAP_SYS_ADMIN)")]
+    #[error(
+        "{0}: permission denied (run as root, or with CAP_BPF, CAP_NET_ADMIN and CAP_SYS_ADMIN)"
+    )]
     Permission(String),
     #[error("bpffs is not mounted at {path} and could not be mounted: {reason}")]
     Bpffs { path: PathBuf, reason: String },

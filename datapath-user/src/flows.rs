@@ -79,7 +79,13 @@ impl Filter {
 
 /// Builds the record for one entry at monotonic time `now`.
 #[must_use]
-pub fn record(key: &FlowKey, flow: &Flow, pod: Option<String>, now: u64, timeouts: &datapath_common::config::Timeouts) -> FlowRecord {
+pub fn record(
+    key: &FlowKey,
+    flow: &Flow,
+    pod: Option<String>,
+    now: u64,
+    timeouts: &datapath_common::config::Timeouts,
+) -> FlowRecord {
     let expires_at = flow.expires_at_ns(key.proto, timeouts);
     FlowRecord {
         proto: proto_name(key.proto),

@@ -72,7 +72,11 @@ pub fn load(opts: &LoadOptions) -> Result<Ebpf> {
     layout
         .set(0, LayoutInfo::current(), 0)
         .map_err(|e| Error::map("writing LAYOUT", e))?;
-    for name in [names::PROG_FROM_POD, names::PROG_UPLINK_INGRESS, names::PROG_UPLINK_EGRESS] {
+    for name in [
+        names::PROG_FROM_POD,
+        names::PROG_UPLINK_INGRESS,
+        names::PROG_UPLINK_EGRESS,
+    ] {
         program(&mut ebpf, name)?
             .load()
             .map_err(|e| Error::program(format!("loading {name} (verifier)"), e))?;
@@ -124,9 +128,16 @@ pub fn attach(
         // Older kernels: a clsact filter, which stays until it is detached explicitly.
         let _ = tc::qdisc_add_clsact(ifname);
         let id = prog
-            .attach_with_options(ifname, attach_type, TcAttachOptions::Netlink(tc::NlOptions::default()))
+            .attach_with_options(
+                ifname,
+                attach_type,
+                TcAttachOptions::Netlink(tc::NlOptions::default()),
+            )
             .map_err(|e| Error::program(context(), e))?;
-        std::mem::forget(prog.take_link(id).map_err(|e| Error::program(context(), e))?);
+        std::mem::forget(
+            prog.take_link(id)
+                .map_err(|e| Error::program(context(), e))?,
+        );
         return Ok(());
     }
     let path = link_pin(pin_path, what);
@@ -135,7 +146,9 @@ pub fn attach(
     if let Ok(pinned) = PinnedLink::from_pin(&path) {
         let link = SchedClassifierLink::try_from(FdLink::from(pinned))
             .map_err(|e| Error::link(context(), e))?;
-        let id = prog.attach_to_link(link).map_err(|e| Error::program(context(), e))?;
+        let id = prog
+            .attach_to_link(link)
+            .map_err(|e| Error::program(context(), e))?;
         // The pin keeps the link; dropping our handle only closes the descriptor.
         let link: FdLink = prog
             .take_link(id)
@@ -145,14 +158,20 @@ pub fn attach(
         drop(link);
         return Ok(());
     }
-    let id = prog.attach(ifname, attach_type).map_err(|e| Error::program(context(), e))?;
+    let id = prog
+        .attach(ifname, attach_type)
+        .map_err(|e| Error::program(context(), e))?;
     let link: FdLink = prog
         .take_link(id)
         .map_err(|e| Error::program(context(), e))?
         .try_into()
         .map_err(|e: aya::programs::links::LinkError| Error::link(context(), e))?;
-    link.pin(&path)
-        .map_err(|e| Error::io(format!("pinning link {}", path.display()), std::io::Error::other(e.to_string())))?;
+    link.pin(&path).map_err(|e| {
+        Error::io(
+            format!("pinning link {}", path.display()),
+            std::io::Error::other(e.to_string()),
+        )
+    })?;
     Ok(())
 }
 
@@ -178,18 +197,31 @@ pub fn pin_from_pod_program(ebpf: &mut Ebpf, pin_path: &Path) -> Result<()> {
     let _ = std::fs::remove_file(&path);
     program(ebpf, names::PROG_FROM_POD)?
         .pin(&path)
-        .map_err(|e| Error::io(format!("pinning {}", path.display()), std::io::Error::other(e.to_string())))
+        .map_err(|e| {
+            Error::io(
+                format!("pinning {}", path.display()),
+                std::io::Error::other(e.to_string()),
+            )
+        })
 }
 
 /// The pinned pod-side program, when a daemon is running.
+#[must_use]
 pub fn pinned_from_pod_program(pin_path: &Path) -> Option<SchedClassifier> {
     SchedClassifier::from_pin(pin_path.join(FROM_POD_PIN)).ok()
 }
 
 /// Attaches the pod-side program to a pod's host veth.
 pub fn attach_pod(prog: &mut SchedClassifier, pin_path: &Path, ifindex: u32) -> Result<()> {
-    let ifname = netdev::ifname(ifindex).ok_or_else(|| Error::UnknownInterface(format!("ifindex {ifindex}")))?;
-    attach(prog, &ifname, TcAttachType::Ingress, pin_path, &pod_link_name(ifindex))
+    let ifname = netdev::ifname(ifindex)
+        .ok_or_else(|| Error::UnknownInterface(format!("ifindex {ifindex}")))?;
+    attach(
+        prog,
+        &ifname,
+        TcAttachType::Ingress,
+        pin_path,
+        &pod_link_name(ifindex),
+    )
 }
 
 pub fn detach_pod(pin_path: &Path, ifindex: u32) -> Result<bool> {
@@ -254,7 +286,8 @@ impl DaemonLock {
                 pid: pid.trim().to_string(),
             });
         }
-        file.set_len(0).map_err(|e| Error::io("truncating lock file", e))?;
+        file.set_len(0)
+            .map_err(|e| Error::io("truncating lock file", e))?;
         write!(file, "{}", std::process::id()).map_err(|e| Error::io("writing lock file", e))?;
         info!("lock {} held", path.display());
         Ok(Self { _file: file })

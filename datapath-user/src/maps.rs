@@ -32,7 +32,8 @@ fn open_map(path: &Path, name: &str) -> Result<Map> {
     if !file.exists() {
         return Err(Error::NotRunning(path.to_path_buf()));
     }
-    let data = MapData::from_pin(&file).map_err(|e| Error::map(format!("opening {}", file.display()), e))?;
+    let data = MapData::from_pin(&file)
+        .map_err(|e| Error::map(format!("opening {}", file.display()), e))?;
     Map::from_map_data(data).map_err(|e| Error::map(format!("opening {}", file.display()), e))
 }
 
@@ -49,7 +50,9 @@ pub fn pinned_layout(path: &Path) -> Result<Option<LayoutInfo>> {
         return Ok(None);
     }
     let layout: Array<MapData, LayoutInfo> = typed(path, names::LAYOUT)?;
-    let info = layout.get(&0, 0).map_err(|e| Error::map("reading LAYOUT", e))?;
+    let info = layout
+        .get(&0, 0)
+        .map_err(|e| Error::map("reading LAYOUT", e))?;
     Ok((info != LayoutInfo::default()).then_some(info))
 }
 
@@ -92,7 +95,9 @@ impl Maps {
     }
 
     pub fn config(&self) -> Result<Config> {
-        self.config.get(&0, 0).map_err(|e| Error::map("reading CONFIG", e))
+        self.config
+            .get(&0, 0)
+            .map_err(|e| Error::map("reading CONFIG", e))
     }
 
     /// Registered pods, by address.
@@ -130,7 +135,9 @@ impl Maps {
             .filter(|(key, _)| key.src_ip == pod_ip)
             .collect();
         for (key, flow) in &doomed {
-            let _ = self.bindings.remove(&key.reply_tuple(flow.nat_ip, flow.nat_port));
+            let _ = self
+                .bindings
+                .remove(&key.reply_tuple(flow.nat_ip, flow.nat_port));
             let _ = self.conntrack.remove(key);
         }
         let orphans: Vec<FlowKey> = self
@@ -150,7 +157,10 @@ impl Maps {
 /// CLOCK_MONOTONIC_COARSE in nanoseconds: the clock the programs stamp flows with.
 #[must_use]
 pub fn monotonic_coarse_ns() -> u64 {
-    let mut ts = libc::timespec { tv_sec: 0, tv_nsec: 0 };
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
     // SAFETY: valid out-pointer.
     unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC_COARSE, &raw mut ts) };
     ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64

@@ -17,7 +17,10 @@ use crate::{error::Result, maps::Maps, stats, sweep::Sweeper};
 pub fn render(maps: &Maps, sweeper: &Sweeper) -> Result<String> {
     let s = stats::collect(maps, 10)?;
     let mut out = String::new();
-    let _ = writeln!(out, "# HELP datapath_packets_total Packets by verdict counter.");
+    let _ = writeln!(
+        out,
+        "# HELP datapath_packets_total Packets by verdict counter."
+    );
     let _ = writeln!(out, "# TYPE datapath_packets_total counter");
     for c in &s.counters {
         let _ = writeln!(
@@ -28,15 +31,33 @@ pub fn render(maps: &Maps, sweeper: &Sweeper) -> Result<String> {
     }
     let gauges = [
         ("datapath_flows", "Flows in the flow table.", s.flows as f64),
-        ("datapath_flow_table_capacity", "Flow table size.", f64::from(s.flow_table_capacity)),
-        ("datapath_flow_table_fill_ratio", "Flows / capacity.", s.flow_table_fill_percent / 100.0),
-        ("datapath_nat_bindings", "NAT bindings in use.", s.nat_bindings as f64),
+        (
+            "datapath_flow_table_capacity",
+            "Flow table size.",
+            f64::from(s.flow_table_capacity),
+        ),
+        (
+            "datapath_flow_table_fill_ratio",
+            "Flows / capacity.",
+            s.flow_table_fill_percent / 100.0,
+        ),
+        (
+            "datapath_nat_bindings",
+            "NAT bindings in use.",
+            s.nat_bindings as f64,
+        ),
         ("datapath_pods", "Registered pods.", s.pods as f64),
     ];
     for (name, help, value) in gauges {
-        let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} gauge\n{name} {value}");
+        let _ = writeln!(
+            out,
+            "# HELP {name} {help}\n# TYPE {name} gauge\n{name} {value}"
+        );
     }
-    let _ = writeln!(out, "# HELP datapath_nat_port_usage_ratio NAT ports in use / range size, busiest destinations.");
+    let _ = writeln!(
+        out,
+        "# HELP datapath_nat_port_usage_ratio NAT ports in use / range size, busiest destinations."
+    );
     let _ = writeln!(out, "# TYPE datapath_nat_port_usage_ratio gauge");
     for p in &s.busiest_destinations {
         let _ = writeln!(
@@ -49,13 +70,36 @@ pub fn render(maps: &Maps, sweeper: &Sweeper) -> Result<String> {
         );
     }
     let sweep = [
-        ("datapath_sweep_passes_total", "counter", "Expired-flow sweep passes.", sweeper.passes as f64),
-        ("datapath_sweep_expired_flows_total", "counter", "Flows reclaimed by the sweep.", sweeper.total_expired as f64),
-        ("datapath_sweep_orphan_bindings_total", "counter", "NAT bindings without a flow removed.", sweeper.total_orphans as f64),
-        ("datapath_sweep_last_duration_seconds", "gauge", "Duration of the last sweep.", sweeper.last.duration.as_secs_f64()),
+        (
+            "datapath_sweep_passes_total",
+            "counter",
+            "Expired-flow sweep passes.",
+            sweeper.passes as f64,
+        ),
+        (
+            "datapath_sweep_expired_flows_total",
+            "counter",
+            "Flows reclaimed by the sweep.",
+            sweeper.total_expired as f64,
+        ),
+        (
+            "datapath_sweep_orphan_bindings_total",
+            "counter",
+            "NAT bindings without a flow removed.",
+            sweeper.total_orphans as f64,
+        ),
+        (
+            "datapath_sweep_last_duration_seconds",
+            "gauge",
+            "Duration of the last sweep.",
+            sweeper.last.duration.as_secs_f64(),
+        ),
     ];
     for (name, ty, help, value) in sweep {
-        let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} {ty}\n{name} {value}");
+        let _ = writeln!(
+            out,
+            "# HELP {name} {help}\n# TYPE {name} {ty}\n{name} {value}"
+        );
     }
     Ok(out)
 }
@@ -70,9 +114,12 @@ pub fn serve(addr: SocketAddr, pin_path: PathBuf, sweeper: Arc<Mutex<Sweeper>>) 
             let mut request = [0u8; 1024];
             let n = stream.read(&mut request).unwrap_or(0);
             let first = String::from_utf8_lossy(&request[..n]);
-            let (status, body) = if first.starts_with("GET /metrics") || first.starts_with("GET / ") {
+            let (status, body) = if first.starts_with("GET /metrics") || first.starts_with("GET / ")
+            {
                 let body = Maps::open(&pin_path).and_then(|maps| {
-                    let sweeper = sweeper.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+                    let sweeper = sweeper
+                        .lock()
+                        .unwrap_or_else(std::sync::PoisonError::into_inner);
                     render(&maps, &sweeper)
                 });
                 match body {

@@ -45,7 +45,8 @@ pub fn ipv4_addrs(name: &str) -> Result<Vec<Ipv4Addr>> {
                 && !entry.ifa_addr.is_null()
                 && i32::from((*entry.ifa_addr).sa_family) == libc::AF_INET
             {
-                let sin = &*entry.ifa_addr.cast::<libc::sockaddr_in>();
+                // AF_INET entries point at a sockaddr_in; read it unaligned to be safe.
+                let sin = entry.ifa_addr.cast::<libc::sockaddr_in>().read_unaligned();
                 addrs.push(Ipv4Addr::from(u32::from_be(sin.sin_addr.s_addr)));
             }
             cur = entry.ifa_next;
@@ -65,7 +66,10 @@ pub fn local_port_range() -> Result<(u16, u16)> {
         (Some(Ok(lo)), Some(Ok(hi))) => Ok((lo, hi)),
         _ => Err(Error::io(
             path,
-            std::io::Error::new(std::io::ErrorKind::InvalidData, format!("unexpected {text:?}")),
+            std::io::Error::new(
+                std::io::ErrorKind::InvalidData,
+                format!("unexpected {text:?}"),
+            ),
         )),
     }
 }
@@ -78,7 +82,7 @@ pub fn default_nat_range(local: (u16, u16)) -> (u16, u16) {
     let below = (1024u16, lo.saturating_sub(1));
     let above = (hi.saturating_add(1), 65535u16);
     let size = |(a, b): (u16, u16)| if b >= a { u32::from(b - a) + 1 } else { 0 };
-    if lo <= 1024 && hi >= 65535 {
+    if lo <= 1024 && hi == u16::MAX {
         // The kernel uses everything: share the top quarter rather than fail.
         return (49152, 65535);
     }

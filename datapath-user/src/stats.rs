@@ -60,12 +60,14 @@ pub fn collect(maps: &Maps, top: usize) -> Result<Stats> {
             description: c.description(),
         })
         .collect();
-    let flows = maps.conntrack.keys().filter(Result::is_ok).count() as u64;
+    let flows = maps.conntrack.keys().flatten().count() as u64;
     let mut per_dst: HashMap<(u8, u32, u16), u32> = HashMap::new();
     let mut bindings = 0u64;
     for key in maps.bindings.keys().filter_map(Result::ok) {
         bindings += 1;
-        *per_dst.entry((key.proto, key.src_ip, key.src_port)).or_default() += 1;
+        *per_dst
+            .entry((key.proto, key.src_ip, key.src_port))
+            .or_default() += 1;
     }
     let available = config.port_count();
     let mut busiest: Vec<PortUsage> = per_dst
@@ -76,17 +78,29 @@ pub fn collect(maps: &Maps, top: usize) -> Result<Stats> {
             dst_port: port,
             ports_in_use: used,
             ports_available: available,
-            fill_percent: if available == 0 { 100.0 } else { f64::from(used) * 100.0 / f64::from(available) },
+            fill_percent: if available == 0 {
+                100.0
+            } else {
+                f64::from(used) * 100.0 / f64::from(available)
+            },
         })
         .collect();
-    busiest.sort_by(|a, b| b.ports_in_use.cmp(&a.ports_in_use).then(a.dst_ip.cmp(&b.dst_ip)));
+    busiest.sort_by(|a, b| {
+        b.ports_in_use
+            .cmp(&a.ports_in_use)
+            .then(a.dst_ip.cmp(&b.dst_ip))
+    });
     busiest.truncate(top);
     let capacity = maps.conntrack_capacity;
     Ok(Stats {
         counters,
         flows,
         flow_table_capacity: capacity,
-        flow_table_fill_percent: if capacity == 0 { 0.0 } else { flows as f64 * 100.0 / f64::from(capacity) },
+        flow_table_fill_percent: if capacity == 0 {
+            0.0
+        } else {
+            flows as f64 * 100.0 / f64::from(capacity)
+        },
         nat_bindings: bindings,
         pods: maps.pods()?.len(),
         port_range: (config.port_min, config.port_max),

@@ -46,7 +46,11 @@ impl Sweeper {
         }
         for (key, flow) in &expired {
             let binding = key.reply_tuple(flow.nat_ip, flow.nat_port);
-            if maps.bindings.get(&binding, 0).is_ok_and(|owner| owner == *key) {
+            if maps
+                .bindings
+                .get(&binding, 0)
+                .is_ok_and(|owner| owner == *key)
+            {
                 let _ = maps.bindings.remove(&binding);
             }
             let _ = maps.conntrack.remove(key);

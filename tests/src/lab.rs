@@ -138,12 +138,24 @@ impl Lab {
     fn veth(&self, a_ns: &str, a: &str, b_ns: &str, b: &str) -> Result<()> {
         let tmp_a = format!("t{}a", self.id);
         let tmp_b = format!("t{}b", self.id);
-        run("ip", &["link", "add", &tmp_a, "netns", a_ns, "type", "veth", "peer", "name", &tmp_b, "netns", b_ns])?;
+        run(
+            "ip",
+            &[
+                "link", "add", &tmp_a, "netns", a_ns, "type", "veth", "peer", "name", &tmp_b,
+                "netns", b_ns,
+            ],
+        )?;
         exec(a_ns, &["ip", "link", "set", &tmp_a, "name", a])?;
         exec(b_ns, &["ip", "link", "set", &tmp_b, "name", b])?;
         for (ns, dev) in [(a_ns, a), (b_ns, b)] {
             if self.opts.offloads_off {
-                exec(ns, &["ethtool", "-K", dev, "tx", "off", "rx", "off", "tso", "off", "gso", "off", "gro", "off"])?;
+                exec(
+                    ns,
+                    &[
+                        "ethtool", "-K", dev, "tx", "off", "rx", "off", "tso", "off", "gso", "off",
+                        "gro", "off",
+                    ],
+                )?;
             }
             exec(ns, &["ip", "link", "set", dev, "up"])?;
         }
@@ -179,27 +191,78 @@ impl Lab {
         let mtu = FAR_LINK_MTU.to_string();
         exec(&router, &["ip", "link", "set", "eth1", "mtu", &mtu])?;
         exec(&far, &["ip", "link", "set", "eth0", "mtu", &mtu])?;
-        exec(&router, &["ip", "addr", "add", "198.51.100.1/24", "dev", "eth1"])?;
-        exec(&far, &["ip", "addr", "add", "198.51.100.20/24", "dev", "eth0"])?;
+        exec(
+            &router,
+            &["ip", "addr", "add", "198.51.100.1/24", "dev", "eth1"],
+        )?;
+        exec(
+            &far,
+            &["ip", "addr", "add", "198.51.100.20/24", "dev", "eth0"],
+        )?;
         // The far server advertises a 1500-byte MSS, as a host behind a smaller tunnel does:
         // senders must learn the 1280-byte path MTU from the router's fragmentation-needed.
-        exec(&far, &["ip", "route", "add", "default", "via", "198.51.100.1", "advmss", "1460"])?;
+        exec(
+            &far,
+            &[
+                "ip",
+                "route",
+                "add",
+                "default",
+                "via",
+                "198.51.100.1",
+                "advmss",
+                "1460",
+            ],
+        )?;
         exec(&router, &["sysctl", "-qw", "net.ipv4.ip_forward=1"])?;
-        exec(&server, &["ip", "route", "add", "198.51.100.0/24", "via", ROUTER_IP])?;
+        exec(
+            &server,
+            &["ip", "route", "add", "198.51.100.0/24", "via", ROUTER_IP],
+        )?;
         exec(&node, &["ip", "route", "add", "default", "via", ROUTER_IP])?;
         exec(&node, &["sysctl", "-qw", "net.ipv4.ip_forward=1"])?;
         // The node agent's rule: no pod IPv4 reachable from elsewhere.
-        exec(&node, &["iptables", "-I", "FORWARD", "1", "-d", "169.254.172.0/22", "-m", "conntrack", "--ctstate", "NEW", "-j", "REJECT"])?;
+        exec(
+            &node,
+            &[
+                "iptables",
+                "-I",
+                "FORWARD",
+                "1",
+                "-d",
+                "169.254.172.0/22",
+                "-m",
+                "conntrack",
+                "--ctstate",
+                "NEW",
+                "-j",
+                "REJECT",
+            ],
+        )?;
         if self.opts.mode == Mode::Plain {
-            exec(&server, &["ip", "route", "add", "169.254.172.0/22", "via", NODE_IP])?;
-            exec(&router, &["ip", "route", "add", "169.254.172.0/22", "via", NODE_IP])?;
+            exec(
+                &server,
+                &["ip", "route", "add", "169.254.172.0/22", "via", NODE_IP],
+            )?;
+            exec(
+                &router,
+                &["ip", "route", "add", "169.254.172.0/22", "via", NODE_IP],
+            )?;
         }
         for i in 0..self.opts.pods {
             self.add_pod(i)?;
         }
         if self.opts.mode == Mode::Datapath {
             std::fs::create_dir_all(&self.bpf_mount)?;
-            run("mount", &["-t", "bpf", "bpf", self.bpf_mount.to_str().unwrap_or_default()])?;
+            run(
+                "mount",
+                &[
+                    "-t",
+                    "bpf",
+                    "bpf",
+                    self.bpf_mount.to_str().unwrap_or_default(),
+                ],
+            )?;
             if self.opts.start_daemon {
                 self.start_daemon()?;
                 for pod in self.pods.clone() {
@@ -218,18 +281,122 @@ impl Lab {
         let node = self.node.clone();
         self.veth(&node, &host_veth, &ns, "v4if0")?;
         // The egress-v4 plugin's wiring (design brief, section 1).
-        exec(&node, &["ip", "addr", "add", "169.254.172.1/32", "dev", &host_veth, "scope", "link"])?;
-        exec(&node, &["ip", "route", "add", &format!("{ip}/32"), "dev", &host_veth, "scope", "link"])?;
-        exec(&ns, &["ip", "addr", "add", &format!("{ip}/22"), "dev", "v4if0", "noprefixroute"])?;
-        exec(&ns, &["ip", "route", "add", "169.254.172.1/32", "dev", "v4if0", "scope", "link"])?;
-        exec(&ns, &["ip", "route", "add", "169.254.172.0/22", "via", GATEWAY_IP, "dev", "v4if0"])?;
-        exec(&ns, &["ip", "route", "add", "default", "via", GATEWAY_IP, "dev", "v4if0"])?;
+        exec(
+            &node,
+            &[
+                "ip",
+                "addr",
+                "add",
+                "169.254.172.1/32",
+                "dev",
+                &host_veth,
+                "scope",
+                "link",
+            ],
+        )?;
+        exec(
+            &node,
+            &[
+                "ip",
+                "route",
+                "add",
+                &format!("{ip}/32"),
+                "dev",
+                &host_veth,
+                "scope",
+                "link",
+            ],
+        )?;
+        exec(
+            &ns,
+            &[
+                "ip",
+                "addr",
+                "add",
+                &format!("{ip}/22"),
+                "dev",
+                "v4if0",
+                "noprefixroute",
+            ],
+        )?;
+        exec(
+            &ns,
+            &[
+                "ip",
+                "route",
+                "add",
+                "169.254.172.1/32",
+                "dev",
+                "v4if0",
+                "scope",
+                "link",
+            ],
+        )?;
+        exec(
+            &ns,
+            &[
+                "ip",
+                "route",
+                "add",
+                "169.254.172.0/22",
+                "via",
+                GATEWAY_IP,
+                "dev",
+                "v4if0",
+            ],
+        )?;
+        exec(
+            &ns,
+            &[
+                "ip", "route", "add", "default", "via", GATEWAY_IP, "dev", "v4if0",
+            ],
+        )?;
         if self.opts.mode == Mode::Iptables {
             let chain = format!("CNI-E4-{}{i}", self.id);
             exec(&node, &["iptables", "-t", "nat", "-N", &chain])?;
-            exec(&node, &["iptables", "-t", "nat", "-A", &chain, "-d", "224.0.0.0/4", "-j", "ACCEPT"])?;
-            exec(&node, &["iptables", "-t", "nat", "-A", &chain, "-j", "SNAT", "--to-source", NODE_IP, "--random-fully"])?;
-            exec(&node, &["iptables", "-t", "nat", "-A", "POSTROUTING", "-s", &ip, "-j", &chain])?;
+            exec(
+                &node,
+                &[
+                    "iptables",
+                    "-t",
+                    "nat",
+                    "-A",
+                    &chain,
+                    "-d",
+                    "224.0.0.0/4",
+                    "-j",
+                    "ACCEPT",
+                ],
+            )?;
+            exec(
+                &node,
+                &[
+                    "iptables",
+                    "-t",
+                    "nat",
+                    "-A",
+                    &chain,
+                    "-j",
+                    "SNAT",
+                    "--to-source",
+                    NODE_IP,
+                    "--random-fully",
+                ],
+            )?;
+            exec(
+                &node,
+                &[
+                    "iptables",
+                    "-t",
+                    "nat",
+                    "-A",
+                    "POSTROUTING",
+                    "-s",
+                    &ip,
+                    "-j",
+                    &chain,
+                ],
+            )?;
         }
         self.pods.push(Pod {
             ns,
@@ -259,16 +426,31 @@ impl Lab {
     }
 
     pub fn register_pod(&self, pod: &Pod) -> Result<String> {
-        self.cli(&["pod", "add", "--ip", &pod.ip, "--host-veth", &pod.host_veth, "--name", &pod.name])
+        self.cli(&[
+            "pod",
+            "add",
+            "--ip",
+            &pod.ip,
+            "--host-veth",
+            &pod.host_veth,
+            "--name",
+            &pod.name,
+        ])
     }
 
     /// Starts `datapath-user run` in the node and waits for it to report ready.
     pub fn start_daemon(&mut self) -> Result<()> {
         let bin = crate::datapath_user_bin();
         if !bin.exists() {
-            bail!("{} does not exist: build it first (cargo build -p datapath-user)", bin.display());
+            bail!(
+                "{} does not exist: build it first (cargo build -p datapath-user)",
+                bin.display()
+            );
         }
-        let log = std::fs::OpenOptions::new().create(true).append(true).open(&self.daemon_log)?;
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&self.daemon_log)?;
         let mut child = Command::new("ip")
             .args(["netns", "exec", &self.node])
             .arg(&bin)
@@ -290,10 +472,13 @@ impl Lab {
             }
         });
         self.daemon = Some(child);
-        if rx.recv_timeout(Duration::from_secs(60)).is_err() {
+        if rx.recv_timeout(Duration::from_mins(1)).is_err() {
             let log = std::fs::read_to_string(&self.daemon_log).unwrap_or_default();
             let tail: Vec<&str> = log.lines().rev().take(15).collect();
-            bail!("datapath-user run did not become ready:\n{}", tail.into_iter().rev().collect::<Vec<_>>().join("\n"));
+            bail!(
+                "datapath-user run did not become ready:\n{}",
+                tail.into_iter().rev().collect::<Vec<_>>().join("\n")
+            );
         }
         Ok(())
     }
@@ -305,7 +490,7 @@ impl Lab {
         };
         // `ip netns exec` execs the program, so the child's pid is the daemon's.
         // SAFETY: signalling our own child.
-        unsafe { libc::kill(child.id() as i32, signal) };
+        unsafe { libc::kill(child.id().cast_signed(), signal) };
         let deadline = Instant::now() + Duration::from_secs(20);
         loop {
             if let Some(status) = child.try_wait()? {
@@ -320,13 +505,15 @@ impl Lab {
     }
 
     pub fn daemon_running(&mut self) -> bool {
-        self.daemon.as_mut().is_some_and(|c| c.try_wait().ok().flatten().is_none())
+        self.daemon
+            .as_mut()
+            .is_some_and(|c| c.try_wait().ok().flatten().is_none())
     }
 
     /// `flows -o json` as parsed JSON.
     pub fn flows(&self) -> Result<Vec<serde_json::Value>> {
         let out = self.cli(&["flows", "-o", "json"])?;
-        Ok(serde_json::from_str(&out).context("parsing flows JSON")?)
+        serde_json::from_str(&out).context("parsing flows JSON")
     }
 
     /// A datapath counter from `stats -o json`.

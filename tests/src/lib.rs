@@ -18,7 +18,8 @@ pub fn datapath_user_bin() -> std::path::PathBuf {
         .parent()
         .expect("workspace root")
         .to_path_buf();
-    let target = std::env::var_os("CARGO_TARGET_DIR").map_or_else(|| workspace.join("target"), Into::into);
+    let target =
+        std::env::var_os("CARGO_TARGET_DIR").map_or_else(|| workspace.join("target"), Into::into);
     target.join("debug").join("datapath-user")
 }
 

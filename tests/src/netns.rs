@@ -48,7 +48,9 @@ fn check(what: &str, out: &Output) -> Result<String> {
 /// Runs `f` on a thread that has entered namespace `ns`; sockets it creates live there.
 pub fn within<T: Send + 'static>(ns: &str, f: impl FnOnce() -> T + Send + 'static) -> Result<T> {
     let handle = spawn_within(ns, f)?;
-    handle.join().map_err(|_| anyhow::anyhow!("thread in {ns} panicked"))
+    handle
+        .join()
+        .map_err(|_| anyhow::anyhow!("thread in {ns} panicked"))
 }
 
 /// Spawns a thread in namespace `ns` running `f`.
@@ -67,7 +69,10 @@ pub fn spawn_within<T: Send + 'static>(
         f()
     });
     if rx.recv().unwrap_or(-1) != 0 {
-        bail!("entering namespace {ns} failed: {}", std::io::Error::last_os_error());
+        bail!(
+            "entering namespace {ns} failed: {}",
+            std::io::Error::last_os_error()
+        );
     }
     Ok(handle)
 }

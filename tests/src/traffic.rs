@@ -67,7 +67,11 @@ impl Server {
                 }
             }
         });
-        Ok(Self { stop, peers, thread: Some(thread) })
+        Ok(Self {
+            stop,
+            peers,
+            thread: Some(thread),
+        })
     }
 
     /// A UDP server answering each datagram with the same bytes.
@@ -78,7 +82,7 @@ impl Server {
         socket.set_read_timeout(Some(Duration::from_millis(20)))?;
         let (stop2, peers2) = (Arc::clone(&stop), Arc::clone(&peers));
         let thread = std::thread::spawn(move || {
-            let mut buf = [0u8; 65536];
+            let mut buf = vec![0u8; 65536];
             while !stop2.load(Ordering::Relaxed) {
                 if let Ok((n, peer)) = socket.recv_from(&mut buf) {
                     peers2.lock().unwrap().push(peer);
@@ -86,7 +90,11 @@ impl Server {
                 }
             }
         });
-        Ok(Self { stop, peers, thread: Some(thread) })
+        Ok(Self {
+            stop,
+            peers,
+            thread: Some(thread),
+        })
     }
 
     /// Distinct peer addresses seen so far.
@@ -175,11 +183,21 @@ fn connect_from(dst: SocketAddrV4, local_port: u16) -> Result<TcpStream> {
         let fd = libc::socket(libc::AF_INET, libc::SOCK_STREAM, 0);
         anyhow::ensure!(fd >= 0, "socket: {}", std::io::Error::last_os_error());
         let one: libc::c_int = 1;
-        libc::setsockopt(fd, libc::SOL_SOCKET, libc::SO_REUSEADDR, (&raw const one).cast(), 4);
+        libc::setsockopt(
+            fd,
+            libc::SOL_SOCKET,
+            libc::SO_REUSEADDR,
+            (&raw const one).cast(),
+            4,
+        );
         let mut local: libc::sockaddr_in = std::mem::zeroed();
         local.sin_family = libc::AF_INET as u16;
         local.sin_port = local_port.to_be();
-        let rc = libc::bind(fd, (&raw const local).cast(), size_of::<libc::sockaddr_in>() as u32);
+        let rc = libc::bind(
+            fd,
+            (&raw const local).cast(),
+            size_of::<libc::sockaddr_in>() as u32,
+        );
         if rc != 0 {
             let e = std::io::Error::last_os_error();
             libc::close(fd);
@@ -189,7 +207,11 @@ fn connect_from(dst: SocketAddrV4, local_port: u16) -> Result<TcpStream> {
         remote.sin_family = libc::AF_INET as u16;
         remote.sin_port = dst.port().to_be();
         remote.sin_addr.s_addr = u32::from(*dst.ip()).to_be();
-        let rc = libc::connect(fd, (&raw const remote).cast(), size_of::<libc::sockaddr_in>() as u32);
+        let rc = libc::connect(
+            fd,
+            (&raw const remote).cast(),
+            size_of::<libc::sockaddr_in>() as u32,
+        );
         if rc != 0 {
             let e = std::io::Error::last_os_error();
             libc::close(fd);
@@ -217,8 +239,10 @@ pub fn udp_request(ns: &str, dst: &str, port: u16, local_port: u16, msg: &[u8]) 
         let socket = UdpSocket::bind(("0.0.0.0", local_port))?;
         socket.set_read_timeout(Some(Duration::from_secs(2)))?;
         socket.send_to(&msg, (dst, port))?;
-        let mut buf = [0u8; 65536];
-        let (n, _) = socket.recv_from(&mut buf).context("waiting for the UDP reply")?;
+        let mut buf = vec![0u8; 65536];
+        let (n, _) = socket
+            .recv_from(&mut buf)
+            .context("waiting for the UDP reply")?;
         Ok(buf[..n].to_vec())
     })?
 }
@@ -237,8 +261,13 @@ pub fn bulk_upload(ns: &str, dst: &str, port: u16, size: usize) -> Result<()> {
     }
     stream.shutdown(std::net::Shutdown::Write)?;
     let mut got = [0u8; 8];
-    stream.read_exact(&mut got).context("reading the server's hash")?;
-    anyhow::ensure!(u64::from_be_bytes(got) == hash, "upload of {size} bytes arrived corrupted");
+    stream
+        .read_exact(&mut got)
+        .context("reading the server's hash")?;
+    anyhow::ensure!(
+        u64::from_be_bytes(got) == hash,
+        "upload of {size} bytes arrived corrupted"
+    );
     Ok(())
 }
 
@@ -247,7 +276,11 @@ pub fn bulk_download(ns: &str, dst: &str, port: u16, size: usize) -> Result<()> 
     let mut stream = tcp_connect(ns, dst, port, None)?;
     let mut data = Vec::with_capacity(size);
     stream.read_to_end(&mut data)?;
-    anyhow::ensure!(data.len() == size, "downloaded {} of {size} bytes", data.len());
+    anyhow::ensure!(
+        data.len() == size,
+        "downloaded {} of {size} bytes",
+        data.len()
+    );
     anyhow::ensure!(
         data.iter().enumerate().all(|(i, b)| *b == payload_byte(i)),
         "download arrived corrupted"

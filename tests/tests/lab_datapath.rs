@@ -16,24 +16,38 @@ fn lab(opts: LabOptions) -> Lab {
 
 #[test]
 fn ping_tcp_udp_reach_the_server_from_the_node_ip_only() {
-    let lab = lab(LabOptions { offloads_off: true, ..LabOptions::default() });
+    let lab = lab(LabOptions {
+        offloads_off: true,
+        ..LabOptions::default()
+    });
     let echo = Server::tcp(&lab.server, 8080, TcpService::Echo).unwrap();
     let sink = Server::tcp(&lab.server, 8081, TcpService::HashSink).unwrap();
     let source = Server::tcp(&lab.server, 8082, TcpService::Source(20 << 20)).unwrap();
     let udp = Server::udp_echo(&lab.server, 5353).unwrap();
     let pod = lab.pod(0).clone();
 
-    exec(&pod.ns, &["ping", "-c", "3", "-i", "0.2", "-W", "2", SERVER_IP]).unwrap();
+    exec(
+        &pod.ns,
+        &["ping", "-c", "3", "-i", "0.2", "-W", "2", SERVER_IP],
+    )
+    .unwrap();
     let mut stream = traffic::tcp_connect(&pod.ns, SERVER_IP, 8080, None).unwrap();
     traffic::echo_roundtrip(&mut stream, b"hello through the datapath").unwrap();
-    assert_eq!(traffic::udp_request(&pod.ns, SERVER_IP, 5353, 40001, b"query").unwrap(), b"query");
+    assert_eq!(
+        traffic::udp_request(&pod.ns, SERVER_IP, 5353, 40001, b"query").unwrap(),
+        b"query"
+    );
     // 20 MB each way with offloads off: every checksum the datapath touched is verified.
     traffic::bulk_upload(&pod.ns, SERVER_IP, 8081, 20 << 20).unwrap();
     traffic::bulk_download(&pod.ns, SERVER_IP, 8082, 20 << 20).unwrap();
 
     let node_ip: std::net::Ipv4Addr = NODE_IP.parse().unwrap();
     for server in [&echo, &sink, &source, &udp] {
-        assert_eq!(server.peer_ips(), vec![node_ip], "the server must see only the node IP");
+        assert_eq!(
+            server.peer_ips(),
+            vec![node_ip],
+            "the server must see only the node IP"
+        );
     }
     let flows = lab.flows().unwrap();
     let tcp_echo = flows
@@ -47,13 +61,24 @@ fn ping_tcp_udp_reach_the_server_from_the_node_ip_only() {
     let nat_port = tcp_echo["nat_port"].as_u64().unwrap();
     assert!(echo.peers().iter().any(|p| u64::from(p.port()) == nat_port));
     assert!(tcp_echo["packets_out"].as_u64().unwrap() >= 3);
-    let udp_flow = flows.iter().find(|f| f["proto"] == "udp").expect("udp flow");
+    let udp_flow = flows
+        .iter()
+        .find(|f| f["proto"] == "udp")
+        .expect("udp flow");
     assert_eq!(udp_flow["pod_port"], 40001);
     assert_eq!(udp_flow["state"], "replied");
-    assert_eq!((udp_flow["packets_out"].as_u64(), udp_flow["packets_in"].as_u64()), (Some(1), Some(1)));
+    assert_eq!(
+        (
+            udp_flow["packets_out"].as_u64(),
+            udp_flow["packets_in"].as_u64()
+        ),
+        (Some(1), Some(1))
+    );
     // UDP datagram: 5 bytes payload + 8 UDP + 20 IPv4.
     assert_eq!(udp_flow["bytes_out"], 33);
-    assert!(flows.iter().any(|f| f["proto"] == "icmp" && f["packets_in"] == 3));
+    assert!(flows
+        .iter()
+        .any(|f| f["proto"] == "icmp" && f["packets_in"] == 3));
     assert!(lab.counter("translated_out").unwrap() > 1000);
     assert!(lab.counter("translated_in").unwrap() > 1000);
     assert_eq!(lab.counter("drop_malformed").unwrap(), 0);
@@ -69,22 +94,52 @@ fn drops_are_counted_pod_to_pod_spoofed_cross_node_untracked() {
 
     // Pod-to-pod IPv4.
     let before = lab.counter("drop_pod_to_pod").unwrap();
-    assert!(!exec_output(&p0.ns, &["ping", "-c", "1", "-W", "1", &p1.ip]).unwrap().status.success());
+    assert!(
+        !exec_output(&p0.ns, &["ping", "-c", "1", "-W", "1", &p1.ip])
+            .unwrap()
+            .status
+            .success()
+    );
     assert_eq!(lab.counter("drop_pod_to_pod").unwrap(), before + 1);
 
     // A source that is not the pod registered on that veth.
-    exec(&p0.ns, &["ip", "addr", "add", "169.254.172.77/32", "dev", "v4if0"]).unwrap();
+    exec(
+        &p0.ns,
+        &["ip", "addr", "add", "169.254.172.77/32", "dev", "v4if0"],
+    )
+    .unwrap();
     let before = lab.counter("drop_spoofed_source").unwrap();
-    assert!(!exec_output(&p0.ns, &["ping", "-c", "1", "-W", "1", "-I", "169.254.172.77", SERVER_IP])
-        .unwrap()
-        .status
-        .success());
+    assert!(!exec_output(
+        &p0.ns,
+        &[
+            "ping",
+            "-c",
+            "1",
+            "-W",
+            "1",
+            "-I",
+            "169.254.172.77",
+            SERVER_IP
+        ]
+    )
+    .unwrap()
+    .status
+    .success());
     assert_eq!(lab.counter("drop_spoofed_source").unwrap(), before + 1);
 
     // Another node sending to a pod's node-local address.
-    exec(&lab.other_node, &["ip", "route", "add", "169.254.172.0/22", "via", NODE_IP]).unwrap();
+    exec(
+        &lab.other_node,
+        &["ip", "route", "add", "169.254.172.0/22", "via", NODE_IP],
+    )
+    .unwrap();
     let before = lab.counter("drop_cross_node").unwrap();
-    assert!(!exec_output(&lab.other_node, &["ping", "-c", "1", "-W", "1", &p0.ip]).unwrap().status.success());
+    assert!(
+        !exec_output(&lab.other_node, &["ping", "-c", "1", "-W", "1", &p0.ip])
+            .unwrap()
+            .status
+            .success()
+    );
     assert_eq!(lab.counter("drop_cross_node").unwrap(), before + 1);
 
     // Unsolicited TCP to the node IP on a NAT port with no flow and no socket.
@@ -109,9 +164,19 @@ fn two_pods_with_the_same_source_port_to_the_same_server() {
     let mut b = traffic::tcp_connect(&lab.pod(1).ns, SERVER_IP, 8080, Some(40000)).unwrap();
     traffic::echo_roundtrip(&mut a, b"from a").unwrap();
     traffic::echo_roundtrip(&mut b, b"from b").unwrap();
-    assert_eq!(traffic::udp_request(&lab.pod(0).ns, SERVER_IP, 5353, 41000, b"a").unwrap(), b"a");
-    assert_eq!(traffic::udp_request(&lab.pod(1).ns, SERVER_IP, 5353, 41000, b"b").unwrap(), b"b");
-    let ports: Vec<u16> = echo.peers().iter().map(std::net::SocketAddr::port).collect();
+    assert_eq!(
+        traffic::udp_request(&lab.pod(0).ns, SERVER_IP, 5353, 41000, b"a").unwrap(),
+        b"a"
+    );
+    assert_eq!(
+        traffic::udp_request(&lab.pod(1).ns, SERVER_IP, 5353, 41000, b"b").unwrap(),
+        b"b"
+    );
+    let ports: Vec<u16> = echo
+        .peers()
+        .iter()
+        .map(std::net::SocketAddr::port)
+        .collect();
     assert_eq!(ports.len(), 2);
     assert_ne!(ports[0], ports[1], "two pods must get distinct NAT ports");
     assert_eq!(udp.peers().len(), 2);
@@ -119,18 +184,47 @@ fn two_pods_with_the_same_source_port_to_the_same_server() {
 
 #[test]
 fn pmtu_discovery_and_traceroute_through_a_1280_byte_link() {
-    let lab = lab(LabOptions { offloads_off: true, ..LabOptions::default() });
+    let lab = lab(LabOptions {
+        offloads_off: true,
+        ..LabOptions::default()
+    });
     let sink = Server::tcp(&lab.far_server, 8081, TcpService::HashSink).unwrap();
     let pod = lab.pod(0).clone();
     // Linux sets DF on TCP: the router's fragmentation-needed must reach the pod translated.
     traffic::bulk_upload(&pod.ns, FAR_SERVER_IP, 8081, 2 << 20).unwrap();
-    assert!(lab.counter("icmp_error_in").unwrap() >= 1, "frag-needed was translated");
-    assert_eq!(sink.peer_ips(), vec![NODE_IP.parse::<std::net::Ipv4Addr>().unwrap()]);
+    assert!(
+        lab.counter("icmp_error_in").unwrap() >= 1,
+        "frag-needed was translated"
+    );
+    assert_eq!(
+        sink.peer_ips(),
+        vec![NODE_IP.parse::<std::net::Ipv4Addr>().unwrap()]
+    );
 
-    let out = exec(&pod.ns, &["traceroute", "-n", "-q", "1", "-w", "1", "-m", "5", FAR_SERVER_IP]).unwrap();
+    let out = exec(
+        &pod.ns,
+        &[
+            "traceroute",
+            "-n",
+            "-q",
+            "1",
+            "-w",
+            "1",
+            "-m",
+            "5",
+            FAR_SERVER_IP,
+        ],
+    )
+    .unwrap();
     let hops: Vec<&str> = out.lines().skip(1).collect();
-    assert!(hops.iter().any(|h| h.contains("192.0.2.1 ")), "router hop missing:\n{out}");
-    assert!(hops.last().is_some_and(|h| h.contains(FAR_SERVER_IP)), "destination not reached:\n{out}");
+    assert!(
+        hops.iter().any(|h| h.contains("192.0.2.1 ")),
+        "router hop missing:\n{out}"
+    );
+    assert!(
+        hops.last().is_some_and(|h| h.contains(FAR_SERVER_IP)),
+        "destination not reached:\n{out}"
+    );
 }
 
 #[test]
@@ -141,22 +235,37 @@ fn restart_keeps_live_tcp_and_udp_flows() {
     let pod = lab.pod(0).clone();
     let mut stream = traffic::tcp_connect(&pod.ns, SERVER_IP, 8080, None).unwrap();
     traffic::echo_roundtrip(&mut stream, b"before restart").unwrap();
-    assert_eq!(traffic::udp_request(&pod.ns, SERVER_IP, 5353, 42000, b"u1").unwrap(), b"u1");
+    assert_eq!(
+        traffic::udp_request(&pod.ns, SERVER_IP, 5353, 42000, b"u1").unwrap(),
+        b"u1"
+    );
     let flows_before = lab.flows().unwrap().len();
 
     let status = lab.stop_daemon(libc::SIGTERM).unwrap().unwrap();
     assert!(status.success(), "daemon exit status {status}");
     lab.start_daemon().unwrap();
     traffic::echo_roundtrip(&mut stream, b"after restart").unwrap();
-    assert_eq!(traffic::udp_request(&pod.ns, SERVER_IP, 5353, 42000, b"u2").unwrap(), b"u2");
+    assert_eq!(
+        traffic::udp_request(&pod.ns, SERVER_IP, 5353, 42000, b"u2").unwrap(),
+        b"u2"
+    );
     let flows = lab.flows().unwrap();
     assert!(flows.len() >= flows_before);
     let tcp = flows.iter().find(|f| f["proto"] == "tcp").unwrap();
-    assert!(tcp["packets_out"].as_u64().unwrap() >= 4, "counters carried over: {tcp}");
+    assert!(
+        tcp["packets_out"].as_u64().unwrap() >= 4,
+        "counters carried over: {tcp}"
+    );
 
     // A second daemon on the same pin path is refused.
     let out = lab
-        .cli_output(&["run", "--uplink", "eth0", "--pin-path", lab.pin_path.to_str().unwrap()])
+        .cli_output(&[
+            "run",
+            "--uplink",
+            "eth0",
+            "--pin-path",
+            lab.pin_path.to_str().unwrap(),
+        ])
         .unwrap();
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("already uses"));
@@ -165,9 +274,18 @@ fn restart_keeps_live_tcp_and_udp_flows() {
 #[test]
 fn expired_flows_are_swept() {
     let lab = lab(LabOptions {
-        run_args: ["--timeout-udp", "1", "--timeout-udp-replied", "1", "--timeout-icmp", "1", "--sweep-interval", "0.2"]
-            .map(String::from)
-            .to_vec(),
+        run_args: [
+            "--timeout-udp",
+            "1",
+            "--timeout-udp-replied",
+            "1",
+            "--timeout-icmp",
+            "1",
+            "--sweep-interval",
+            "0.2",
+        ]
+        .map(String::from)
+        .to_vec(),
         ..LabOptions::default()
     });
     let _udp = Server::udp_echo(&lab.server, 5353).unwrap();
@@ -176,7 +294,11 @@ fn expired_flows_are_swept() {
     let translated = lab.counter("translated_out").unwrap();
     std::thread::sleep(Duration::from_millis(2500));
     assert!(lab.flows().unwrap().is_empty(), "expired flow still listed");
-    assert_eq!(lab.counter("translated_out").unwrap(), translated, "counters survive the sweep");
+    assert_eq!(
+        lab.counter("translated_out").unwrap(),
+        translated,
+        "counters survive the sweep"
+    );
     // The port can be used again by a new flow.
     traffic::udp_request(&lab.pod(0).ns, SERVER_IP, 5353, 43000, b"y").unwrap();
 }
@@ -190,9 +312,13 @@ fn pod_del_removes_flows_and_detaches() {
     traffic::echo_roundtrip(&mut s, b"x").unwrap();
     let out = lab.cli(&["pod", "del", "--ip", &pod.ip]).unwrap();
     assert!(out.contains("removed with 1 flows"), "{out}");
-    assert!(lab.cli(&["pod", "del", "--ip", &pod.ip]).unwrap().contains("not registered"));
+    assert!(lab
+        .cli(&["pod", "del", "--ip", &pod.ip])
+        .unwrap()
+        .contains("not registered"));
     assert!(lab.flows().unwrap().iter().all(|f| f["pod_ip"] != pod.ip));
-    let list: serde_json::Value = serde_json::from_str(&lab.cli(&["pod", "list", "-o", "json"]).unwrap()).unwrap();
+    let list: serde_json::Value =
+        serde_json::from_str(&lab.cli(&["pod", "list", "-o", "json"]).unwrap()).unwrap();
     assert_eq!(list.as_array().unwrap().len(), 1);
     // Re-adding restores service.
     lab.register_pod(&pod).unwrap();
@@ -203,10 +329,40 @@ fn pod_del_removes_flows_and_detaches() {
 #[test]
 fn ipv6_and_other_node_traffic_pass_untouched() {
     let lab = lab(LabOptions::default());
-    exec(&lab.node, &["ip", "-6", "addr", "add", "2001:db8::10/64", "dev", "eth0", "nodad"]).unwrap();
-    exec(&lab.server, &["ip", "-6", "addr", "add", "2001:db8::20/64", "dev", "eth0", "nodad"]).unwrap();
+    exec(
+        &lab.node,
+        &[
+            "ip",
+            "-6",
+            "addr",
+            "add",
+            "2001:db8::10/64",
+            "dev",
+            "eth0",
+            "nodad",
+        ],
+    )
+    .unwrap();
+    exec(
+        &lab.server,
+        &[
+            "ip",
+            "-6",
+            "addr",
+            "add",
+            "2001:db8::20/64",
+            "dev",
+            "eth0",
+            "nodad",
+        ],
+    )
+    .unwrap();
     let before = lab.counter("pass_non_ipv4").unwrap();
-    exec(&lab.node, &["ping", "-6", "-c", "2", "-W", "2", "2001:db8::20"]).unwrap();
+    exec(
+        &lab.node,
+        &["ping", "-6", "-c", "2", "-W", "2", "2001:db8::20"],
+    )
+    .unwrap();
     assert!(lab.counter("pass_non_ipv4").unwrap() >= before + 2);
     exec(&lab.other_node, &["ping", "-c", "1", "-W", "2", NODE_IP]).unwrap();
     exec(&lab.node, &["ping", "-c", "1", "-W", "2", OTHER_NODE_IP]).unwrap();
@@ -214,12 +370,21 @@ fn ipv6_and_other_node_traffic_pass_untouched() {
 
 #[test]
 fn bad_input_gets_one_clear_line() {
-    let lab = lab(LabOptions { start_daemon: false, ..LabOptions::default() });
+    let lab = lab(LabOptions {
+        start_daemon: false,
+        ..LabOptions::default()
+    });
     let pin = lab.pin_path.to_str().unwrap().to_string();
     let cases: [(&[&str], &str); 5] = [
         (&["run", "--uplink", "nope0"], "does not exist"),
-        (&["run", "--uplink", "eth0", "--pod-cidr", "169.254.172.1/22"], "host bits"),
-        (&["run", "--uplink", "eth0", "--node-ip", "192.0.2.99"], "not an address of"),
+        (
+            &["run", "--uplink", "eth0", "--pod-cidr", "169.254.172.1/22"],
+            "host bits",
+        ),
+        (
+            &["run", "--uplink", "eth0", "--node-ip", "192.0.2.99"],
+            "not an address of",
+        ),
         (&["run", "--uplink", "eth0", "--port-range", "9-3"], "empty"),
         (&["flows"], "no datapath maps"),
     ];

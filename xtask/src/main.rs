@@ -1,1 +1,89 @@
-fn main() {}
+//! `cargo xtask`: the project's one-command workflows.
+
+mod demo;
+mod setup;
+mod test;
+
+use std::{path::PathBuf, process::Command};
+
+use anyhow::{bail, Context as _, Result};
+use clap::{Parser, Subcommand};
+
+#[derive(Parser)]
+#[command(name = "cargo xtask", about = "Setup, test and demo of the datapath")]
+struct Cli {
+    #[command(subcommand)]
+    command: Task,
+}
+
+#[derive(Subcommand)]
+enum Task {
+    /// Install what this machine lacks: Debian packages (LLVM 22 dev files, lab tools),
+    /// rust-src for the eBPF toolchain, bpf-linker 0.13.0. Idempotent.
+    Setup {
+        /// Only report what is missing; install nothing.
+        #[arg(long)]
+        check: bool,
+    },
+    /// Build the eBPF object and the datapath-user binary.
+    Build {
+        #[arg(long)]
+        release: bool,
+    },
+    /// Run every test: unit and property tests, BPF_PROG_TEST_RUN tests, namespace lab tests.
+    Test {
+        /// Extra arguments for the test harness (e.g. a test name filter).
+        #[arg(trailing_var_arg = true)]
+        args: Vec<String>,
+    },
+    /// Build the lab (a node, three pods, a server), run the datapath, drive ping, HTTP and
+    /// UDP from the pods, show flows and stats, tear everything down.
+    Demo,
+}
+
+fn main() {
+    let cli = Cli::parse();
+    let result = match cli.command {
+        Task::Setup { check } => setup::run(check).map(|_| ()),
+        Task::Build { release } => setup::ensure().and_then(|()| build(release)),
+        Task::Test { args } => test::run(&args),
+        Task::Demo => demo::run(),
+    };
+    if let Err(e) = result {
+        eprintln!("xtask: error: {e:#}");
+        std::process::exit(1);
+    }
+}
+
+/// The workspace root.
+fn workspace() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .expect("workspace root")
+        .to_path_buf()
+}
+
+fn cargo() -> Command {
+    let mut cmd = Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()));
+    cmd.current_dir(workspace());
+    setup::apply_toolchain_env(&mut cmd);
+    cmd
+}
+
+/// Builds datapath-user (and with it the eBPF object).
+fn build(release: bool) -> Result<()> {
+    eprintln!(
+        "==> building datapath-user{}",
+        if release { " (release)" } else { "" }
+    );
+    let mut cmd = cargo();
+    cmd.args(["build", "-p", "datapath-user"]);
+    if release {
+        cmd.arg("--release");
+    }
+    let status = cmd.status().context("running cargo build")?;
+    if !status.success() {
+        bail!("cargo build failed");
+    }
+    Ok(())
+}

@@ -50,7 +50,7 @@ pub struct FlowsArgs {
     pin: PinArgs,
 }
 
-pub fn execute(args: FlowsArgs) -> anyhow::Result<()> {
+pub fn execute(args: &FlowsArgs) -> anyhow::Result<()> {
     let filter = Filter {
         pod: args.pod.clone(),
         proto: args.proto.as_deref().map(|p| match p {
@@ -87,9 +87,25 @@ fn print_records(records: &[FlowRecord], format: Format) -> anyhow::Result<()> {
         }
         Format::Table | Format::Wide => {
             let wide = format == Format::Wide;
-            let mut header = vec!["PROTO", "POD", "POD ADDRESS", "DESTINATION", "NAT ADDRESS", "STATE"];
+            let mut header = vec![
+                "PROTO",
+                "POD",
+                "POD ADDRESS",
+                "DESTINATION",
+                "NAT ADDRESS",
+                "STATE",
+            ];
             header.extend(if wide {
-                ["PKTS OUT", "BYTES OUT", "PKTS IN", "BYTES IN", "AGE", "EXPIRES", "IFINDEX"].as_slice()
+                [
+                    "PKTS OUT",
+                    "BYTES OUT",
+                    "PKTS IN",
+                    "BYTES IN",
+                    "AGE",
+                    "EXPIRES",
+                    "IFINDEX",
+                ]
+                .as_slice()
             } else {
                 ["OUT", "IN", "AGE", "EXPIRES"].as_slice()
             });

@@ -34,10 +34,10 @@ enum Command {
 
 pub fn execute(cli: Cli) -> anyhow::Result<()> {
     match cli.command {
-        Command::Run(args) => run::execute(args),
+        Command::Run(args) => run::execute(&args),
         Command::Pod(cmd) => pod::execute(cmd),
-        Command::Flows(args) => flows::execute(args),
-        Command::Stats(args) => stats::execute(args),
+        Command::Flows(args) => flows::execute(&args),
+        Command::Stats(args) => stats::execute(&args),
     }
 }
 
@@ -69,7 +69,8 @@ fn parse_cidr(s: &str) -> Result<Cidr, String> {
     let len: u8 = len
         .parse()
         .map_err(|_| format!("prefix length {len:?} is not a number"))?;
-    let cidr = Cidr::new(u32::from(addr), len).ok_or_else(|| format!("prefix length {len} is over 32"))?;
+    let cidr =
+        Cidr::new(u32::from(addr), len).ok_or_else(|| format!("prefix length {len} is over 32"))?;
     if cidr.network != u32::from(addr) {
         return Err(format!(
             "{s} has host bits set (did you mean {}/{len}?)",
@@ -87,7 +88,9 @@ mod tests {
     fn cidrs_parse_strictly() {
         let c = parse_cidr("169.254.172.0/22").unwrap();
         assert_eq!((c.network, c.prefix_len), (0xa9fe_ac00, 22));
-        assert!(parse_cidr("169.254.172.1/22").unwrap_err().contains("host bits"));
+        assert!(parse_cidr("169.254.172.1/22")
+            .unwrap_err()
+            .contains("host bits"));
         assert!(parse_cidr("169.254.172.0").is_err());
         assert!(parse_cidr("169.254.172.0/33").is_err());
         assert!(parse_cidr("nope/8").is_err());

@@ -1,5 +1,7 @@
 //! Aligned text tables.
 
+use std::fmt::Write as _;
+
 /// Prints `rows` under `header`, each column as wide as its widest cell.
 pub fn print_table(header: &[&str], rows: &[Vec<String>]) {
     let mut widths: Vec<usize> = header.iter().map(|h| h.len()).collect();
@@ -14,7 +16,7 @@ pub fn print_table(header: &[&str], rows: &[Vec<String>]) {
             if i + 1 == cells.len() {
                 out.push_str(cell);
             } else {
-                out.push_str(&format!("{cell:<w$}  "));
+                let _ = write!(out, "{cell:<w$}  ");
             }
         }
         println!("{}", out.trim_end());

@@ -3,11 +3,7 @@
 use std::net::Ipv4Addr;
 
 use anyhow::bail;
-use datapath_common::{
-    config::DEFAULT_POD_CIDR,
-    maps::DEFAULT_FLOW_TABLE_SIZE,
-    pod::PodInfo,
-};
+use datapath_common::{config::DEFAULT_POD_CIDR, maps::DEFAULT_FLOW_TABLE_SIZE, pod::PodInfo};
 use datapath_user::{
     loader::{self, LoadOptions},
     maps::Maps,
@@ -64,7 +60,12 @@ struct PodRow {
 
 pub fn execute(cmd: PodCommand) -> anyhow::Result<()> {
     match cmd {
-        PodCommand::Add { ip, host_veth, name, pin } => {
+        PodCommand::Add {
+            ip,
+            host_veth,
+            name,
+            pin,
+        } => {
             let ifindex = netdev::ifindex(&host_veth)?;
             let mut maps = match Maps::open(&pin.pin_path) {
                 Ok(maps) => maps,
@@ -114,7 +115,10 @@ pub fn execute(cmd: PodCommand) -> anyhow::Result<()> {
                 return Ok(());
             };
             let _ = maps.pods.remove(&key);
-            let shared = maps.pods()?.iter().any(|(_, p)| p.host_ifindex == info.host_ifindex);
+            let shared = maps
+                .pods()?
+                .iter()
+                .any(|(_, p)| p.host_ifindex == info.host_ifindex);
             if !shared {
                 loader::detach_pod(&pin.pin_path, info.host_ifindex)?;
             }

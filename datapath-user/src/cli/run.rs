@@ -77,6 +77,10 @@ pub struct RunArgs {
 
 /// Flow timeouts in seconds (defaults as nf_conntrack / RFC 5382).
 #[derive(clap::Args)]
+#[allow(
+    clippy::struct_field_names,
+    reason = "the fields are the --timeout-* flag names"
+)]
 struct TimeoutArgs {
     #[arg(long, default_value_t = Timeouts::DEFAULT.tcp_syn, value_name = "S")]
     timeout_tcp_syn: u32,
@@ -116,8 +120,8 @@ fn parse_port_range(s: &str) -> Result<(u16, u16), String> {
     Ok((lo, hi))
 }
 
-pub fn execute(args: RunArgs) -> anyhow::Result<()> {
-    let config = build_config(&args)?;
+pub fn execute(args: &RunArgs) -> anyhow::Result<()> {
+    let config = build_config(args)?;
     let pin_path = args.pin.pin_path.clone();
     let _lock = DaemonLock::acquire(&pin_path)?;
     let mut ebpf = loader::load(&LoadOptions {
@@ -141,8 +145,9 @@ pub fn execute(args: RunArgs) -> anyhow::Result<()> {
         "uplink_egress",
     )?;
     let mut maps = Maps::open(&pin_path)?;
-    let pods = loader::attach_registered_pods(loader::program(&mut ebpf, names::PROG_FROM_POD)?, &maps)?;
-    let flows = maps.conntrack.keys().filter(Result::is_ok).count();
+    let pods =
+        loader::attach_registered_pods(loader::program(&mut ebpf, names::PROG_FROM_POD)?, &maps)?;
+    let flows = maps.conntrack.keys().flatten().count();
     let sweeper = Arc::new(Mutex::new(Sweeper::default()));
     if let Some(addr) = args.metrics_addr {
         metrics::serve(addr, pin_path.clone(), Arc::clone(&sweeper))?;
@@ -164,7 +169,9 @@ pub fn execute(args: RunArgs) -> anyhow::Result<()> {
 
     let interval = Duration::from_secs_f64(args.sweep_interval.max(0.05));
     let signal = wait_for_signal(interval, || {
-        let mut sweeper = sweeper.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        let mut sweeper = sweeper
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
         match sweeper.run(&mut maps) {
             Ok(r) if r.expired + r.orphan_bindings > 0 => info!(
                 "sweep: {} expired flows and {} orphan bindings removed of {} ({:?})",
@@ -178,7 +185,10 @@ pub fn execute(args: RunArgs) -> anyhow::Result<()> {
         info!("{signal}: exiting with the programs left attached (--keep-attached)");
     } else {
         let detached = loader::detach_all(&pin_path)?;
-        info!("{signal}: detached {detached} programs; pinned maps kept at {}", pin_path.display());
+        info!(
+            "{signal}: detached {detached} programs; pinned maps kept at {}",
+            pin_path.display()
+        );
     }
     Ok(())
 }
@@ -195,12 +205,18 @@ fn build_config(args: &RunArgs) -> anyhow::Result<Config> {
                 have: if addrs.is_empty() {
                     "no IPv4".into()
                 } else {
-                    addrs.iter().map(ToString::to_string).collect::<Vec<_>>().join(", ")
+                    addrs
+                        .iter()
+                        .map(ToString::to_string)
+                        .collect::<Vec<_>>()
+                        .join(", ")
                 },
             }
             .into())
         }
-        None => *addrs.first().ok_or_else(|| Error::NoIpv4(args.uplink.clone()))?,
+        None => *addrs
+            .first()
+            .ok_or_else(|| Error::NoIpv4(args.uplink.clone()))?,
     };
     let cidr = args.pod_cidr;
     if cidr.contains(u32::from(node_ip)) {
@@ -208,7 +224,10 @@ fn build_config(args: &RunArgs) -> anyhow::Result<Config> {
     }
     let gateway = args.gateway.map_or(cidr.network + 1, u32::from);
     if !cidr.contains(gateway) {
-        bail!("gateway {} is outside the pod range", Ipv4Addr::from(gateway));
+        bail!(
+            "gateway {} is outside the pod range",
+            Ipv4Addr::from(gateway)
+        );
     }
     let (port_min, port_max) = match args.port_range {
         Some(range) => range,

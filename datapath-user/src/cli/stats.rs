@@ -22,7 +22,7 @@ pub struct StatsArgs {
     pin: PinArgs,
 }
 
-pub fn execute(args: StatsArgs) -> anyhow::Result<()> {
+pub fn execute(args: &StatsArgs) -> anyhow::Result<()> {
     let maps = Maps::open(&args.pin.pin_path)?;
     let s = stats::collect(&maps, args.top)?;
     if args.format == Format::Json {
