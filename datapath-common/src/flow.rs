@@ -129,8 +129,8 @@ pub struct Flow {
     pub created_ns: u64,
     /// CLOCK_MONOTONIC (coarse) nanoseconds of the latest packet.
     pub last_seen_ns: u64,
-    /// When the outbound path last confirmed the NAT binding is present.
-    pub binding_checked_ns: u64,
+    /// When the outbound path last confirmed the NAT binding and looked up the route.
+    pub revalidated_ns: u64,
     pub packets_out: u64,
     pub bytes_out: u64,
     pub packets_in: u64,
@@ -138,13 +138,20 @@ pub struct Flow {
     pub nat_ip: u32,
     /// The pod's host-side veth.
     pub pod_ifindex: u32,
+    /// Cached route of translated packets (0: none; look it up).
+    pub out_ifindex: u32,
     pub nat_port: u16,
+    /// MTU of `out_ifindex`: larger packets take the FIB path, which checks them.
+    pub out_mtu: u16,
     /// A [`FlowState`] as `u8`.
     pub state: u8,
     /// `FLAG_*` bits.
     pub flags: u8,
     pub pod_mac: [u8; 6],
     pub gateway_mac: [u8; 6],
+    /// Link-layer addresses of the cached route.
+    pub out_src_mac: [u8; 6],
+    pub out_dst_mac: [u8; 6],
     pub _pad: [u8; 6],
 }
 

@@ -22,10 +22,10 @@ use datapath_common::{
     tcp::{self, Direction},
 };
 
-use crate::maps::{count, CONFIG, CONNTRACK, NAT_BINDINGS, PODS};
+use crate::maps::{count, scratch_flow, CONFIG, CONNTRACK, NAT_BINDINGS, PODS};
 
-/// How often (ns) the outbound path confirms a flow's NAT binding is still in the table.
-const BINDING_CHECK_INTERVAL_NS: u64 = 1_000_000_000;
+/// How often (ns) the outbound path re-checks a flow's NAT binding and route.
+pub const REVALIDATE_INTERVAL_NS: u64 = 1_000_000_000;
 
 #[inline(always)]
 pub fn now_ns() -> u64 {
@@ -113,21 +113,19 @@ pub fn create(
         Some(m) => (m.pod, m.gateway, FLAG_HAS_MACS),
         None => ([0; 6], [0; 6], 0),
     };
-    let flow = Flow {
-        created_ns: now,
-        last_seen_ns: now,
-        binding_checked_ns: now,
-        nat_ip: cfg.node_ip,
-        pod_ifindex,
-        nat_port,
-        state: state as u8,
-        flags: fin_flags | mac_flag | extra_flags,
-        pod_mac,
-        gateway_mac,
-        ..Flow::default()
-    };
+    let flow = scratch_flow().ok_or(Counter::DropTableFull)?;
+    flow.created_ns = now;
+    flow.last_seen_ns = now;
+    flow.revalidated_ns = now;
+    flow.nat_ip = cfg.node_ip;
+    flow.pod_ifindex = pod_ifindex;
+    flow.nat_port = nat_port;
+    flow.state = state as u8;
+    flow.flags = fin_flags | mac_flag | extra_flags;
+    flow.pod_mac = pod_mac;
+    flow.gateway_mac = gateway_mac;
     // Another CPU may have created it meanwhile: then use theirs (the insert fails).
-    if CONNTRACK.insert(key, flow, u64::from(BPF_NOEXIST)).is_ok() {
+    if CONNTRACK.insert(key, *flow, u64::from(BPF_NOEXIST)).is_ok() {
         count(Counter::FlowCreated);
     } else {
         let _ = NAT_BINDINGS.remove(key.reply_tuple(cfg.node_ip, nat_port));
@@ -244,16 +242,22 @@ pub fn account(flow: *mut Flow, proto: u8, dir: Direction, l3_len: u32, tcp_flag
     }
 }
 
+/// True when the flow's binding check and cached route are recent enough to trust.
+#[inline(always)]
+pub fn is_fresh(flow: &Flow, now: u64) -> bool {
+    now.wrapping_sub(flow.revalidated_ns) < REVALIDATE_INTERVAL_NS
+}
+
 /// Re-inserts a flow's NAT binding if LRU pressure evicted it, at most once per interval.
 /// Returns false when the binding's reply tuple now belongs to another flow.
 #[inline(always)]
 pub fn keep_binding(key: &FlowKey, flow: *mut Flow, now: u64) -> bool {
     // SAFETY: `flow` points into a map value.
     let f = unsafe { &mut *flow };
-    if now.wrapping_sub(f.binding_checked_ns) < BINDING_CHECK_INTERVAL_NS {
+    if is_fresh(f, now) {
         return true;
     }
-    f.binding_checked_ns = now;
+    f.revalidated_ns = now;
     let binding = key.reply_tuple(f.nat_ip, f.nat_port);
     // SAFETY: FlowKey is plain data.
     if let Some(owner) = unsafe { NAT_BINDINGS.get(binding) } {

@@ -11,6 +11,7 @@ use aya_ebpf::{
 };
 use datapath_common::{
     counters::Counter,
+    csum,
     flow::{Flow, FLAG_HAS_MACS},
 };
 use network_types::eth::EthHdr;
@@ -19,14 +20,20 @@ use crate::parse::{ptr_at, Ipv4, IP_CSUM_OFF, IP_TTL_OFF};
 
 const AF_INET: u8 = 2;
 
+/// Where a translated packet leaves.
+#[derive(Clone, Copy)]
+pub struct NextHop {
+    pub ifindex: u32,
+    /// (source, destination) MACs when the neighbour is resolved.
+    pub macs: Option<([u8; 6], [u8; 6])>,
+    /// Next-hop address as the kernel stores it (network order), for the neighbour lookup.
+    pub gateway: u32,
+    pub mtu: u16,
+}
+
 /// What the FIB says about a translated pod packet.
 pub enum Route {
-    /// Forward out of `ifindex`; `macs` when the neighbour is known.
-    Forward {
-        ifindex: u32,
-        macs: Option<([u8; 6], [u8; 6])>,
-        next_hop: u32,
-    },
+    Forward(NextHop),
     /// Addressed to the node itself: the host stack delivers it.
     Local,
     /// Not forwardable here (no route, fragmentation needed, forwarding off): the host stack
@@ -49,18 +56,20 @@ pub fn route(ctx: &TcContext, ip: &Ipv4, nat_ip: u32, ingress_ifindex: u32) -> R
     // SAFETY: valid context and parameter block.
     let rc = unsafe { bpf_fib_lookup(ctx.skb.skb.cast(), &raw mut params, size, 0) };
     match rc as u32 {
-        BPF_FIB_LKUP_RET_SUCCESS => Route::Forward {
+        // SAFETY (both arms): the kernel filled in the IPv4 members and, on success, the
+        // egress MTU (tot_len was 0).
+        BPF_FIB_LKUP_RET_SUCCESS => Route::Forward(NextHop {
             ifindex: params.ifindex,
             macs: Some((params.smac, params.dmac)),
-            // SAFETY: the kernel filled in the IPv4 member.
-            next_hop: unsafe { params.__bindgen_anon_4.ipv4_dst },
-        },
-        BPF_FIB_LKUP_RET_NO_NEIGH => Route::Forward {
+            gateway: unsafe { params.__bindgen_anon_4.ipv4_dst },
+            mtu: unsafe { params.__bindgen_anon_1.mtu_result },
+        }),
+        BPF_FIB_LKUP_RET_NO_NEIGH => Route::Forward(NextHop {
             ifindex: params.ifindex,
             macs: None,
-            // SAFETY: as above.
-            next_hop: unsafe { params.__bindgen_anon_4.ipv4_dst },
-        },
+            gateway: unsafe { params.__bindgen_anon_4.ipv4_dst },
+            mtu: 0,
+        }),
         BPF_FIB_LKUP_RET_NOT_FWDED => Route::Local,
         _ => Route::HostStack,
     }
@@ -74,26 +83,25 @@ pub fn decrement_ttl(ctx: &TcContext, ip: &Ipv4) -> Result<bool, Counter> {
     if ip.ttl <= 1 {
         return Ok(false);
     }
-    let ttl = ptr_at::<u8>(ctx, IP_TTL_OFF).ok_or(Counter::DropMalformed)?;
-    // SAFETY: bounds checked by ptr_at (constant offset).
-    unsafe { *ttl = ip.ttl - 1 };
+    let bad = Counter::DropMalformed;
+    let ttl = ptr_at::<u8>(ctx, IP_TTL_OFF).ok_or(bad)?;
+    let check = ptr_at::<[u8; 2]>(ctx, IP_CSUM_OFF).ok_or(bad)?;
     // The checksum covers TTL and protocol as one 16-bit word.
-    let old = u16::from_be_bytes([ip.ttl, ip.proto]).to_be();
-    let new = u16::from_be_bytes([ip.ttl - 1, ip.proto]).to_be();
-    ctx.l3_csum_replace(IP_CSUM_OFF, u64::from(old), u64::from(new), 2)
-        .map_err(|_| Counter::DropMalformed)?;
+    let old = u16::from_be_bytes([ip.ttl, ip.proto]);
+    let new = u16::from_be_bytes([ip.ttl - 1, ip.proto]);
+    // SAFETY: bounds checked by ptr_at (constant offsets).
+    unsafe {
+        *ttl = ip.ttl - 1;
+        *check = csum::update16(u16::from_be_bytes(*check), old, new).to_be_bytes();
+    }
     Ok(true)
 }
 
-/// Sends a translated packet out per `route` (a `Route::Forward`).
+/// Sends a translated packet to `hop`.
 #[inline(always)]
-pub fn send(
-    ctx: &TcContext,
-    ifindex: u32,
-    macs: Option<([u8; 6], [u8; 6])>,
-    next_hop: u32,
-) -> Result<i32, Counter> {
-    let rc = if let Some((src, dst)) = macs {
+pub fn send(ctx: &TcContext, hop: &NextHop) -> Result<i32, Counter> {
+    let (ifindex, gateway) = (hop.ifindex, hop.gateway);
+    let rc = if let Some((src, dst)) = hop.macs {
         set_macs(ctx, src, dst)?;
         // SAFETY: plain helper call.
         unsafe { bpf_redirect(ifindex, 0) }
@@ -101,7 +109,7 @@ pub fn send(
         let mut nh = bpf_redir_neigh {
             nh_family: u32::from(AF_INET),
             __bindgen_anon_1: aya_ebpf::bindings::bpf_redir_neigh__bindgen_ty_1 {
-                ipv4_nh: next_hop,
+                ipv4_nh: gateway,
             },
         };
         let size = size_of::<bpf_redir_neigh>() as i32;
@@ -115,8 +123,8 @@ pub fn send(
 /// flow knows the link-layer addresses, else through the host veth's neighbour entry. Either
 /// way the host stack (and its FORWARD REJECT rule for the pod range) is not involved.
 #[inline(always)]
-pub fn to_pod(ctx: &TcContext, flow: &Flow, peer_allowed: bool) -> Result<i32, Counter> {
-    let rc = if flow.flags & FLAG_HAS_MACS != 0 && peer_allowed {
+pub fn to_pod(ctx: &TcContext, flow: &Flow) -> Result<i32, Counter> {
+    let rc = if flow.flags & FLAG_HAS_MACS != 0 {
         set_macs(ctx, flow.gateway_mac, flow.pod_mac)?;
         // SAFETY: plain helper call.
         unsafe { bpf_redirect_peer(flow.pod_ifindex, 0) }

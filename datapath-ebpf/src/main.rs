@@ -35,8 +35,8 @@ use network_types::eth::EthHdr;
 
 use crate::{
     conntrack::PodMacs,
-    forward::Route,
-    maps::{count, CONNTRACK, FRAGMENTS, NAT_BINDINGS},
+    forward::{NextHop, Route},
+    maps::{count, scratch_flow, CONNTRACK, FRAGMENTS, NAT_BINDINGS},
     nat::Side,
     parse::{Fragment, Ipv4, ICMP_ECHO_REPLY, ICMP_ECHO_REQUEST, L4},
 };
@@ -97,12 +97,8 @@ fn try_from_pod(ctx: &TcContext) -> Result<i32, Counter> {
     }
     if ip.fragment == Fragment::Later {
         conntrack::registered_pod(ip.src, ifindex)?;
-        let (out_if, macs, next_hop) = match forward::route(ctx, &ip, cfg.node_ip, ifindex) {
-            Route::Forward {
-                ifindex,
-                macs,
-                next_hop,
-            } => (ifindex, macs, next_hop),
+        let hop = match forward::route(ctx, &ip, cfg.node_ip, ifindex) {
+            Route::Forward(hop) => hop,
             Route::Local => return pass(Counter::PassLocal),
             Route::HostStack => return pass(Counter::PassHostStack),
         };
@@ -111,7 +107,7 @@ fn try_from_pod(ctx: &TcContext) -> Result<i32, Counter> {
         }
         nat::rewrite(ctx, &ip, None, Side::Source, cfg.node_ip, 0)?;
         count(Counter::FragmentOut);
-        return forward::send(ctx, out_if, macs, next_hop);
+        return forward::send(ctx, &hop);
     }
     let l4 = parse::l4(ctx, &ip)?;
     if ip.proto == PROTO_ICMP && l4.icmp_type != ICMP_ECHO_REQUEST {
@@ -121,38 +117,89 @@ fn try_from_pod(ctx: &TcContext) -> Result<i32, Counter> {
 
     let key = FlowKey::new(ip.proto, ip.src, l4.src_port, ip.dst, l4.dst_port);
     let existing = CONNTRACK.get_ptr_mut(key);
+    let now = conntrack::now_ns();
     // A flow created on this interface already proved the source; otherwise check the pod map.
     // SAFETY: map value pointer.
     let proven = existing.is_some_and(|f| unsafe { (*f).pod_ifindex } == ifindex);
-    if !proven {
+    if let Some(flow) = existing.filter(|_| proven) {
+        // SAFETY: map value pointer.
+        if let Some(hop) = cached_route(unsafe { &*flow }, &ip, now) {
+            // Established fast path: no FIB lookup, no pod map lookup.
+            if !forward::decrement_ttl(ctx, &ip)? {
+                return pass(Counter::PassHostStack);
+            }
+            conntrack::account(flow, ip.proto, Direction::Out, ip.l3_len, l4.tcp_flags, now);
+            // SAFETY: map value pointer.
+            let (nat_ip, nat_port) = unsafe { ((*flow).nat_ip, (*flow).nat_port) };
+            nat::rewrite(ctx, &ip, Some(&l4), Side::Source, nat_ip, nat_port)?;
+            count(Counter::TranslatedOut);
+            return forward::send(ctx, &hop);
+        }
+    } else {
         conntrack::registered_pod(ip.src, ifindex)?;
     }
-    let (out_if, macs, next_hop) = match forward::route(ctx, &ip, cfg.node_ip, ifindex) {
-        Route::Forward {
-            ifindex,
-            macs,
-            next_hop,
-        } => (ifindex, macs, next_hop),
+    let hop = match forward::route(ctx, &ip, cfg.node_ip, ifindex) {
+        Route::Forward(hop) => hop,
         Route::Local => return pass(Counter::PassLocal),
         Route::HostStack => return pass(Counter::PassHostStack),
     };
     if !forward::decrement_ttl(ctx, &ip)? {
         return pass(Counter::PassHostStack);
     }
-    let pod_macs = pod_macs(ctx);
-    let existing = match existing {
-        Some(f) if !proven => {
-            // The pod moved to another veth (re-created with the same address).
-            // SAFETY: map value pointer.
-            unsafe { (*f).pod_ifindex = ifindex };
-            Some(f)
-        }
-        other => other,
-    };
-    let (nat_ip, nat_port) = snat_flow(ctx, cfg, &ip, &l4, &key, existing, ifindex, pod_macs, 0)?;
-    nat::rewrite(ctx, &ip, Some(&l4), Side::Source, nat_ip, nat_port)?;
+    if let Some(f) = existing.filter(|_| !proven) {
+        // The pod moved to another veth (re-created with the same address).
+        // SAFETY: map value pointer.
+        unsafe { (*f).pod_ifindex = ifindex };
+    }
+    let flow = snat_flow(
+        ctx,
+        cfg,
+        &ip,
+        &l4,
+        &key,
+        existing,
+        ifindex,
+        pod_macs(ctx),
+        0,
+        now,
+    )?;
+    // SAFETY: map value pointer.
+    let f = unsafe { &mut *flow };
+    remember_route(f, &hop);
+    nat::rewrite(ctx, &ip, Some(&l4), Side::Source, f.nat_ip, f.nat_port)?;
     count(Counter::TranslatedOut);
-    forward::send(ctx, out_if, macs, next_hop)
+    forward::send(ctx, &hop)
+}
+
+/// The flow's cached next hop, if it was looked up within the revalidation interval and the
+/// packet fits its MTU (a larger one goes through the FIB, which checks it).
+#[inline(always)]
+fn cached_route(flow: &Flow, ip: &Ipv4, now: u64) -> Option<NextHop> {
+    if flow.out_ifindex == 0
+        || !conntrack::is_fresh(flow, now)
+        || ip.l3_len > u32::from(flow.out_mtu)
+    {
+        return None;
+    }
+    Some(NextHop {
+        ifindex: flow.out_ifindex,
+        macs: Some((flow.out_src_mac, flow.out_dst_mac)),
+        gateway: 0,
+        mtu: flow.out_mtu,
+    })
+}
+
+/// Caches a resolved next hop in the flow (unresolved neighbours are not cached).
+#[inline(always)]
+fn remember_route(flow: &mut Flow, hop: &NextHop) {
+    if let Some((src, dst)) = hop.macs {
+        flow.out_ifindex = hop.ifindex;
+        flow.out_mtu = hop.mtu;
+        flow.out_src_mac = src;
+        flow.out_dst_mac = dst;
+    } else {
+        flow.out_ifindex = 0;
+    }
 }
 
 #[inline(always)]
@@ -166,8 +213,7 @@ fn pod_macs(ctx: &TcContext) -> Option<PodMacs> {
     })
 }
 
-/// Finds or creates the flow for an outbound pod packet, accounts it, and returns the NAT
-/// address and port to write.
+/// Finds or creates the flow for an outbound pod packet and accounts the packet.
 #[inline(always)]
 #[allow(clippy::too_many_arguments)]
 fn snat_flow(
@@ -180,8 +226,8 @@ fn snat_flow(
     pod_ifindex: u32,
     macs: Option<PodMacs>,
     extra_flags: u8,
-) -> Result<(u32, u16), Counter> {
-    let now = conntrack::now_ns();
+    now: u64,
+) -> Result<*mut Flow, Counter> {
     let create = || {
         conntrack::create(
             ctx,
@@ -204,9 +250,7 @@ fn snat_flow(
         flow = create()?;
     }
     conntrack::account(flow, ip.proto, Direction::Out, ip.l3_len, l4.tcp_flags, now);
-    // SAFETY: map value pointer.
-    let f = unsafe { &*flow };
-    Ok((f.nat_ip, f.nat_port))
+    Ok(flow)
 }
 
 /// An ICMP error a pod sends about a packet it received (remote → pod): translated to the
@@ -229,11 +273,7 @@ fn icmp_error_from_pod(
     let (nat_ip, nat_port) = (flow.nat_ip, flow.nat_port);
     let route = match ingress {
         Some(ifindex) => match forward::route(ctx, ip, nat_ip, ifindex) {
-            Route::Forward {
-                ifindex,
-                macs,
-                next_hop,
-            } => Some((ifindex, macs, next_hop)),
+            Route::Forward(hop) => Some(hop),
             Route::Local => return pass(Counter::PassLocal),
             Route::HostStack => return pass(Counter::PassHostStack),
         },
@@ -251,7 +291,7 @@ fn icmp_error_from_pod(
     )?;
     count(Counter::IcmpErrorOut);
     match route {
-        Some((ifindex, macs, next_hop)) => forward::send(ctx, ifindex, macs, next_hop),
+        Some(hop) => forward::send(ctx, &hop),
         None => Ok(PASS),
     }
 }
@@ -321,7 +361,7 @@ fn try_uplink_ingress(ctx: &TcContext) -> Result<i32, Counter> {
     )?;
     count(Counter::TranslatedIn);
     // SAFETY: map value pointer.
-    forward::to_pod(ctx, unsafe { &*flow }, true)
+    forward::to_pod(ctx, unsafe { &*flow })
 }
 
 /// The flow behind a NAT binding. If LRU pressure evicted the flow but not its binding, the
@@ -341,17 +381,15 @@ fn flow_for_binding(pod_key: &FlowKey, reply: &FlowKey) -> Result<*mut Flow, Cou
     } else {
         FlowState::Unreplied
     };
-    let flow = Flow {
-        created_ns: now,
-        last_seen_ns: now,
-        binding_checked_ns: now,
-        nat_ip: reply.dst_ip,
-        nat_port: reply.dst_port,
-        pod_ifindex: pod.host_ifindex,
-        state: state as u8,
-        ..Flow::default()
-    };
-    let _ = CONNTRACK.insert(pod_key, flow, 0);
+    let flow = scratch_flow().ok_or(Counter::DropTableFull)?;
+    flow.created_ns = now;
+    flow.last_seen_ns = now;
+    flow.revalidated_ns = now;
+    flow.nat_ip = reply.dst_ip;
+    flow.nat_port = reply.dst_port;
+    flow.pod_ifindex = pod.host_ifindex;
+    flow.state = state as u8;
+    let _ = CONNTRACK.insert(pod_key, *flow, 0);
     count(Counter::HalfPairRepaired);
     CONNTRACK.get_ptr_mut(pod_key).ok_or(Counter::DropTableFull)
 }
@@ -377,7 +415,7 @@ fn fragment_to_pod(ctx: &TcContext, ip: &Ipv4) -> Result<i32, Counter> {
     nat::rewrite(ctx, ip, None, Side::Destination, pod_key.src_ip, 0)?;
     count(Counter::FragmentIn);
     // SAFETY: map value pointer.
-    forward::to_pod(ctx, unsafe { &*flow }, true)
+    forward::to_pod(ctx, unsafe { &*flow })
 }
 
 #[inline(always)]
@@ -416,7 +454,7 @@ fn icmp_error_to_pod(ctx: &TcContext, ip: &Ipv4) -> Result<i32, Counter> {
     )?;
     count(Counter::IcmpErrorIn);
     // SAFETY: map value pointer.
-    forward::to_pod(ctx, unsafe { &*flow }, true)
+    forward::to_pod(ctx, unsafe { &*flow })
 }
 
 /// TC egress of the uplink: the safety net for pod packets that went through the host stack
@@ -456,7 +494,8 @@ fn try_uplink_egress(ctx: &TcContext) -> Result<i32, Counter> {
     let key = FlowKey::new(ip.proto, ip.src, l4.src_port, ip.dst, l4.dst_port);
     let existing = CONNTRACK.get_ptr_mut(key);
     let host_ifindex = pod.host_ifindex;
-    let (nat_ip, nat_port) = snat_flow(
+    let now = conntrack::now_ns();
+    let flow = snat_flow(
         ctx,
         cfg,
         &ip,
@@ -466,7 +505,10 @@ fn try_uplink_egress(ctx: &TcContext) -> Result<i32, Counter> {
         host_ifindex,
         None,
         FLAG_FROM_EGRESS,
+        now,
     )?;
+    // SAFETY: map value pointer.
+    let (nat_ip, nat_port) = unsafe { ((*flow).nat_ip, (*flow).nat_port) };
     nat::rewrite(ctx, &ip, Some(&l4), Side::Source, nat_ip, nat_port)?;
     count(Counter::TranslatedEgress);
     Ok(PASS)

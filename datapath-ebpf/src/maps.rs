@@ -35,6 +35,21 @@ pub static COUNTERS: PerCpuArray<u64> = PerCpuArray::pinned(Counter::COUNT as u3
 #[map(name = "FRAGMENTS")]
 pub static FRAGMENTS: LruHashMap<FragKey, FlowKey> = LruHashMap::pinned(FRAGMENT_TABLE_SIZE, 0);
 
+/// Per-CPU scratch space for building a new flow entry: the 512-byte BPF stack cannot spare it.
+#[map(name = "SCRATCH_FLOW")]
+pub static SCRATCH_FLOW: PerCpuArray<Flow> = PerCpuArray::with_max_entries(1, 0);
+
+/// A zeroed flow entry in this CPU's scratch slot.
+#[inline(always)]
+pub fn scratch_flow() -> Option<&'static mut Flow> {
+    let flow = SCRATCH_FLOW.get_ptr_mut(0)?;
+    // SAFETY: this CPU's slot, used only while this program runs on it.
+    unsafe {
+        core::ptr::write_bytes(flow, 0, 1);
+        Some(&mut *flow)
+    }
+}
+
 #[map(name = "LAYOUT")]
 pub static LAYOUT: Array<LayoutInfo> = Array::pinned(1, 0);
 

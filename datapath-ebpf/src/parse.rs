@@ -14,6 +14,8 @@ pub const IP_SRC_OFF: usize = ETH_LEN + 12;
 pub const IP_DST_OFF: usize = ETH_LEN + 16;
 pub const IP_CSUM_OFF: usize = ETH_LEN + 10;
 pub const IP_TTL_OFF: usize = ETH_LEN + 8;
+/// Where L4 starts in a packet without IPv4 options.
+pub const L4_OFF_PLAIN: usize = ETH_LEN + 20;
 
 pub const ICMP_ECHO_REPLY: u8 = 0;
 pub const ICMP_DEST_UNREACH: u8 = 3;
@@ -166,42 +168,56 @@ pub fn l4(ctx: &TcContext, ip: &Ipv4) -> Result<L4, Counter> {
     if (ctx.len() as usize) < off + needed {
         return Err(Counter::DropMalformed);
     }
-    let bad = Counter::DropMalformed;
-    match ip.proto {
-        PROTO_TCP => {
-            let [_, flags] = read_pair(ctx, off + 12).ok_or(bad)?;
-            Ok(L4 {
-                src_port: read_u16(ctx, off).ok_or(bad)?,
-                dst_port: read_u16(ctx, off + 2).ok_or(bad)?,
-                tcp_flags: flags,
-                icmp_type: 0,
-                csum_off: off + 16,
+    // One read for everything we use: ports (or ICMP type and identifier) and TCP flags;
+    // direct for option-less packets, else one load helper.
+    let direct = if off == L4_OFF_PLAIN {
+        ptr_at::<[u8; 14]>(ctx, L4_OFF_PLAIN).map(|p| unsafe { *p })
+    } else {
+        None
+    };
+    let head = direct
+        .ok_or(())
+        .or_else(|()| ctx.load::<[u8; 14]>(off).map_err(|_| ()))
+        .or_else(|()| {
+            // UDP/ICMP packets may be shorter than 14 bytes of L4.
+            ctx.load::<[u8; 8]>(off).map_err(|_| ()).map(|h| {
+                let mut head = [0u8; 14];
+                head[..8].copy_from_slice(&h);
+                head
             })
-        }
-        PROTO_UDP => Ok(L4 {
-            src_port: read_u16(ctx, off).ok_or(bad)?,
-            dst_port: read_u16(ctx, off + 2).ok_or(bad)?,
+        });
+    let head = head.map_err(|()| Counter::DropMalformed)?;
+    let port = |i: usize| u16::from_be_bytes([head[i], head[i + 1]]);
+    Ok(match ip.proto {
+        PROTO_TCP => L4 {
+            src_port: port(0),
+            dst_port: port(2),
+            tcp_flags: head[13],
+            icmp_type: 0,
+            csum_off: off + 16,
+        },
+        PROTO_UDP => L4 {
+            src_port: port(0),
+            dst_port: port(2),
             tcp_flags: 0,
             icmp_type: 0,
             csum_off: off + 6,
-        }),
+        },
         _ => {
-            let [icmp_type, _code] = read_pair(ctx, off).ok_or(bad)?;
-            let id = read_u16(ctx, off + 4).ok_or(bad)?;
-            let (src_port, dst_port) = match icmp_type {
-                ICMP_ECHO_REQUEST => (id, 0),
-                ICMP_ECHO_REPLY => (0, id),
+            let (src_port, dst_port) = match head[0] {
+                ICMP_ECHO_REQUEST => (port(4), 0),
+                ICMP_ECHO_REPLY => (0, port(4)),
                 _ => (0, 0),
             };
-            Ok(L4 {
+            L4 {
                 src_port,
                 dst_port,
                 tcp_flags: 0,
-                icmp_type,
+                icmp_type: head[0],
                 csum_off: off + 2,
-            })
+            }
         }
-    }
+    })
 }
 
 /// ICMP types that carry an embedded packet (RFC 5508 translates these).

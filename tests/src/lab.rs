@@ -162,6 +162,10 @@ impl Lab {
         Ok(())
     }
 
+    #[allow(
+        clippy::too_many_lines,
+        reason = "the lab's wiring, one command per line"
+    )]
     fn build(&mut self) -> Result<()> {
         let (node, server, other, router, far, wire) = (
             self.node.clone(),
@@ -273,6 +277,10 @@ impl Lab {
         Ok(())
     }
 
+    #[allow(
+        clippy::too_many_lines,
+        reason = "the egress-v4 plugin's wiring, one command per line"
+    )]
     fn add_pod(&mut self, i: usize) -> Result<()> {
         let ns = format!("dp-pod{i}-{}", self.id);
         let ip = format!("169.254.172.{}", i + 2);

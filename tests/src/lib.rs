@@ -3,6 +3,8 @@
 
 pub mod lab;
 pub mod netns;
+pub mod packet;
+pub mod testrun;
 pub mod traffic;
 
 pub use lab::{Lab, LabOptions, Mode};

@@ -1,0 +1,218 @@
+//! Building and checking Ethernet/IPv4 frames for BPF_PROG_TEST_RUN.
+
+use datapath_common::{
+    csum::{checksum, fold, pseudo_header_sum, sum_bytes},
+    flow::{PROTO_ICMP, PROTO_TCP, PROTO_UDP},
+};
+
+pub const POD_MAC: [u8; 6] = [0x02, 0, 0, 0, 0, 0x02];
+pub const GW_MAC: [u8; 6] = [0x02, 0, 0, 0, 0, 0x01];
+
+/// An IPv4 packet description.
+#[derive(Clone, Debug)]
+pub struct Ipv4Packet {
+    pub src: [u8; 4],
+    pub dst: [u8; 4],
+    pub proto: u8,
+    pub ttl: u8,
+    pub id: u16,
+    /// Flags and fragment offset field (host order).
+    pub frag: u16,
+    /// IPv4 options (padded to 4 bytes by the caller).
+    pub options: Vec<u8>,
+    /// Everything after the IPv4 header.
+    pub payload: Vec<u8>,
+}
+
+impl Ipv4Packet {
+    #[must_use]
+    pub fn new(src: [u8; 4], dst: [u8; 4], proto: u8, payload: Vec<u8>) -> Self {
+        Self {
+            src,
+            dst,
+            proto,
+            ttl: 64,
+            id: 0x1234,
+            frag: 0x4000,
+            options: Vec::new(),
+            payload,
+        }
+    }
+
+    /// The IPv4 header and payload, checksummed.
+    #[must_use]
+    pub fn bytes(&self) -> Vec<u8> {
+        let ihl = 20 + self.options.len();
+        let mut h = vec![0u8; ihl];
+        h[0] = 0x40 | (ihl / 4) as u8;
+        h[2..4].copy_from_slice(&((ihl + self.payload.len()) as u16).to_be_bytes());
+        h[4..6].copy_from_slice(&self.id.to_be_bytes());
+        h[6..8].copy_from_slice(&self.frag.to_be_bytes());
+        h[8] = self.ttl;
+        h[9] = self.proto;
+        h[12..16].copy_from_slice(&self.src);
+        h[16..20].copy_from_slice(&self.dst);
+        h[20..].copy_from_slice(&self.options);
+        let c = checksum(&h);
+        h[10..12].copy_from_slice(&c.to_be_bytes());
+        h.extend_from_slice(&self.payload);
+        h
+    }
+
+    /// In an Ethernet frame.
+    #[must_use]
+    pub fn frame(&self, src_mac: [u8; 6], dst_mac: [u8; 6]) -> Vec<u8> {
+        let mut f = Vec::with_capacity(14 + 20 + self.payload.len());
+        f.extend_from_slice(&dst_mac);
+        f.extend_from_slice(&src_mac);
+        f.extend_from_slice(&0x0800u16.to_be_bytes());
+        f.extend_from_slice(&self.bytes());
+        f
+    }
+}
+
+/// A TCP segment with a correct checksum.
+#[must_use]
+pub fn tcp(src: [u8; 4], dst: [u8; 4], sport: u16, dport: u16, flags: u8, data: &[u8]) -> Vec<u8> {
+    let mut t = vec![0u8; 20];
+    t[0..2].copy_from_slice(&sport.to_be_bytes());
+    t[2..4].copy_from_slice(&dport.to_be_bytes());
+    t[4..8].copy_from_slice(&1000u32.to_be_bytes());
+    t[12] = 5 << 4;
+    t[13] = flags;
+    t[14..16].copy_from_slice(&65535u16.to_be_bytes());
+    t.extend_from_slice(data);
+    let c = l4_checksum(src, dst, PROTO_TCP, &t);
+    t[16..18].copy_from_slice(&c.to_be_bytes());
+    t
+}
+
+/// A UDP datagram; `with_checksum = false` sends checksum 0 ("none").
+#[must_use]
+pub fn udp(
+    src: [u8; 4],
+    dst: [u8; 4],
+    sport: u16,
+    dport: u16,
+    data: &[u8],
+    with_checksum: bool,
+) -> Vec<u8> {
+    let mut u = vec![0u8; 8];
+    u[0..2].copy_from_slice(&sport.to_be_bytes());
+    u[2..4].copy_from_slice(&dport.to_be_bytes());
+    u[4..6].copy_from_slice(&((8 + data.len()) as u16).to_be_bytes());
+    u.extend_from_slice(data);
+    if with_checksum {
+        let c = match l4_checksum(src, dst, PROTO_UDP, &u) {
+            0 => 0xffff,
+            c => c,
+        };
+        u[6..8].copy_from_slice(&c.to_be_bytes());
+    }
+    u
+}
+
+/// An ICMP message of `ty`/`code` with the 4 header bytes `rest` and `data`.
+#[must_use]
+pub fn icmp(ty: u8, code: u8, rest: [u8; 4], data: &[u8]) -> Vec<u8> {
+    let mut m = vec![ty, code, 0, 0];
+    m.extend_from_slice(&rest);
+    m.extend_from_slice(data);
+    let c = checksum(&m);
+    m[2..4].copy_from_slice(&c.to_be_bytes());
+    m
+}
+
+/// An echo request/reply body: identifier and sequence.
+#[must_use]
+pub fn echo(ty: u8, id: u16, seq: u16) -> Vec<u8> {
+    let mut rest = [0u8; 4];
+    rest[0..2].copy_from_slice(&id.to_be_bytes());
+    rest[2..4].copy_from_slice(&seq.to_be_bytes());
+    icmp(ty, 0, rest, b"ping-payload")
+}
+
+#[must_use]
+pub fn l4_checksum(src: [u8; 4], dst: [u8; 4], proto: u8, segment: &[u8]) -> u16 {
+    let pseudo = pseudo_header_sum(
+        u32::from_be_bytes(src),
+        u32::from_be_bytes(dst),
+        proto,
+        segment.len() as u16,
+    );
+    !fold(sum_bytes(pseudo, segment))
+}
+
+/// A parsed output frame.
+#[derive(Debug, Clone)]
+pub struct Parsed {
+    pub src_mac: [u8; 6],
+    pub dst_mac: [u8; 6],
+    pub src: [u8; 4],
+    pub dst: [u8; 4],
+    pub ttl: u8,
+    pub proto: u8,
+    pub ihl: usize,
+    /// The IPv4 header and payload.
+    pub ip: Vec<u8>,
+}
+
+impl Parsed {
+    #[must_use]
+    pub fn parse(frame: &[u8]) -> Self {
+        let ip = frame[14..].to_vec();
+        let ihl = usize::from(ip[0] & 0x0f) * 4;
+        Self {
+            dst_mac: frame[0..6].try_into().unwrap(),
+            src_mac: frame[6..12].try_into().unwrap(),
+            src: ip[12..16].try_into().unwrap(),
+            dst: ip[16..20].try_into().unwrap(),
+            ttl: ip[8],
+            proto: ip[9],
+            ihl,
+            ip,
+        }
+    }
+
+    #[must_use]
+    pub fn l4(&self) -> &[u8] {
+        &self.ip[self.ihl..]
+    }
+
+    #[must_use]
+    pub fn src_port(&self) -> u16 {
+        u16::from_be_bytes([self.l4()[0], self.l4()[1]])
+    }
+
+    #[must_use]
+    pub fn dst_port(&self) -> u16 {
+        u16::from_be_bytes([self.l4()[2], self.l4()[3]])
+    }
+
+    /// True when the IPv4 header checksum verifies.
+    #[must_use]
+    pub fn ip_checksum_ok(&self) -> bool {
+        fold(sum_bytes(0, &self.ip[..self.ihl])) == 0xffff
+    }
+
+    /// True when the L4 checksum verifies (TCP/UDP with pseudo-header, ICMP without).
+    /// A UDP checksum of 0 counts as valid ("no checksum").
+    #[must_use]
+    pub fn l4_checksum_ok(&self) -> bool {
+        let l4 = self.l4();
+        match self.proto {
+            PROTO_UDP if l4[6] == 0 && l4[7] == 0 => true,
+            PROTO_TCP | PROTO_UDP => {
+                let pseudo = pseudo_header_sum(
+                    u32::from_be_bytes(self.src),
+                    u32::from_be_bytes(self.dst),
+                    self.proto,
+                    l4.len() as u16,
+                );
+                fold(sum_bytes(pseudo, l4)) == 0xffff
+            }
+            PROTO_ICMP => fold(sum_bytes(0, l4)) == 0xffff,
+            _ => true,
+        }
+    }
+}

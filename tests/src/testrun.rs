@@ -1,0 +1,261 @@
+//! BPF_PROG_TEST_RUN on the real programs: a private namespace with a pod veth and an uplink
+//! (so FIB lookups and socket lookups see real devices), the object loaded with its maps
+//! pinned on a private bpffs, and crafted frames run through each program.
+
+use std::{net::Ipv4Addr, path::PathBuf, process::Command, time::Duration};
+
+use anyhow::{Context as _, Result};
+use aya::{Ebpf, TestRun as _, TestRunOptions};
+use datapath_common::{
+    config::{Config, PortRandomisation, Timeouts, DEFAULT_GATEWAY, DEFAULT_POD_CIDR},
+    counters::Counter,
+    flow::{Flow, FlowKey},
+    maps as names,
+    pod::PodInfo,
+};
+use datapath_user::{
+    loader::{self, LoadOptions},
+    maps::Maps,
+    netdev,
+};
+
+use crate::netns::{exec, run, within};
+
+pub const NODE_IP: [u8; 4] = [192, 0, 2, 10];
+pub const SERVER_IP: [u8; 4] = [192, 0, 2, 20];
+pub const FAR_IP: [u8; 4] = [198, 51, 100, 20];
+pub const ROUTER_IP: [u8; 4] = [192, 0, 2, 1];
+pub const POD_IP: [u8; 4] = [169, 254, 172, 2];
+pub const OTHER_POD_IP: [u8; 4] = [169, 254, 172, 3];
+pub const SERVER_MAC: [u8; 6] = [0x02, 0, 0, 0, 0, 0x20];
+pub const ROUTER_MAC: [u8; 6] = [0x02, 0, 0, 0, 0, 0x21];
+
+pub const TC_ACT_OK: u32 = 0;
+pub const TC_ACT_SHOT: u32 = 2;
+pub const TC_ACT_REDIRECT: u32 = 7;
+
+#[derive(Clone, Debug)]
+pub struct HarnessOptions {
+    pub port_range: (u16, u16),
+    pub randomisation: PortRandomisation,
+    pub flow_table_size: u32,
+}
+
+impl Default for HarnessOptions {
+    fn default() -> Self {
+        Self {
+            port_range: (20000, 29999),
+            randomisation: PortRandomisation::Prng,
+            flow_table_size: 65536,
+        }
+    }
+}
+
+/// The loaded programs and their maps, used from a thread inside the test namespace.
+pub struct Harness {
+    pub ebpf: Ebpf,
+    pub maps: Maps,
+    pub pod_ifindex: u32,
+    pub other_pod_ifindex: u32,
+    pub uplink_ifindex: u32,
+    pub config: Config,
+}
+
+/// Removes the namespace and the bpffs mount.
+struct Cleanup {
+    ns: String,
+    mount: PathBuf,
+}
+
+impl Drop for Cleanup {
+    fn drop(&mut self) {
+        let _ = Command::new("ip").args(["netns", "del", &self.ns]).status();
+        let _ = Command::new("umount").arg(&self.mount).status();
+        let _ = std::fs::remove_dir(&self.mount);
+    }
+}
+
+fn unique() -> String {
+    use std::sync::atomic::{AtomicU32, Ordering};
+    static N: AtomicU32 = AtomicU32::new(0);
+    format!(
+        "{:x}{:x}",
+        std::process::id() & 0xfffff,
+        N.fetch_add(1, Ordering::Relaxed)
+    )
+}
+
+/// Builds the namespace, loads the programs, and runs `f` with them.
+pub fn with_harness<T: Send + 'static>(
+    opts: HarnessOptions,
+    f: impl FnOnce(&mut Harness) -> T + Send + 'static,
+) -> Result<T> {
+    anyhow::ensure!(crate::is_root(), "BPF_PROG_TEST_RUN tests need root");
+    let id = unique();
+    let cleanup = Cleanup {
+        ns: format!("dp-tr-{id}"),
+        mount: PathBuf::from(format!("/tmp/dptr-{id}")),
+    };
+    let ns = cleanup.ns.clone();
+    run("ip", &["netns", "add", &ns])?;
+    for cmd in [
+        "ip link set lo up",
+        "ip link add podv type veth peer name podp",
+        "ip link add podv2 type veth peer name podp2",
+        "ip link add upl type veth peer name uplp",
+        "ip link set podv up",
+        "ip link set podp up",
+        "ip link set podv2 up",
+        "ip link set podp2 up",
+        "ip link set upl up",
+        "ip link set uplp up",
+        "ip addr add 169.254.172.1/32 dev podv scope link",
+        "ip addr add 169.254.172.1/32 dev podv2 scope link",
+        "ip route add 169.254.172.2/32 dev podv scope link",
+        "ip route add 169.254.172.3/32 dev podv2 scope link",
+        "ip addr add 192.0.2.10/24 dev upl",
+        "ip neigh add 192.0.2.20 lladdr 02:00:00:00:00:20 dev upl nud permanent",
+        "ip neigh add 192.0.2.1 lladdr 02:00:00:00:00:21 dev upl nud permanent",
+        "ip route add default via 192.0.2.1",
+        "sysctl -qw net.ipv4.ip_forward=1",
+    ] {
+        exec(&ns, &cmd.split(' ').collect::<Vec<_>>())?;
+    }
+    std::fs::create_dir_all(&cleanup.mount)?;
+    run(
+        "mount",
+        &[
+            "-t",
+            "bpf",
+            "bpf",
+            cleanup.mount.to_str().unwrap_or_default(),
+        ],
+    )?;
+    let pin_path = cleanup.mount.join("pin");
+    let result = within(&ns, move || -> Result<T> {
+        let mut h = Harness::load(&pin_path, &opts)?;
+        Ok(f(&mut h))
+    })
+    .context("test body")?;
+    drop(cleanup);
+    result
+}
+
+impl Harness {
+    fn load(pin_path: &std::path::Path, opts: &HarnessOptions) -> Result<Self> {
+        let mut ebpf = loader::load(&LoadOptions {
+            pin_path: pin_path.to_path_buf(),
+            flow_table_size: opts.flow_table_size,
+        })?;
+        let config = Config {
+            node_ip: u32::from_be_bytes(NODE_IP),
+            pod_cidr: DEFAULT_POD_CIDR,
+            gateway_ip: DEFAULT_GATEWAY,
+            port_min: opts.port_range.0,
+            port_max: opts.port_range.1,
+            randomisation: opts.randomisation as u8,
+            _pad: [0; 3],
+            timeouts: Timeouts::DEFAULT,
+        };
+        loader::write_config(&mut ebpf, &config)?;
+        let mut maps = Maps::open(pin_path)?;
+        let pod_ifindex = netdev::ifindex("podv")?;
+        let other_pod_ifindex = netdev::ifindex("podv2")?;
+        maps.pods.insert(
+            u32::from_be_bytes(POD_IP),
+            PodInfo::new(pod_ifindex, "test/pod"),
+            0,
+        )?;
+        maps.pods.insert(
+            u32::from_be_bytes(OTHER_POD_IP),
+            PodInfo::new(other_pod_ifindex, "test/other"),
+            0,
+        )?;
+        Ok(Self {
+            ebpf,
+            maps,
+            pod_ifindex,
+            other_pod_ifindex,
+            uplink_ifindex: netdev::ifindex("upl")?,
+            config,
+        })
+    }
+
+    /// Runs `program` once on `frame` as if received on `ifindex`; returns the verdict, the
+    /// output frame and the kernel's duration.
+    pub fn run_timed(
+        &mut self,
+        program: &str,
+        frame: &[u8],
+        ifindex: u32,
+    ) -> Result<(u32, Vec<u8>, Duration)> {
+        let prog = loader::program(&mut self.ebpf, program)?;
+        let mut out = vec![0u8; frame.len() + 256];
+        // struct __sk_buff: ifindex at byte 40 selects the device the packet arrives on.
+        let mut ctx = [0u8; 192];
+        ctx[40..44].copy_from_slice(&ifindex.to_ne_bytes());
+        let result = prog
+            .test_run(TestRunOptions {
+                data_in: Some(frame),
+                data_out: Some(&mut out),
+                ctx_in: Some(&ctx),
+                ..TestRunOptions::default()
+            })
+            .with_context(|| format!("test run of {program}"))?;
+        out.truncate(result.data_size_out as usize);
+        Ok((result.return_value, out, result.duration))
+    }
+
+    pub fn run(&mut self, program: &str, frame: &[u8], ifindex: u32) -> Result<(u32, Vec<u8>)> {
+        self.run_timed(program, frame, ifindex)
+            .map(|(v, out, _)| (v, out))
+    }
+
+    /// Runs the pod-side program on a frame from the test pod.
+    pub fn from_pod(&mut self, frame: &[u8]) -> (u32, Vec<u8>) {
+        let ifindex = self.pod_ifindex;
+        self.run(names::PROG_FROM_POD, frame, ifindex)
+            .expect("from-pod run")
+    }
+
+    /// Runs the uplink-ingress program on a frame from the wire.
+    pub fn from_wire(&mut self, frame: &[u8]) -> (u32, Vec<u8>) {
+        let ifindex = self.uplink_ifindex;
+        self.run(names::PROG_UPLINK_INGRESS, frame, ifindex)
+            .expect("uplink-ingress run")
+    }
+
+    /// Runs the uplink-egress program on a frame leaving the node.
+    pub fn to_wire(&mut self, frame: &[u8]) -> (u32, Vec<u8>) {
+        let ifindex = self.uplink_ifindex;
+        self.run(names::PROG_UPLINK_EGRESS, frame, ifindex)
+            .expect("uplink-egress run")
+    }
+
+    #[must_use]
+    pub fn counter(&self, counter: Counter) -> u64 {
+        self.maps
+            .counters()
+            .expect("counters")
+            .into_iter()
+            .find(|(c, _)| *c == counter)
+            .map_or(0, |(_, v)| v)
+    }
+
+    /// The flow for a pod tuple.
+    #[must_use]
+    pub fn flow(&self, key: &FlowKey) -> Option<Flow> {
+        self.maps.conntrack.get(key, 0).ok()
+    }
+
+    #[must_use]
+    pub fn binding(&self, reply: &FlowKey) -> Option<FlowKey> {
+        self.maps.bindings.get(reply, 0).ok()
+    }
+}
+
+/// Host-order address from octets.
+#[must_use]
+pub fn addr(octets: [u8; 4]) -> u32 {
+    u32::from(Ipv4Addr::from(octets))
+}
