@@ -48,6 +48,8 @@ pub fn run(extra: &[String]) -> Result<()> {
     cmd.args([
         "test",
         "--workspace",
+        "--exclude",
+        "datapath-ebpf",
         "--no-fail-fast",
         "--",
         "--test-threads=1",
