@@ -17,6 +17,10 @@ pub const LAYOUT: &str = "LAYOUT";
 
 /// Program attached to TC ingress of every pod's host-side veth.
 pub const PROG_FROM_POD: &str = "tc_from_pod";
+/// Tail-called by [`PROG_FROM_POD`] for new flows and stale routes (slot 0 of [`SLOW_PATH`]).
+pub const PROG_FROM_POD_SLOW: &str = "tc_from_pod_slow";
+/// Program array holding [`PROG_FROM_POD_SLOW`].
+pub const SLOW_PATH: &str = "SLOW_PATH";
 /// Program attached to TC ingress of the uplink.
 pub const PROG_UPLINK_INGRESS: &str = "tc_uplink_ingress";
 /// Program attached to TC egress of the uplink.

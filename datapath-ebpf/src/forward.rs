@@ -16,6 +16,7 @@ use datapath_common::{
 };
 use network_types::eth::EthHdr;
 
+use crate::maps::SCRATCH_FIB;
 use crate::parse::{ptr_at, Ipv4, IP_CSUM_OFF, IP_TTL_OFF};
 
 const AF_INET: u8 = 2;
@@ -24,8 +25,12 @@ const AF_INET: u8 = 2;
 #[derive(Clone, Copy)]
 pub struct NextHop {
     pub ifindex: u32,
-    /// (source, destination) MACs when the neighbour is resolved.
-    pub macs: Option<([u8; 6], [u8; 6])>,
+    /// Whether the neighbour is resolved (then `src_mac`/`dst_mac` are set). Plain fields
+    /// rather than an `Option`: copies of a partly uninitialised value make LLVM spill
+    /// registers the verifier considers unreadable.
+    pub resolved: bool,
+    pub src_mac: [u8; 6],
+    pub dst_mac: [u8; 6],
     /// Next-hop address as the kernel stores it (network order), for the neighbour lookup.
     pub gateway: u32,
     pub mtu: u16,
@@ -44,8 +49,16 @@ pub enum Route {
 /// Looks up the route for `ip` as it will be after translation to `nat_ip`.
 #[inline(always)]
 pub fn route(ctx: &TcContext, ip: &Ipv4, nat_ip: u32, ingress_ifindex: u32) -> Route {
-    // SAFETY: plain-data parameter block; zero is valid for every field.
-    let mut params: FibParams = unsafe { core::mem::zeroed() };
+    // The 64-byte parameter block lives in a per-CPU scratch slot: the stack is tight.
+    let Some(params) = SCRATCH_FIB.get_ptr_mut(0) else {
+        return Route::HostStack;
+    };
+    // SAFETY: this CPU's slot, used only while this program runs; zero is valid for every
+    // field of the plain-data block.
+    let params = unsafe {
+        core::ptr::write_bytes(params, 0, 1);
+        &mut *params
+    };
     params.family = AF_INET;
     params.l4_protocol = ip.proto;
     params.ifindex = ingress_ifindex;
@@ -54,19 +67,23 @@ pub fn route(ctx: &TcContext, ip: &Ipv4, nat_ip: u32, ingress_ifindex: u32) -> R
     params.__bindgen_anon_4.ipv4_dst = ip.dst.to_be();
     let size = size_of::<FibParams>() as i32;
     // SAFETY: valid context and parameter block.
-    let rc = unsafe { bpf_fib_lookup(ctx.skb.skb.cast(), &raw mut params, size, 0) };
+    let rc = unsafe { bpf_fib_lookup(ctx.skb.skb.cast(), &raw mut *params, size, 0) };
     match rc as u32 {
         // SAFETY (both arms): the kernel filled in the IPv4 members and, on success, the
         // egress MTU (tot_len was 0).
         BPF_FIB_LKUP_RET_SUCCESS => Route::Forward(NextHop {
             ifindex: params.ifindex,
-            macs: Some((params.smac, params.dmac)),
+            resolved: true,
+            src_mac: params.smac,
+            dst_mac: params.dmac,
             gateway: unsafe { params.__bindgen_anon_4.ipv4_dst },
             mtu: unsafe { params.__bindgen_anon_1.mtu_result },
         }),
         BPF_FIB_LKUP_RET_NO_NEIGH => Route::Forward(NextHop {
             ifindex: params.ifindex,
-            macs: None,
+            resolved: false,
+            src_mac: [0; 6],
+            dst_mac: [0; 6],
             gateway: unsafe { params.__bindgen_anon_4.ipv4_dst },
             mtu: 0,
         }),
@@ -101,8 +118,8 @@ pub fn decrement_ttl(ctx: &TcContext, ip: &Ipv4) -> Result<bool, Counter> {
 #[inline(always)]
 pub fn send(ctx: &TcContext, hop: &NextHop) -> Result<i32, Counter> {
     let (ifindex, gateway) = (hop.ifindex, hop.gateway);
-    let rc = if let Some((src, dst)) = hop.macs {
-        set_macs(ctx, src, dst)?;
+    let rc = if hop.resolved {
+        set_macs(ctx, hop.src_mac, hop.dst_mac)?;
         // SAFETY: plain helper call.
         unsafe { bpf_redirect(ifindex, 0) }
     } else {

@@ -36,7 +36,7 @@ use network_types::eth::EthHdr;
 use crate::{
     conntrack::PodMacs,
     forward::{NextHop, Route},
-    maps::{count, scratch_flow, CONNTRACK, FRAGMENTS, NAT_BINDINGS},
+    maps::{count, scratch_flow, CONNTRACK, FRAGMENTS, NAT_BINDINGS, SLOW_PATH},
     nat::Side,
     parse::{Fragment, Ipv4, ICMP_ECHO_REPLY, ICMP_ECHO_REQUEST, L4},
 };
@@ -112,7 +112,7 @@ fn try_from_pod(ctx: &TcContext) -> Result<i32, Counter> {
     let l4 = parse::l4(ctx, &ip)?;
     if ip.proto == PROTO_ICMP && l4.icmp_type != ICMP_ECHO_REQUEST {
         conntrack::registered_pod(ip.src, ifindex)?;
-        return icmp_error_from_pod(ctx, &ip, &l4, Some(ifindex));
+        return icmp_error_from_pod(ctx, &ip, &l4, ifindex);
     }
 
     let key = FlowKey::new(ip.proto, ip.src, l4.src_port, ip.dst, l4.dst_port);
@@ -138,24 +138,48 @@ fn try_from_pod(ctx: &TcContext) -> Result<i32, Counter> {
     } else {
         conntrack::registered_pod(ip.src, ifindex)?;
     }
-    let hop = match forward::route(ctx, &ip, cfg.node_ip, ifindex) {
+    // SAFETY: valid context; on success the call does not return.
+    unsafe { SLOW_PATH.tail_call(ctx, 0) };
+    // Only reachable if the slow path is not installed: the host stack forwards the packet
+    // and the uplink's egress program translates it.
+    pass(Counter::PassHostStack)
+}
+
+/// Tail-called by `tc_from_pod` for a packet from a validated pod whose flow is new or whose
+/// cached route is stale: FIB lookup, flow creation with port allocation, rewrite, redirect.
+#[classifier]
+pub fn tc_from_pod_slow(ctx: TcContext) -> i32 {
+    verdict(try_from_pod_slow(&ctx))
+}
+
+fn try_from_pod_slow(ctx: &TcContext) -> Result<i32, Counter> {
+    // Parsed again: a tail call keeps only the packet. The caller checked everything else.
+    let (Some(ip), Ok(cfg)) = (parse::ipv4(ctx)?, conntrack::config()) else {
+        return Err(Counter::DropMalformed);
+    };
+    let (ip, l4, ifindex) = (&ip, &parse::l4(ctx, &ip)?, ifindex(ctx));
+    let hop = match forward::route(ctx, ip, cfg.node_ip, ifindex) {
         Route::Forward(hop) => hop,
         Route::Local => return pass(Counter::PassLocal),
         Route::HostStack => return pass(Counter::PassHostStack),
     };
-    if !forward::decrement_ttl(ctx, &ip)? {
+    if !forward::decrement_ttl(ctx, ip)? {
         return pass(Counter::PassHostStack);
     }
-    if let Some(f) = existing.filter(|_| !proven) {
-        // The pod moved to another veth (re-created with the same address).
+    let key = FlowKey::new(ip.proto, ip.src, l4.src_port, ip.dst, l4.dst_port);
+    let existing = CONNTRACK.get_ptr_mut(key);
+    if let Some(f) = existing {
+        // The pod may have moved to another veth (re-created with the same address); the
+        // caller checked the pod map for this one.
         // SAFETY: map value pointer.
         unsafe { (*f).pod_ifindex = ifindex };
     }
+    let now = conntrack::now_ns();
     let flow = snat_flow(
         ctx,
         cfg,
-        &ip,
-        &l4,
+        ip,
+        l4,
         &key,
         existing,
         ifindex,
@@ -166,7 +190,7 @@ fn try_from_pod(ctx: &TcContext) -> Result<i32, Counter> {
     // SAFETY: map value pointer.
     let f = unsafe { &mut *flow };
     remember_route(f, &hop);
-    nat::rewrite(ctx, &ip, Some(&l4), Side::Source, f.nat_ip, f.nat_port)?;
+    nat::rewrite(ctx, ip, Some(l4), Side::Source, f.nat_ip, f.nat_port)?;
     count(Counter::TranslatedOut);
     forward::send(ctx, &hop)
 }
@@ -183,7 +207,9 @@ fn cached_route(flow: &Flow, ip: &Ipv4, now: u64) -> Option<NextHop> {
     }
     Some(NextHop {
         ifindex: flow.out_ifindex,
-        macs: Some((flow.out_src_mac, flow.out_dst_mac)),
+        resolved: true,
+        src_mac: flow.out_src_mac,
+        dst_mac: flow.out_dst_mac,
         gateway: 0,
         mtu: flow.out_mtu,
     })
@@ -192,11 +218,11 @@ fn cached_route(flow: &Flow, ip: &Ipv4, now: u64) -> Option<NextHop> {
 /// Caches a resolved next hop in the flow (unresolved neighbours are not cached).
 #[inline(always)]
 fn remember_route(flow: &mut Flow, hop: &NextHop) {
-    if let Some((src, dst)) = hop.macs {
+    if hop.resolved {
         flow.out_ifindex = hop.ifindex;
         flow.out_mtu = hop.mtu;
-        flow.out_src_mac = src;
-        flow.out_dst_mac = dst;
+        flow.out_src_mac = hop.src_mac;
+        flow.out_dst_mac = hop.dst_mac;
     } else {
         flow.out_ifindex = 0;
     }
@@ -255,14 +281,9 @@ fn snat_flow(
 
 /// An ICMP error a pod sends about a packet it received (remote → pod): translated to the
 /// node address. `ingress` is the pod veth when called from the pod side (then the packet
-/// is redirected to the uplink); `None` at the uplink's egress.
+/// is redirected to the uplink); 0 at the uplink's egress.
 #[inline(always)]
-fn icmp_error_from_pod(
-    ctx: &TcContext,
-    ip: &Ipv4,
-    l4: &L4,
-    ingress: Option<u32>,
-) -> Result<i32, Counter> {
+fn icmp_error_from_pod(ctx: &TcContext, ip: &Ipv4, l4: &L4, ingress: u32) -> Result<i32, Counter> {
     if !parse::is_icmp_error(l4.icmp_type) {
         return Err(Counter::DropIcmpUntracked);
     }
@@ -271,7 +292,7 @@ fn icmp_error_from_pod(
     // SAFETY: map value read.
     let flow = unsafe { CONNTRACK.get(key) }.ok_or(Counter::DropIcmpUntracked)?;
     let (nat_ip, nat_port) = (flow.nat_ip, flow.nat_port);
-    let route = match ingress {
+    let route = match (ingress != 0).then_some(ingress) {
         Some(ifindex) => match forward::route(ctx, ip, nat_ip, ifindex) {
             Route::Forward(hop) => Some(hop),
             Route::Local => return pass(Counter::PassLocal),
@@ -489,7 +510,7 @@ fn try_uplink_egress(ctx: &TcContext) -> Result<i32, Counter> {
     }
     let l4 = parse::l4(ctx, &ip)?;
     if ip.proto == PROTO_ICMP && l4.icmp_type != ICMP_ECHO_REQUEST {
-        return icmp_error_from_pod(ctx, &ip, &l4, None);
+        return icmp_error_from_pod(ctx, &ip, &l4, 0);
     }
     let key = FlowKey::new(ip.proto, ip.src, l4.src_port, ip.dst, l4.dst_port);
     let existing = CONNTRACK.get_ptr_mut(key);

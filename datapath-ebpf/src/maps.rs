@@ -1,8 +1,9 @@
 //! The maps, pinned by name under the daemon's pin path so a restart re-uses them.
 
 use aya_ebpf::{
+    bindings::bpf_fib_lookup,
     macros::map,
-    maps::{Array, HashMap, LruHashMap, PerCpuArray},
+    maps::{Array, HashMap, LruHashMap, PerCpuArray, ProgramArray},
 };
 use datapath_common::{
     config::Config,
@@ -39,6 +40,10 @@ pub static FRAGMENTS: LruHashMap<FragKey, FlowKey> = LruHashMap::pinned(FRAGMENT
 #[map(name = "SCRATCH_FLOW")]
 pub static SCRATCH_FLOW: PerCpuArray<Flow> = PerCpuArray::with_max_entries(1, 0);
 
+/// Per-CPU scratch space for the FIB lookup's parameter block.
+#[map(name = "SCRATCH_FIB")]
+pub static SCRATCH_FIB: PerCpuArray<bpf_fib_lookup> = PerCpuArray::with_max_entries(1, 0);
+
 /// A zeroed flow entry in this CPU's scratch slot.
 #[inline(always)]
 pub fn scratch_flow() -> Option<&'static mut Flow> {
@@ -49,6 +54,13 @@ pub fn scratch_flow() -> Option<&'static mut Flow> {
         Some(&mut *flow)
     }
 }
+
+/// Slot 0: `tc_from_pod_slow`, the pod-side path for packets without an established,
+/// routed flow. A tail call gives it a stack of its own (flow creation and the port-probing
+/// loop do not fit beside the main program's frame). Pinned, so the entry outlives the daemon
+/// (the kernel empties a program array when no process or pin holds it); each load refills it.
+#[map(name = "SLOW_PATH")]
+pub static SLOW_PATH: ProgramArray = ProgramArray::pinned(1, 0);
 
 #[map(name = "LAYOUT")]
 pub static LAYOUT: Array<LayoutInfo> = Array::pinned(1, 0);

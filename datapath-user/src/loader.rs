@@ -11,7 +11,7 @@ use std::{
 };
 
 use aya::{
-    maps::Array,
+    maps::{Array, ProgramArray},
     programs::{
         links::{FdLink, PinnedLink},
         tc::{self, SchedClassifierLink, TcAttachOptions},
@@ -74,6 +74,7 @@ pub fn load(opts: &LoadOptions) -> Result<Ebpf> {
         .map_err(|e| Error::map("writing LAYOUT", e))?;
     for name in [
         names::PROG_FROM_POD,
+        names::PROG_FROM_POD_SLOW,
         names::PROG_UPLINK_INGRESS,
         names::PROG_UPLINK_EGRESS,
     ] {
@@ -81,6 +82,19 @@ pub fn load(opts: &LoadOptions) -> Result<Ebpf> {
             .load()
             .map_err(|e| Error::program(format!("loading {name} (verifier)"), e))?;
     }
+    let slow_fd = program(&mut ebpf, names::PROG_FROM_POD_SLOW)?
+        .fd()
+        .map_err(|e| Error::program(names::PROG_FROM_POD_SLOW, e))?
+        .try_clone()
+        .map_err(|e| Error::io("duplicating the slow-path program fd", e))?;
+    let mut slow_path = ProgramArray::try_from(
+        ebpf.map_mut(names::SLOW_PATH)
+            .ok_or_else(|| Error::NotRunning(opts.pin_path.clone()))?,
+    )
+    .map_err(|e| Error::map(names::SLOW_PATH, e))?;
+    slow_path
+        .set(0, &slow_fd, 0)
+        .map_err(|e| Error::map("installing the slow path", e))?;
     Ok(ebpf)
 }
 

@@ -4,6 +4,7 @@
 pub mod lab;
 pub mod netns;
 pub mod packet;
+#[cfg(feature = "bpf")]
 pub mod testrun;
 pub mod traffic;
 
