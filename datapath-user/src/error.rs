@@ -30,8 +30,11 @@ pub enum Error {
     },
     #[error("another datapath-user run already uses {path} (pid {pid})")]
     AlreadyRunning { path: PathBuf, pid: String },
-    #[error("pod {0} is not registered")]
-    UnknownPod(String),
+    #[error("{ip} is outside the pod range {cidr}")]
+    OutsidePodRange {
+        ip: std::net::Ipv4Addr,
+        cidr: String,
+    },
     #[error("{context}: {source}")]
     Io {
         context: String,

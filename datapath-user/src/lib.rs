@@ -2,12 +2,14 @@
 //! maps as typed tables, the expired-flow sweep, and the views `datapath-user` prints.
 
 pub mod bpffs;
+pub mod cni;
 pub mod error;
 pub mod flows;
 pub mod loader;
 pub mod maps;
 pub mod metrics;
 pub mod netdev;
+pub mod pods;
 pub mod stats;
 pub mod sweep;
 

@@ -397,3 +397,178 @@ fn bad_input_gets_one_clear_line() {
         assert!(stderr.contains(expected), "{args:?}: {stderr}");
     }
 }
+
+#[test]
+fn zero_gap_restart_with_keep_attached_under_live_traffic() {
+    let mut lab = lab(LabOptions {
+        run_args: vec!["--keep-attached".into()],
+        ..LabOptions::default()
+    });
+    let _echo = Server::tcp(&lab.server, 8080, TcpService::Echo).unwrap();
+    let _udp = Server::udp_echo(&lab.server, 5353).unwrap();
+    let pod = lab.pod(0).clone();
+    let mut stream = traffic::tcp_connect(&pod.ns, SERVER_IP, 8080, None).unwrap();
+    // A TCP exchange and a UDP request every 10 ms while the daemon restarts.
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let stop2 = std::sync::Arc::clone(&stop);
+    let ns = pod.ns.clone();
+    let load = std::thread::spawn(move || {
+        let mut rounds = 0u32;
+        while !stop2.load(std::sync::atomic::Ordering::Relaxed) {
+            traffic::echo_roundtrip(&mut stream, b"stream").expect("TCP exchange during restart");
+            let reply = traffic::udp_request(&ns, SERVER_IP, 5353, 44000, b"u")
+                .expect("UDP during restart");
+            assert_eq!(reply, b"u");
+            rounds += 1;
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        rounds
+    });
+    std::thread::sleep(Duration::from_millis(300));
+    assert!(lab.stop_daemon(libc::SIGTERM).unwrap().unwrap().success());
+    lab.start_daemon().unwrap();
+    std::thread::sleep(Duration::from_millis(300));
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let rounds = load.join().expect("traffic survived the restart");
+    assert!(rounds > 20, "only {rounds} rounds");
+    assert_eq!(lab.counter("drop_untracked_inbound").unwrap(), 0);
+    // Taking the datapath off the node: the pinned links go, the maps stay.
+    assert!(lab.stop_daemon(libc::SIGTERM).unwrap().unwrap().success());
+    let out = lab.cli(&["detach"]).unwrap();
+    assert!(out.contains("detached 4 programs"), "{out}");
+    assert!(!lab.pin_path.join("links/uplink_ingress").exists());
+    assert!(lab.pin_path.join("CONNTRACK").exists());
+}
+
+#[test]
+fn pods_registered_while_no_daemon_runs_are_attached_at_start() {
+    let mut lab = lab(LabOptions {
+        start_daemon: false,
+        ..LabOptions::default()
+    });
+    let pod = lab.pod(0).clone();
+    let out = lab.register_pod(&pod).unwrap();
+    assert!(out.contains("attached when"), "{out}");
+    lab.start_daemon().unwrap();
+    let _echo = Server::tcp(&lab.server, 8080, TcpService::Echo).unwrap();
+    let mut s = traffic::tcp_connect(&pod.ns, SERVER_IP, 8080, None).unwrap();
+    traffic::echo_roundtrip(&mut s, b"late attach").unwrap();
+    assert!(lab.counter("translated_out").unwrap() >= 2);
+}
+
+#[test]
+fn pinned_maps_of_another_layout_are_refused() {
+    let mut lab = lab(LabOptions::default());
+    lab.stop_daemon(libc::SIGTERM).unwrap();
+    // Overwrite the pinned layout record as an incompatible version would have written it.
+    let layout = lab.pin_path.join("LAYOUT");
+    let out = exec_output(
+        &lab.node,
+        &[
+            "bpftool",
+            "map",
+            "update",
+            "pinned",
+            layout.to_str().unwrap(),
+            "key",
+            "0",
+            "0",
+            "0",
+            "0",
+            "value",
+            "99",
+            "0",
+            "0",
+            "0",
+            "16",
+            "0",
+            "0",
+            "0",
+            "0",
+            "0",
+            "0",
+            "0",
+            "0",
+            "0",
+            "0",
+            "0",
+            "0",
+            "0",
+            "0",
+            "0",
+            "0",
+            "0",
+            "0",
+            "0",
+        ],
+    )
+    .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let err = lab.start_daemon().unwrap_err().to_string();
+    assert!(err.contains("layout"), "{err}");
+}
+
+/// A plain restart detaches for the restart window: a UDP stream loses what it sends then but
+/// keeps its NAT port afterwards, and a TCP connection idle during the window carries on.
+/// (Zero-gap restarts under TCP load use `--keep-attached`, tested above.)
+#[test]
+fn default_restart_keeps_the_udp_streams_nat_port() {
+    let mut lab = lab(LabOptions::default());
+    let echo = Server::tcp(&lab.server, 8080, TcpService::Echo).unwrap();
+    let udp = Server::udp_echo(&lab.server, 5353).unwrap();
+    let pod = lab.pod(0).clone();
+    let mut stream = traffic::tcp_connect(&pod.ns, SERVER_IP, 8080, None).unwrap();
+    traffic::echo_roundtrip(&mut stream, b"before").unwrap();
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let stop2 = std::sync::Arc::clone(&stop);
+    let ns = pod.ns.clone();
+    // The UDP stream uses one socket throughout, like a long-lived client.
+    let load = std::thread::spawn(move || {
+        let socket = datapath_tests::netns::within(&ns, || {
+            std::net::UdpSocket::bind("0.0.0.0:45000").unwrap()
+        })
+        .unwrap();
+        socket
+            .set_read_timeout(Some(Duration::from_millis(50)))
+            .unwrap();
+        let mut replies = 0u32;
+        let mut buf = [0u8; 16];
+        while !stop2.load(std::sync::atomic::Ordering::Relaxed) {
+            socket.send_to(b"u", (SERVER_IP, 5353)).unwrap();
+            if socket.recv_from(&mut buf).is_ok() {
+                replies += 1;
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        replies
+    });
+    std::thread::sleep(Duration::from_millis(300));
+    assert!(lab.stop_daemon(libc::SIGTERM).unwrap().unwrap().success());
+    lab.start_daemon().unwrap();
+    let after_restart = udp.peers().len();
+    std::thread::sleep(Duration::from_millis(500));
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let replies = load.join().unwrap();
+    assert!(
+        udp.peers().len() > after_restart + 10,
+        "the stream resumed ({replies} replies)"
+    );
+    let node_ip: std::net::Ipv4Addr = NODE_IP.parse().unwrap();
+    let udp_ports: std::collections::BTreeSet<u16> = udp
+        .peers()
+        .iter()
+        .filter(|p| p.ip() == node_ip)
+        .map(std::net::SocketAddr::port)
+        .collect();
+    assert_eq!(
+        udp_ports.len(),
+        1,
+        "the UDP stream kept its NAT port: {udp_ports:?}"
+    );
+    traffic::echo_roundtrip(&mut stream, b"after").unwrap();
+    assert_eq!(echo.peers().len(), 1);
+}

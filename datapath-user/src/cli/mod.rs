@@ -1,5 +1,6 @@
 //! Command-line interface: one module per subcommand.
 
+mod detach;
 mod flows;
 mod output;
 mod pod;
@@ -30,6 +31,7 @@ enum Command {
     Pod(pod::PodCommand),
     Flows(flows::FlowsArgs),
     Stats(stats::StatsArgs),
+    Detach(detach::DetachArgs),
 }
 
 pub fn execute(cli: Cli) -> anyhow::Result<()> {
@@ -38,6 +40,7 @@ pub fn execute(cli: Cli) -> anyhow::Result<()> {
         Command::Pod(cmd) => pod::execute(cmd),
         Command::Flows(args) => flows::execute(&args),
         Command::Stats(args) => stats::execute(&args),
+        Command::Detach(args) => detach::execute(&args),
     }
 }
 

@@ -2,13 +2,7 @@
 
 use std::net::Ipv4Addr;
 
-use anyhow::bail;
-use datapath_common::{config::DEFAULT_POD_CIDR, maps::DEFAULT_FLOW_TABLE_SIZE, pod::PodInfo};
-use datapath_user::{
-    loader::{self, LoadOptions},
-    maps::Maps,
-    netdev, Error,
-};
+use datapath_user::{maps::Maps, netdev, pods};
 use serde::Serialize;
 
 use super::{output::print_table, Format, PinArgs};
@@ -67,64 +61,21 @@ pub fn execute(cmd: PodCommand) -> anyhow::Result<()> {
             pin,
         } => {
             let ifindex = netdev::ifindex(&host_veth)?;
-            let mut maps = match Maps::open(&pin.pin_path) {
-                Ok(maps) => maps,
-                // No daemon has run yet: create the pinned maps so the pod is picked up when
-                // one starts.
-                Err(Error::NotRunning(_)) => {
-                    drop(loader::load(&LoadOptions {
-                        pin_path: pin.pin_path.clone(),
-                        flow_table_size: DEFAULT_FLOW_TABLE_SIZE,
-                    })?);
-                    Maps::open(&pin.pin_path)?
-                }
-                Err(e) => return Err(e.into()),
-            };
-            let cidr = match maps.config() {
-                Ok(cfg) if cfg.node_ip != 0 => cfg.pod_cidr,
-                _ => DEFAULT_POD_CIDR,
-            };
-            if !cidr.contains(u32::from(ip)) {
-                bail!(
-                    "{ip} is outside the pod range {}/{}",
-                    Ipv4Addr::from(cidr.network),
-                    cidr.prefix_len
-                );
-            }
-            let info = PodInfo::new(ifindex, name.as_deref().unwrap_or(""));
-            maps.pods
-                .insert(u32::from(ip), info, 0)
-                .map_err(|e| Error::map("writing PODS", e))?;
-            let attached = match loader::pinned_from_pod_program(&pin.pin_path) {
-                Some(mut prog) => {
-                    loader::attach_pod(&mut prog, &pin.pin_path, ifindex)?;
-                    "attached"
-                }
-                None => "registered; attached when `datapath-user run` starts",
+            let name_str = name.as_deref().unwrap_or("");
+            let attached = if pods::register(&pin.pin_path, ip, ifindex, name_str)? {
+                "attached"
+            } else {
+                "registered; attached when `datapath-user run` starts"
             };
             println!(
                 "pod {ip}{} on {host_veth} (ifindex {ifindex}): {attached}",
                 name.map(|n| format!(" ({n})")).unwrap_or_default()
             );
         }
-        PodCommand::Del { ip, pin } => {
-            let mut maps = Maps::open(&pin.pin_path)?;
-            let key = u32::from(ip);
-            let Ok(info) = maps.pods.get(&key, 0) else {
-                println!("pod {ip}: not registered");
-                return Ok(());
-            };
-            let _ = maps.pods.remove(&key);
-            let shared = maps
-                .pods()?
-                .iter()
-                .any(|(_, p)| p.host_ifindex == info.host_ifindex);
-            if !shared {
-                loader::detach_pod(&pin.pin_path, info.host_ifindex)?;
-            }
-            let flows = maps.remove_pod_flows(key)?;
-            println!("pod {ip}: removed with {flows} flows");
-        }
+        PodCommand::Del { ip, pin } => match pods::unregister(&pin.pin_path, ip)? {
+            Some(flows) => println!("pod {ip}: removed with {flows} flows"),
+            None => println!("pod {ip}: not registered"),
+        },
         PodCommand::List { format, pin } => {
             let maps = Maps::open(&pin.pin_path)?;
             let rows: Vec<PodRow> = maps
