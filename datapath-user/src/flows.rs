@@ -117,13 +117,13 @@ pub fn collect(maps: &Maps, filter: &Filter) -> Result<Vec<FlowRecord>> {
         .map(|(ip, pod)| (u32::from(ip), pod.name().to_string()))
         .collect();
     let now = monotonic_coarse_ns();
-    let mut records: Vec<FlowRecord> = maps
-        .conntrack
-        .iter()
-        .filter_map(Result::ok)
-        .map(|(key, flow)| record(&key, &flow, names.get(&key.src_ip).cloned(), now, &timeouts))
-        .filter(|r| filter.matches(r))
-        .collect();
+    let mut records = Vec::new();
+    maps.for_each_flow(|key, flow| {
+        let r = record(key, flow, names.get(&key.src_ip).cloned(), now, &timeouts);
+        if filter.matches(&r) {
+            records.push(r);
+        }
+    })?;
     records.sort_by(|a, b| {
         (a.pod_ip, a.proto, a.dst_ip, a.dst_port, a.pod_port)
             .cmp(&(b.pod_ip, b.proto, b.dst_ip, b.dst_port, b.pod_port))

@@ -1,6 +1,7 @@
 //! Userspace of the datapath: loading, pinning and attaching the eBPF programs, the pinned
 //! maps as typed tables, the expired-flow sweep, and the views `datapath-user` prints.
 
+pub mod batch;
 pub mod bpffs;
 pub mod cni;
 pub mod error;

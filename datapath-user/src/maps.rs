@@ -25,6 +25,8 @@ pub struct Maps {
     pub config: Array<MapData, Config>,
     pub counters: PerCpuArray<MapData, u64>,
     pub conntrack_capacity: u32,
+    /// A second handle on CONNTRACK for batch reads.
+    conntrack_raw: MapData,
 }
 
 fn open_map(path: &Path, name: &str) -> Result<Map> {
@@ -91,7 +93,24 @@ impl Maps {
             config: typed(path, names::CONFIG)?,
             counters: typed(path, names::COUNTERS)?,
             conntrack_capacity,
+            conntrack_raw: MapData::from_pin(path.join(names::CONNTRACK))
+                .map_err(|e| Error::map("opening CONNTRACK", e))?,
         })
+    }
+
+    /// Calls `f` for every flow, thousands per syscall.
+    pub fn for_each_flow(&self, mut f: impl FnMut(&FlowKey, &Flow)) -> Result<()> {
+        match crate::batch::for_each(&self.conntrack_raw, &mut f) {
+            Ok(()) => Ok(()),
+            // Kernels without batch lookups for this map type: one entry at a time.
+            Err(e) if e.raw_os_error() == Some(libc::EINVAL) => {
+                for (key, flow) in self.conntrack.iter().filter_map(Result::ok) {
+                    f(&key, &flow);
+                }
+                Ok(())
+            }
+            Err(e) => Err(Error::io("reading CONNTRACK", e)),
+        }
     }
 
     pub fn config(&self) -> Result<Config> {

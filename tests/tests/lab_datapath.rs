@@ -572,3 +572,86 @@ fn default_restart_keeps_the_udp_streams_nat_port() {
     traffic::echo_roundtrip(&mut stream, b"after").unwrap();
     assert_eq!(echo.peers().len(), 1);
 }
+
+#[test]
+fn flows_filters_and_metrics_endpoint() {
+    let lab = lab(LabOptions {
+        run_args: vec!["--metrics-addr".into(), "127.0.0.1:9465".into()],
+        ..LabOptions::default()
+    });
+    let _echo = Server::tcp(&lab.server, 8080, TcpService::Echo).unwrap();
+    let _udp = Server::udp_echo(&lab.server, 5353).unwrap();
+    let (p0, p1) = (lab.pod(0).clone(), lab.pod(1).clone());
+    let mut s0 = traffic::tcp_connect(&p0.ns, SERVER_IP, 8080, None).unwrap();
+    traffic::echo_roundtrip(&mut s0, b"abc").unwrap();
+    traffic::udp_request(&p1.ns, SERVER_IP, 5353, 46000, b"q").unwrap();
+    exec(&p1.ns, &["ping", "-c", "1", "-W", "2", SERVER_IP]).unwrap();
+
+    let json = |args: &[&str]| -> Vec<serde_json::Value> {
+        let mut full = vec!["flows", "-o", "json"];
+        full.extend_from_slice(args);
+        serde_json::from_str(&lab.cli(&full).unwrap()).unwrap()
+    };
+    let by_pod = json(&["--pod", "default/pod-1"]);
+    assert_eq!(by_pod.len(), 2);
+    assert!(by_pod.iter().all(|f| f["pod_ip"] == p1.ip));
+    assert_eq!(json(&["--pod", &p0.ip]).len(), 1);
+    assert_eq!(
+        json(&["--pod", "pod-0"]).len(),
+        1,
+        "the short pod name matches too"
+    );
+    let udp = json(&["--proto", "udp"]);
+    assert_eq!(
+        (udp.len(), &udp[0]["pod_port"]),
+        (1, &serde_json::json!(46000))
+    );
+    assert_eq!(json(&["--dst", "192.0.2.20/32"]).len(), 3);
+    assert_eq!(json(&["--dst", "198.51.100.0/24"]).len(), 0);
+    assert_eq!(json(&["--port", "8080"]).len(), 1);
+    assert_eq!(json(&["--state", "replied"]).len(), 2);
+    // Exact counters for the one UDP exchange: 1-byte payload + 8 UDP + 20 IPv4 each way.
+    for field in ["packets_out", "packets_in"] {
+        assert_eq!(udp[0][field].as_u64(), Some(1), "{field}");
+    }
+    assert_eq!(
+        (udp[0]["bytes_out"].as_u64(), udp[0]["bytes_in"].as_u64()),
+        (Some(29), Some(29))
+    );
+    // TCP: at least SYN, ACK and the data out; SYN-ACK and the echo in (ACK timing varies).
+    let tcp = &json(&["--proto", "tcp"])[0];
+    assert!(tcp["packets_out"].as_u64().unwrap() >= 3, "{tcp}");
+    assert!(tcp["packets_in"].as_u64().unwrap() >= 2, "{tcp}");
+    assert!(tcp["expires_s"].as_u64().unwrap() > 7000);
+    let wide = lab.cli(&["flows", "-o", "wide"]).unwrap();
+    assert!(
+        wide.starts_with("PROTO") && wide.contains("PKTS OUT") && wide.contains("default/pod-1"),
+        "{wide}"
+    );
+
+    // Prometheus text over HTTP from inside the node.
+    let body = datapath_tests::netns::within(&lab.node, || {
+        use std::io::{Read as _, Write as _};
+        let mut c = std::net::TcpStream::connect("127.0.0.1:9465").unwrap();
+        c.write_all(b"GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n")
+            .unwrap();
+        let mut body = String::new();
+        c.read_to_string(&mut body).unwrap();
+        body
+    })
+    .unwrap();
+    assert!(body.starts_with("HTTP/1.1 200 OK"), "{body}");
+    let metric = |line_start: &str| -> f64 {
+        body.lines()
+            .find(|l| l.starts_with(line_start))
+            .and_then(|l| l.rsplit(' ').next())
+            .and_then(|v| v.parse().ok())
+            .unwrap_or_else(|| panic!("{line_start} missing in\n{body}"))
+    };
+    assert!(metric("datapath_packets_total{counter=\"translated_out\"") >= 5.0);
+    assert!((metric("datapath_flows ") - 3.0).abs() < f64::EPSILON);
+    assert!(metric("datapath_sweep_passes_total ") >= 1.0);
+    assert!(body.contains(
+        "datapath_nat_port_usage_ratio{proto=\"tcp\",dst_ip=\"192.0.2.20\",dst_port=\"8080\"}"
+    ));
+}

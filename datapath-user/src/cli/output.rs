@@ -1,6 +1,6 @@
 //! Aligned text tables.
 
-use std::fmt::Write as _;
+use std::io::Write as _;
 
 /// Prints `rows` under `header`, each column as wide as its widest cell.
 pub fn print_table(header: &[&str], rows: &[Vec<String>]) {
@@ -10,20 +10,22 @@ pub fn print_table(header: &[&str], rows: &[Vec<String>]) {
             *w = (*w).max(cell.chars().count());
         }
     }
-    let line = |cells: Vec<&str>| {
-        let mut out = String::new();
+    // One buffered writer: a million lines must not be a million write calls.
+    let stdout = std::io::stdout();
+    let mut out = std::io::BufWriter::with_capacity(1 << 16, stdout.lock());
+    let mut line = |cells: &[&str]| {
+        let last = cells.len().saturating_sub(1);
         for (i, (cell, w)) in cells.iter().zip(&widths).enumerate() {
-            if i + 1 == cells.len() {
-                out.push_str(cell);
+            let _ = if i == last {
+                writeln!(out, "{cell}")
             } else {
-                let _ = write!(out, "{cell:<w$}  ");
-            }
+                write!(out, "{cell:<w$}  ")
+            };
         }
-        println!("{}", out.trim_end());
     };
-    line(header.to_vec());
+    line(header);
     for row in rows {
-        line(row.iter().map(String::as_str).collect());
+        line(&row.iter().map(String::as_str).collect::<Vec<_>>());
     }
 }
 
