@@ -130,3 +130,113 @@ pub fn collect(maps: &Maps, filter: &Filter) -> Result<Vec<FlowRecord>> {
     });
     Ok(records)
 }
+
+/// A change in the flow table seen by `flows --follow`.
+#[derive(Clone, Debug, Serialize, PartialEq, Eq)]
+pub struct FlowEvent {
+    /// `open`, `state` (the state changed) or `close` (the flow left the table: it expired,
+    /// was evicted or its pod was removed; its counters are the last ones seen).
+    pub event: &'static str,
+    #[serde(flatten)]
+    pub flow: FlowRecord,
+    /// For `close`: how long the flow lived, in seconds.
+    pub duration_s: Option<u64>,
+}
+
+type Tuple = (&'static str, Ipv4Addr, u16, Ipv4Addr, u16);
+
+fn tuple(r: &FlowRecord) -> Tuple {
+    (r.proto, r.pod_ip, r.pod_port, r.dst_ip, r.dst_port)
+}
+
+/// Turns successive snapshots of the flow table into open/state/close events.
+#[derive(Default)]
+pub struct Follower {
+    seen: std::collections::HashMap<Tuple, FlowRecord>,
+}
+
+impl Follower {
+    /// Starts from `initial` without reporting its flows as opened.
+    #[must_use]
+    pub fn new(initial: Vec<FlowRecord>) -> Self {
+        Self {
+            seen: initial.into_iter().map(|r| (tuple(&r), r)).collect(),
+        }
+    }
+
+    /// The events between the previous snapshot and `current`.
+    pub fn step(&mut self, current: Vec<FlowRecord>) -> Vec<FlowEvent> {
+        let mut events = Vec::new();
+        let mut next = std::collections::HashMap::with_capacity(current.len());
+        for r in current {
+            let key = tuple(&r);
+            match self.seen.remove(&key) {
+                None => events.push(FlowEvent {
+                    event: "open",
+                    flow: r.clone(),
+                    duration_s: None,
+                }),
+                Some(old) if old.state != r.state => {
+                    events.push(FlowEvent {
+                        event: "state",
+                        flow: r.clone(),
+                        duration_s: None,
+                    });
+                }
+                Some(_) => {}
+            }
+            next.insert(key, r);
+        }
+        let mut closed: Vec<FlowRecord> = self.seen.drain().map(|(_, r)| r).collect();
+        closed.sort_by_key(tuple);
+        events.extend(closed.into_iter().map(|r| FlowEvent {
+            event: "close",
+            duration_s: Some(r.age_s),
+            flow: r,
+        }));
+        self.seen = next;
+        events
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn rec(port: u16, state: &'static str, packets: u64) -> FlowRecord {
+        FlowRecord {
+            proto: "tcp",
+            pod: Some("default/web-0".into()),
+            pod_ip: Ipv4Addr::new(169, 254, 172, 2),
+            pod_port: port,
+            dst_ip: Ipv4Addr::new(192, 0, 2, 20),
+            dst_port: 80,
+            nat_ip: Ipv4Addr::new(192, 0, 2, 10),
+            nat_port: 20000,
+            state,
+            packets_out: packets,
+            bytes_out: 0,
+            packets_in: 0,
+            bytes_in: 0,
+            age_s: 7,
+            expires_s: 1,
+            ifindex: 3,
+        }
+    }
+
+    #[test]
+    fn follower_reports_open_state_and_close_with_last_counters() {
+        let mut f = Follower::new(vec![rec(1, "established", 1)]);
+        assert!(f.step(vec![rec(1, "established", 2)]).is_empty());
+        let e = f.step(vec![rec(1, "established", 3), rec(2, "syn_sent", 1)]);
+        assert_eq!((e.len(), e[0].event, e[0].flow.pod_port), (1, "open", 2));
+        let e = f.step(vec![rec(1, "closing", 9), rec(2, "syn_sent", 1)]);
+        assert_eq!((e.len(), e[0].event), (1, "state"));
+        let e = f.step(vec![rec(2, "established", 4)]);
+        assert_eq!(
+            e.iter().map(|e| e.event).collect::<Vec<_>>(),
+            ["state", "close"]
+        );
+        assert_eq!((e[1].flow.packets_out, e[1].duration_s), (9, Some(7)));
+    }
+}

@@ -655,3 +655,87 @@ fn flows_filters_and_metrics_endpoint() {
         "datapath_nat_port_usage_ratio{proto=\"tcp\",dst_ip=\"192.0.2.20\",dst_port=\"8080\"}"
     ));
 }
+
+#[test]
+fn follow_reports_open_and_close_with_final_counters() {
+    let lab = lab(LabOptions {
+        run_args: ["--timeout-tcp-closing", "1", "--sweep-interval", "0.2"]
+            .map(String::from)
+            .to_vec(),
+        ..LabOptions::default()
+    });
+    let _echo = Server::tcp(&lab.server, 8080, TcpService::Echo).unwrap();
+    let mut follow = std::process::Command::new("ip")
+        .args(["netns", "exec", &lab.node])
+        .arg(datapath_tests::datapath_user_bin())
+        .args([
+            "flows",
+            "--follow",
+            "-o",
+            "json",
+            "--interval",
+            "0.1",
+            "--port",
+            "8080",
+            "--pin-path",
+        ])
+        .arg(&lab.pin_path)
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let stdout = follow.stdout.take().unwrap();
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        use std::io::BufRead as _;
+        for line in std::io::BufReader::new(stdout)
+            .lines()
+            .map_while(Result::ok)
+        {
+            let _ = tx.send(line);
+        }
+    });
+    std::thread::sleep(Duration::from_millis(300));
+    let mut s = traffic::tcp_connect(&lab.pod(0).ns, SERVER_IP, 8080, None).unwrap();
+    traffic::echo_roundtrip(&mut s, b"followed").unwrap();
+    drop(s); // FIN both ways: closing, swept after 1 s.
+    let mut events: Vec<serde_json::Value> = Vec::new();
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while std::time::Instant::now() < deadline && !events.iter().any(|e| e["event"] == "close") {
+        if let Ok(line) = rx.recv_timeout(Duration::from_millis(200)) {
+            events.push(serde_json::from_str(&line).unwrap());
+        }
+    }
+    // SAFETY: signalling our own child.
+    unsafe { libc::kill(follow.id().cast_signed(), libc::SIGTERM) };
+    let _ = follow.wait();
+    let kinds: Vec<&str> = events
+        .iter()
+        .map(|e| e["event"].as_str().unwrap())
+        .collect();
+    assert_eq!(kinds.first(), Some(&"open"), "{kinds:?}");
+    assert_eq!(kinds.last(), Some(&"close"), "{kinds:?}");
+    let close = events.last().unwrap();
+    assert_eq!(close["pod"], "default/pod-0");
+    assert_eq!(close["dst_port"], 8080);
+    assert_eq!(close["state"], "closing");
+    assert!(close["packets_out"].as_u64().unwrap() >= 4, "{close}");
+    assert!(close["duration_s"].is_u64());
+}
+
+/// The operator docs list every counter the datapath keeps.
+#[test]
+fn every_counter_is_documented() {
+    let doc = std::fs::read_to_string(concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/../docs/observability.md"
+    ))
+    .unwrap();
+    for counter in datapath_common::counters::Counter::ALL {
+        assert!(
+            doc.contains(&format!("`{}`", counter.name())),
+            "{} is not documented",
+            counter.name()
+        );
+    }
+}

@@ -7,7 +7,7 @@ use datapath_common::{
     ipv4::Cidr,
 };
 use datapath_user::{
-    flows::{self, Filter, FlowRecord},
+    flows::{self, Filter, FlowRecord, Follower},
     maps::Maps,
 };
 
@@ -23,6 +23,7 @@ use super::{
 ///   datapath-user flows --pod default/web-0 --proto tcp
 ///   datapath-user flows --dst 192.0.2.0/24 -o json
 ///   datapath-user flows --watch 2
+///   datapath-user flows --follow -o json     # open/state/close events, one JSON object a line
 #[derive(clap::Args)]
 #[command(verbatim_doc_comment)]
 pub struct FlowsArgs {
@@ -46,6 +47,14 @@ pub struct FlowsArgs {
     /// Refresh every SECONDS until interrupted.
     #[arg(long, value_name = "SECONDS", num_args = 0..=1, default_missing_value = "2")]
     watch: Option<f64>,
+    /// Print flow events (open, state change, close with final counters and duration) as
+    /// they happen, until interrupted. Events come from comparing successive reads of the
+    /// flow table every --interval seconds.
+    #[arg(long, conflicts_with = "watch")]
+    follow: bool,
+    /// Seconds between reads for --follow.
+    #[arg(long, default_value_t = 0.2, value_name = "SECONDS")]
+    interval: f64,
     #[command(flatten)]
     pin: PinArgs,
 }
@@ -63,6 +72,9 @@ pub fn execute(args: &FlowsArgs) -> anyhow::Result<()> {
         port: args.port,
     };
     let maps = Maps::open(&args.pin.pin_path)?;
+    if args.follow {
+        return follow(&maps, &filter, args);
+    }
     loop {
         let records = flows::collect(&maps, &filter)?;
         if args.watch.is_some() {
@@ -75,6 +87,54 @@ pub fn execute(args: &FlowsArgs) -> anyhow::Result<()> {
         std::thread::sleep(Duration::from_secs_f64(seconds.max(0.1)));
     }
     Ok(())
+}
+
+fn follow(maps: &Maps, filter: &Filter, args: &FlowsArgs) -> anyhow::Result<()> {
+    let mut follower = Follower::new(flows::collect(maps, filter)?);
+    eprintln!(
+        "following flow events every {}s (Ctrl-C to stop)",
+        args.interval
+    );
+    let stdout = std::io::stdout();
+    loop {
+        std::thread::sleep(Duration::from_secs_f64(args.interval.max(0.05)));
+        let events = follower.step(flows::collect(maps, filter)?);
+        let mut out = stdout.lock();
+        for e in &events {
+            if args.format == Format::Json {
+                serde_json::to_writer(&mut out, e)?;
+                writeln!(out)?;
+            } else {
+                let f = &e.flow;
+                write!(
+                    out,
+                    "{:<6} {} {} {}:{} -> {}:{} via {}:{} {}",
+                    e.event.to_uppercase(),
+                    f.proto,
+                    f.pod.as_deref().unwrap_or("-"),
+                    f.pod_ip,
+                    f.pod_port,
+                    f.dst_ip,
+                    f.dst_port,
+                    f.nat_ip,
+                    f.nat_port,
+                    f.state
+                )?;
+                match e.duration_s {
+                    Some(d) => writeln!(
+                        out,
+                        " out {}p/{} in {}p/{} after {d}s",
+                        f.packets_out,
+                        human_bytes(f.bytes_out),
+                        f.packets_in,
+                        human_bytes(f.bytes_in)
+                    )?,
+                    None => writeln!(out)?,
+                }
+            }
+        }
+        out.flush()?;
+    }
 }
 
 fn print_records(records: &[FlowRecord], format: Format) -> anyhow::Result<()> {
