@@ -168,7 +168,9 @@ impl Flow {
             Some(state) => state.timeout(proto, timeouts),
             None => 0,
         };
-        self.last_seen_ns + timeout as u64 * 1_000_000_000
+        // Saturating: entries are read back from maps any process may have written.
+        self.last_seen_ns
+            .saturating_add(timeout as u64 * 1_000_000_000)
     }
 }
 
