@@ -137,10 +137,12 @@ fn write_l4(ctx: &TcContext, ip: &Ipv4, field: L4Field, value: u16) -> Option<()
                 parse::ptr_at::<[u8; 2]>(ctx, plain_offset(L4Field::IcmpChecksum))
             }
             L4Field::IcmpId => parse::ptr_at::<[u8; 2]>(ctx, plain_offset(L4Field::IcmpId)),
-        }?;
-        // SAFETY: bounds checked by ptr_at.
-        unsafe { *p = value.to_be_bytes() };
-        return Some(());
+        };
+        if let Some(p) = p {
+            // SAFETY: bounds checked by ptr_at.
+            unsafe { *p = value.to_be_bytes() };
+            return Some(());
+        }
     }
     parse::write_u16(ctx, ip.l4_off + plain_offset(field) - L4_OFF_PLAIN, value)
 }

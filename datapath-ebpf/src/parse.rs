@@ -168,6 +168,10 @@ pub fn l4(ctx: &TcContext, ip: &Ipv4) -> Result<L4, Counter> {
     if (ctx.len() as usize) < off + needed {
         return Err(Counter::DropMalformed);
     }
+    // Packets built from page fragments (packet sockets, some drivers) may hold only part of
+    // the headers linearly: pull the L4 header in so the direct reads and writes below and in
+    // `nat` see it.
+    let _ = ensure_linear(ctx, off + needed);
     // One read for everything we use: ports (or ICMP type and identifier) and TCP flags;
     // direct for option-less packets, else one load helper.
     let direct = if off == L4_OFF_PLAIN {

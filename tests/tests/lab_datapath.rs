@@ -413,12 +413,21 @@ fn zero_gap_restart_with_keep_attached_under_live_traffic() {
     let stop2 = std::sync::Arc::clone(&stop);
     let ns = pod.ns.clone();
     let load = std::thread::spawn(move || {
+        // One UDP socket for the whole run, like a long-lived client.
+        let socket = datapath_tests::netns::within(&ns, || {
+            std::net::UdpSocket::bind("0.0.0.0:44000").unwrap()
+        })
+        .unwrap();
+        socket
+            .set_read_timeout(Some(Duration::from_secs(2)))
+            .unwrap();
+        let mut buf = [0u8; 16];
         let mut rounds = 0u32;
         while !stop2.load(std::sync::atomic::Ordering::Relaxed) {
             traffic::echo_roundtrip(&mut stream, b"stream").expect("TCP exchange during restart");
-            let reply = traffic::udp_request(&ns, SERVER_IP, 5353, 44000, b"u")
-                .expect("UDP during restart");
-            assert_eq!(reply, b"u");
+            socket.send_to(b"u", (SERVER_IP, 5353)).unwrap();
+            let (n, _) = socket.recv_from(&mut buf).expect("UDP during restart");
+            assert_eq!(&buf[..n], b"u");
             rounds += 1;
             std::thread::sleep(Duration::from_millis(10));
         }
@@ -738,4 +747,50 @@ fn every_counter_is_documented() {
             counter.name()
         );
     }
+}
+
+/// Packet sockets (trafgen here) build skbs from page fragments with only part of the headers
+/// in the linear area: they must be translated like any other packet, not dropped as malformed.
+#[test]
+fn packets_with_headers_in_page_fragments_are_translated() {
+    let lab = lab(LabOptions::default());
+    let pod = lab.pod(0).clone();
+    let mac = |ns: &str, dev: &str| {
+        exec(ns, &["cat", &format!("/sys/class/net/{dev}/address")])
+            .unwrap()
+            .trim()
+            .to_string()
+    };
+    let conf = std::env::temp_dir().join(format!("dp-trafgen-{}.cfg", lab.id));
+    std::fs::write(
+        &conf,
+        format!(
+            "{{ eth(da={}, sa={}), ipv4(saddr={}, daddr={SERVER_IP}, ttl=64), udp(sp=4000, dp=9), fill(0x00, 18) }}\n",
+            mac(&lab.node, &pod.host_veth),
+            mac(&pod.ns, "v4if0"),
+            pod.ip
+        ),
+    )
+    .unwrap();
+    let conf_path = conf.to_str().unwrap();
+    let _ = exec_output(
+        &pod.ns,
+        &[
+            "timeout",
+            "-s",
+            "INT",
+            "1",
+            "trafgen",
+            "--dev",
+            "v4if0",
+            "--conf",
+            conf_path,
+            "--cpus",
+            "1",
+            "--qdisc-path",
+        ],
+    );
+    let _ = std::fs::remove_file(&conf);
+    assert!(lab.counter("translated_out").unwrap() > 1000);
+    assert_eq!(lab.counter("drop_malformed").unwrap(), 0);
 }

@@ -102,10 +102,20 @@ fn sigkill_under_load_then_restart_keeps_flows_working() {
     let stop2 = std::sync::Arc::clone(&stop);
     let ns = pod.ns.clone();
     let load = std::thread::spawn(move || {
+        // One UDP socket for the whole run, like a long-lived client.
+        let socket = datapath_tests::netns::within(&ns, || {
+            std::net::UdpSocket::bind("0.0.0.0:47000").unwrap()
+        })
+        .unwrap();
+        socket
+            .set_read_timeout(Some(Duration::from_secs(2)))
+            .unwrap();
+        let mut buf = [0u8; 16];
         let mut rounds = 0u32;
         while !stop2.load(std::sync::atomic::Ordering::Relaxed) {
             traffic::echo_roundtrip(&mut stream, b"load").expect("TCP through the crash");
-            traffic::udp_request(&ns, SERVER_IP, 53, 47000, b"u").expect("UDP through the crash");
+            socket.send_to(b"u", (SERVER_IP, 53)).unwrap();
+            socket.recv_from(&mut buf).expect("UDP through the crash");
             rounds += 1;
         }
         rounds

@@ -1,5 +1,6 @@
 //! `cargo xtask`: the project's one-command workflows.
 
+mod bench;
 mod demo;
 mod setup;
 mod test;
@@ -39,6 +40,14 @@ enum Task {
     /// Build the lab (a node, three pods, a server), run the datapath, drive ping, HTTP and
     /// UDP from the pods, show flows and stats, tear everything down.
     Demo,
+    /// Plain routing vs the iptables egress-v4 setup vs the datapath on the same lab, in one
+    /// run: packet rate and node cost per packet, new TCP connections/s, TCP transactions/s,
+    /// TCP bulk; BPF_PROG_TEST_RUN micro-benchmarks and scale figures. Writes results/bench-*/.
+    Bench {
+        /// One short repetition (about a minute) instead of three.
+        #[arg(long)]
+        quick: bool,
+    },
 }
 
 fn main() {
@@ -48,6 +57,7 @@ fn main() {
         Task::Build { release } => setup::ensure().and_then(|()| build(release)),
         Task::Test { args } => test::run(&args),
         Task::Demo => demo::run(),
+        Task::Bench { quick } => bench::run(quick),
     };
     if let Err(e) = result {
         eprintln!("xtask: error: {e:#}");

@@ -1,0 +1,144 @@
+//! BPF_PROG_TEST_RUN micro-benchmarks, run by `cargo xtask bench` (ignored in `cargo test`):
+//! ns per packet for each path, lookup cost as the table grows to 1M flows, memory per flow,
+//! and new-flow cost with 90% of one destination's NAT ports taken. Writes JSON to
+//! `$DATAPATH_BENCH_OUT`.
+
+use datapath_common::{
+    flow::{Flow, FlowKey, FlowState, PROTO_TCP, PROTO_UDP},
+    maps as names,
+    tcp::{TCP_ACK, TCP_SYN},
+};
+use datapath_tests::{
+    packet::{self, Ipv4Packet, Parsed, GW_MAC, POD_MAC},
+    testrun::{
+        addr, with_harness, Harness, HarnessOptions, NODE_IP, OTHER_POD_IP, POD_IP, ROUTER_IP,
+        SERVER_IP, SERVER_MAC,
+    },
+};
+use serde_json::json;
+
+const RUNS: usize = 5000;
+
+fn pod_tcp(sport: u16, flags: u8) -> Vec<u8> {
+    Ipv4Packet::new(
+        POD_IP,
+        SERVER_IP,
+        PROTO_TCP,
+        packet::tcp(POD_IP, SERVER_IP, sport, 80, flags, b"x"),
+    )
+    .frame(POD_MAC, GW_MAC)
+}
+
+fn median_ns(
+    h: &mut Harness,
+    prog: &str,
+    ifindex: u32,
+    mut frame: impl FnMut(usize) -> Vec<u8>,
+) -> f64 {
+    let mut v: Vec<u128> = (0..RUNS)
+        .map(|i| h.run_timed(prog, &frame(i), ifindex).unwrap().2.as_nanos())
+        .collect();
+    v.sort_unstable();
+    v[v.len() / 2] as f64
+}
+
+fn memlock_bytes(name: &str) -> u64 {
+    let out = std::process::Command::new("bpftool")
+        .args(["-j", "map", "show", "name", name])
+        .output()
+        .unwrap();
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap_or_default();
+    // Several labs may have maps of that name: take the newest.
+    v.as_array()
+        .and_then(|a| a.last())
+        .and_then(|m| m["bytes_memlock"].as_u64())
+        .unwrap_or(0)
+}
+
+#[test]
+#[ignore = "benchmark: run by cargo xtask bench"]
+fn micro_benchmarks() {
+    let out_path =
+        std::env::var("DATAPATH_BENCH_OUT").unwrap_or_else(|_| "/tmp/datapath-micro.json".into());
+    let result = with_harness(HarnessOptions { flow_table_size: 1 << 20, ..HarnessOptions::default() }, |h| {
+        let (pod_if, up_if) = (h.pod_ifindex, h.uplink_ifindex);
+        let from_pod = names::PROG_FROM_POD;
+        let ingress = names::PROG_UPLINK_INGRESS;
+        let mut arp = vec![0u8; 42];
+        arp[12..14].copy_from_slice(&0x0806u16.to_be_bytes());
+        let base = median_ns(h, from_pod, pod_if, |_| arp.clone());
+        // Established flow and its reply.
+        let syn = Parsed::parse(&h.from_pod(&pod_tcp(45000, TCP_SYN)).1);
+        let nat_port = syn.src_port();
+        let est_out = median_ns(h, from_pod, pod_if, |_| pod_tcp(45000, TCP_ACK));
+        let reply = Ipv4Packet::new(SERVER_IP, NODE_IP, PROTO_TCP, packet::tcp(SERVER_IP, NODE_IP, 80, nat_port, TCP_ACK, b"y"))
+            .frame(SERVER_MAC, GW_MAC);
+        let est_in = median_ns(h, ingress, up_if, |_| reply.clone());
+        // A new flow each run (slow path: FIB, port allocation, flow creation).
+        let new_flow = median_ns(h, from_pod, pod_if, |i| pod_tcp(1000 + i as u16, TCP_SYN));
+        // ICMP fragmentation-needed about the established flow.
+        let quoted = Parsed::parse(&pod_tcp(45000, TCP_ACK));
+        let mut quoted_ip = quoted.ip[..28].to_vec();
+        quoted_ip[12..16].copy_from_slice(&NODE_IP);
+        quoted_ip[20..22].copy_from_slice(&nat_port.to_be_bytes());
+        let icmp = Ipv4Packet::new(ROUTER_IP, NODE_IP, 1, packet::icmp(3, 4, [0, 0, 5, 0], &quoted_ip)).frame(SERVER_MAC, GW_MAC);
+        let icmp_in = median_ns(h, ingress, up_if, |_| icmp.clone());
+        let p2p = Ipv4Packet::new(POD_IP, OTHER_POD_IP, PROTO_UDP, packet::udp(POD_IP, OTHER_POD_IP, 1, 2, b"x", true)).frame(POD_MAC, GW_MAC);
+        let drop = median_ns(h, from_pod, pod_if, |_| p2p.clone());
+        let net = |v: f64| (v - base).max(0.0).round();
+        let paths = json!({
+            "established out": net(est_out), "reply in": net(est_in), "new flow": net(new_flow),
+            "ICMP error in": net(icmp_in), "drop (pod to pod)": net(drop), "frame passed at the first check (subtracted)": base,
+        });
+
+        // Lookup cost as the table grows.
+        let mut scale = serde_json::Map::new();
+        let now = datapath_user::maps::monotonic_coarse_ns();
+        let mut filled = h.maps.conntrack.keys().flatten().count() as u32;
+        for target in [1_000u32, 100_000, 1_000_000] {
+            let start = std::time::Instant::now();
+            let added = target.saturating_sub(filled);
+            for i in filled..target {
+                let key = FlowKey::new(PROTO_UDP, 0xa9fe_ac00 | (i % 1024), 2000 + (i / 1024) as u16, 0xcb00_7100 | (i % 251), 53);
+                let flow = Flow { created_ns: now, last_seen_ns: now, nat_ip: addr(NODE_IP), nat_port: 1, state: FlowState::Replied as u8, ..Flow::default() };
+                h.maps.conntrack.insert(key, flow, 0).unwrap();
+            }
+            let secs = start.elapsed().as_secs_f64();
+            filled = target;
+            let cost = net(median_ns(h, from_pod, pod_if, |_| pod_tcp(45000, TCP_ACK)));
+            scale.insert(format!("established out at {target} flows (ns)"), json!(cost));
+            if added > 0 {
+                scale.insert(format!("userspace insert rate to {target} (flows/s)"), json!((f64::from(added) / secs).round()));
+            }
+        }
+        let per_flow = (memlock_bytes("CONNTRACK") + memlock_bytes("NAT_BINDINGS")) / (1 << 20);
+        scale.insert("memory per flow (bytes, CONNTRACK + NAT_BINDINGS, from memlock)".into(), json!(per_flow));
+
+        // New flows to one destination with 90% of its 10,000 NAT ports taken: each timed SYN
+        // creates a flow, which is removed again (untimed) so the fill stays at 90%.
+        let owner = FlowKey::new(PROTO_TCP, addr(POD_IP), 9, addr(SERVER_IP), 80);
+        for port in 20000u16..29000 {
+            let _ = h.maps.bindings.insert(owner.reply_tuple(addr(NODE_IP), port), owner, 0);
+        }
+        let mut times = Vec::with_capacity(2000);
+        for i in 0..2000u16 {
+            let sport = 30000 + i;
+            let (verdict, out, took) = h.run_timed(from_pod, &pod_tcp(sport, TCP_SYN), pod_if).unwrap();
+            times.push(took.as_nanos());
+            if verdict == datapath_tests::testrun::TC_ACT_REDIRECT {
+                let key = FlowKey::new(PROTO_TCP, addr(POD_IP), sport, addr(SERVER_IP), 80);
+                let _ = h.maps.bindings.remove(&key.reply_tuple(addr(NODE_IP), Parsed::parse(&out).src_port()));
+                let _ = h.maps.conntrack.remove(&key);
+            }
+        }
+        times.sort_unstable();
+        scale.insert("new flow with 90% of the destination's ports taken (ns)".into(), json!(net(times[times.len() / 2] as f64)));
+        scale.insert("new flow, empty range (ns)".into(), json!(net(new_flow)));
+        let exhausted = h.counter(datapath_common::counters::Counter::DropPortExhausted);
+        scale.insert("port exhaustion drops in 2,000 new flows at 90% fill".into(), json!(exhausted));
+        json!({ "runs_per_figure": RUNS, "paths": paths, "scale": scale })
+    })
+    .unwrap();
+    std::fs::write(&out_path, serde_json::to_string_pretty(&result).unwrap()).unwrap();
+    eprintln!("{}", serde_json::to_string_pretty(&result).unwrap());
+}
