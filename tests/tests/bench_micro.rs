@@ -42,17 +42,14 @@ fn median_ns(
     v[v.len() / 2] as f64
 }
 
-fn memlock_bytes(name: &str) -> u64 {
+fn memlock_bytes(pinned: &std::path::Path) -> u64 {
     let out = std::process::Command::new("bpftool")
-        .args(["-j", "map", "show", "name", name])
+        .args(["-j", "map", "show", "pinned"])
+        .arg(pinned)
         .output()
         .unwrap();
     let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap_or_default();
-    // Several labs may have maps of that name: take the newest.
-    v.as_array()
-        .and_then(|a| a.last())
-        .and_then(|m| m["bytes_memlock"].as_u64())
-        .unwrap_or(0)
+    v["bytes_memlock"].as_u64().unwrap_or(0)
 }
 
 #[test]
@@ -111,22 +108,26 @@ fn micro_benchmarks() {
                 scale.insert(format!("userspace insert rate to {target} (flows/s)"), json!((f64::from(added) / secs).round()));
             }
         }
-        let per_flow = (memlock_bytes("CONNTRACK") + memlock_bytes("NAT_BINDINGS")) / (1 << 20);
+        let pin = h.maps.path.clone();
+        let per_flow = (memlock_bytes(&pin.join("CONNTRACK")) + memlock_bytes(&pin.join("NAT_BINDINGS"))) / (1 << 20);
         scale.insert("memory per flow (bytes, CONNTRACK + NAT_BINDINGS, from memlock)".into(), json!(per_flow));
 
         // New flows to one destination with 90% of its 10,000 NAT ports taken: each timed SYN
         // creates a flow, which is removed again (untimed) so the fill stays at 90%.
-        let owner = FlowKey::new(PROTO_TCP, addr(POD_IP), 9, addr(SERVER_IP), 80);
+        // Port 8443: a tuple space of its own (the flows above all went to port 80).
+        let owner = FlowKey::new(PROTO_TCP, addr(POD_IP), 9, addr(SERVER_IP), 8443);
         for port in 20000u16..29000 {
             let _ = h.maps.bindings.insert(owner.reply_tuple(addr(NODE_IP), port), owner, 0);
         }
         let mut times = Vec::with_capacity(2000);
         for i in 0..2000u16 {
             let sport = 30000 + i;
-            let (verdict, out, took) = h.run_timed(from_pod, &pod_tcp(sport, TCP_SYN), pod_if).unwrap();
+            let syn = Ipv4Packet::new(POD_IP, SERVER_IP, PROTO_TCP, packet::tcp(POD_IP, SERVER_IP, sport, 8443, TCP_SYN, b""))
+                .frame(POD_MAC, GW_MAC);
+            let (verdict, out, took) = h.run_timed(from_pod, &syn, pod_if).unwrap();
             times.push(took.as_nanos());
             if verdict == datapath_tests::testrun::TC_ACT_REDIRECT {
-                let key = FlowKey::new(PROTO_TCP, addr(POD_IP), sport, addr(SERVER_IP), 80);
+                let key = FlowKey::new(PROTO_TCP, addr(POD_IP), sport, addr(SERVER_IP), 8443);
                 let _ = h.maps.bindings.remove(&key.reply_tuple(addr(NODE_IP), Parsed::parse(&out).src_port()));
                 let _ = h.maps.conntrack.remove(&key);
             }

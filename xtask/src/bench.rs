@@ -222,7 +222,7 @@ fn packet_rate(lab: &Lab, ns: &str, seconds: f64, from_node: bool) -> Result<f64
 /// request/response transactions per second on persistent connections.
 fn tcp_loop(lab: &Lab, plan: &Plan, connect_close: bool) -> Result<f64> {
     let port = if connect_close { 7000 } else { 7001 };
-    echo_server(&lab.server, port)?;
+    echo_server(&lab.server, port, plan.clients)?;
     let stop = Arc::new(AtomicBool::new(false));
     let count = Arc::new(AtomicU64::new(0));
     let addr = SocketAddrV4::new(SERVER_IP.parse::<Ipv4Addr>()?, port);
@@ -262,15 +262,16 @@ fn tcp_loop(lab: &Lab, plan: &Plan, connect_close: bool) -> Result<f64> {
     Ok(count.load(Ordering::Relaxed) as f64 / plan.seconds)
 }
 
-/// A blocking-accept echo server, a thread per connection: accept latency must not be what
-/// the connection-rate workload measures. It lives until the process ends (the lab's
-/// namespaces go with it).
-fn echo_server(ns: &str, port: u16) -> Result<()> {
+/// An echo server with a few blocking acceptor threads, each serving its connections inline:
+/// neither accept latency nor thread creation is what the TCP workloads measure. It lives
+/// until the process ends (the lab's namespaces go with it).
+fn echo_server(ns: &str, port: u16, acceptors: usize) -> Result<()> {
     let listener =
         datapath_tests::netns::within(ns, move || std::net::TcpListener::bind(("0.0.0.0", port)))??;
-    std::thread::spawn(move || {
-        for mut stream in listener.incoming().map_while(Result::ok) {
-            std::thread::spawn(move || {
+    for _ in 0..acceptors {
+        let listener = listener.try_clone()?;
+        std::thread::spawn(move || {
+            for mut stream in listener.incoming().map_while(Result::ok) {
                 let _ = stream.set_nodelay(true);
                 let mut buf = [0u8; 64];
                 while let Ok(n) = stream.read(&mut buf) {
@@ -278,9 +279,9 @@ fn echo_server(ns: &str, port: u16) -> Result<()> {
                         break;
                     }
                 }
-            });
-        }
-    });
+            }
+        });
+    }
     Ok(())
 }
 
