@@ -25,8 +25,9 @@ pub struct Maps {
     pub config: Array<MapData, Config>,
     pub counters: PerCpuArray<MapData, u64>,
     pub conntrack_capacity: u32,
-    /// A second handle on CONNTRACK for batch reads.
+    /// Second handles on CONNTRACK and NAT_BINDINGS for batch reads.
     conntrack_raw: MapData,
+    bindings_raw: MapData,
 }
 
 fn open_map(path: &Path, name: &str) -> Result<Map> {
@@ -95,6 +96,8 @@ impl Maps {
             conntrack_capacity,
             conntrack_raw: MapData::from_pin(path.join(names::CONNTRACK))
                 .map_err(|e| Error::map("opening CONNTRACK", e))?,
+            bindings_raw: MapData::from_pin(path.join(names::NAT_BINDINGS))
+                .map_err(|e| Error::map("opening NAT_BINDINGS", e))?,
         })
     }
 
@@ -110,6 +113,20 @@ impl Maps {
                 Ok(())
             }
             Err(e) => Err(Error::io("reading CONNTRACK", e)),
+        }
+    }
+
+    /// Calls `f` for every NAT binding (reply tuple, pod tuple), thousands per syscall.
+    pub fn for_each_binding(&self, mut f: impl FnMut(&FlowKey, &FlowKey)) -> Result<()> {
+        match crate::batch::for_each(&self.bindings_raw, &mut f) {
+            Ok(()) => Ok(()),
+            Err(e) if e.raw_os_error() == Some(libc::EINVAL) => {
+                for (key, owner) in self.bindings.iter().filter_map(Result::ok) {
+                    f(&key, &owner);
+                }
+                Ok(())
+            }
+            Err(e) => Err(Error::io("reading NAT_BINDINGS", e)),
         }
     }
 

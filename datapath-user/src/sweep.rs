@@ -36,14 +36,18 @@ impl Sweeper {
         let start = Instant::now();
         let timeouts = maps.config()?.timeouts;
         let now = monotonic_coarse_ns();
+        // Batch reads: a pass over a million flows costs hundreds of syscalls, not millions.
         let mut scanned = 0;
+        let mut live: HashSet<FlowKey> = HashSet::new();
         let mut expired: Vec<(FlowKey, Flow)> = Vec::new();
-        for (key, flow) in maps.conntrack.iter().filter_map(Result::ok) {
+        maps.for_each_flow(|key, flow| {
             scanned += 1;
             if now >= flow.expires_at_ns(key.proto, &timeouts) {
-                expired.push((key, flow));
+                expired.push((*key, *flow));
+            } else {
+                live.insert(*key);
             }
-        }
+        })?;
         for (key, flow) in &expired {
             let binding = key.reply_tuple(flow.nat_ip, flow.nat_port);
             if maps
@@ -58,15 +62,15 @@ impl Sweeper {
 
         let mut suspects = HashSet::new();
         let mut orphans = Vec::new();
-        for (binding, owner) in maps.bindings.iter().filter_map(Result::ok) {
-            if maps.conntrack.get(&owner, 0).is_err() {
-                if self.suspects.contains(&binding) {
-                    orphans.push(binding);
+        maps.for_each_binding(|binding, owner| {
+            if !live.contains(owner) {
+                if self.suspects.contains(binding) {
+                    orphans.push(*binding);
                 } else {
-                    suspects.insert(binding);
+                    suspects.insert(*binding);
                 }
             }
-        }
+        })?;
         for binding in &orphans {
             let _ = maps.bindings.remove(binding);
         }
