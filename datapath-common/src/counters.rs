@@ -98,6 +98,8 @@ counters! {
     DropNotConfigured = 25, "drop_not_configured", Dropped;
     /// Packets a redirect helper refused.
     DropRedirectFailed = 26, "drop_redirect_failed", Dropped;
+    /// NAT ports taken over from TCP connections that were over (both FINs or a RST) and idle for a second.
+    PortReclaimed = 27, "port_reclaimed", Event;
 }
 
 #[cfg(test)]

@@ -22,7 +22,7 @@ use datapath_common::{
     tcp::{self, Direction},
 };
 
-use crate::maps::{count, scratch_flow, CONFIG, CONNTRACK, NAT_BINDINGS, PODS};
+use crate::maps::{count, scratch_flow, CONFIG, CONNTRACK, NAT_BINDINGS, PODS, SCRATCH_PROBE};
 
 /// How often (ns) the outbound path re-checks a flow's NAT binding and route.
 pub const REVALIDATE_INTERVAL_NS: u64 = 1_000_000_000;
@@ -91,6 +91,7 @@ pub fn create(
         mode: cfg.randomisation,
         found: 0,
         port: 0,
+        now,
     };
     // bpf_loop: the verifier checks the probe once instead of once per attempt.
     // SAFETY: the callback matches bpf_loop's contract and only touches `search`.
@@ -145,6 +146,16 @@ struct PortSearch {
     mode: u8,
     found: u8,
     port: u16,
+    now: u64,
+}
+
+/// The probe callback's working memory, in a per-CPU map: its frame counts against the
+/// 512-byte stack on top of its caller's, which has none to spare.
+#[repr(C)]
+pub struct ProbeScratch {
+    binding: FlowKey,
+    owner: FlowKey,
+    tuple: bpf_sock_tuple,
 }
 
 /// One probe: claims the candidate's reply tuple in NAT_BINDINGS unless it is taken (by
@@ -160,18 +171,35 @@ extern "C" fn probe_port(attempt: u64, ctx: *mut c_void) -> i64 {
         s.port_min,
         s.port_count,
     );
-    let binding = s.key.reply_tuple(s.node_ip, candidate);
+    let Some(scratch) = SCRATCH_PROBE.get_ptr_mut(0) else {
+        return 1;
+    };
+    // SAFETY: this CPU's slot, used only while this program runs on it.
+    let w = unsafe { &mut *scratch };
+    w.binding = s.key.reply_tuple(s.node_ip, candidate);
     if NAT_BINDINGS
-        .insert(binding, s.key, u64::from(BPF_NOEXIST))
+        .insert(w.binding, s.key, u64::from(BPF_NOEXIST))
         .is_err()
     {
-        // Taken. If it is ours (the flow entry was evicted, the binding survived), keep it.
-        // SAFETY: FlowKey is plain data.
-        if unsafe { NAT_BINDINGS.get(binding) } != Some(&s.key) {
+        // Taken. If it is ours (the flow entry was evicted, the binding survived), keep it;
+        // if its connection is over, take it over.
+        // SAFETY: FlowKey is plain data, copied out.
+        let Some(owner) = (unsafe { NAT_BINDINGS.get(w.binding) }).copied() else {
             return 0;
+        };
+        w.owner = owner;
+        if w.owner != s.key {
+            if !is_reclaimable(&w.owner, s.now) {
+                return 0;
+            }
+            let _ = CONNTRACK.remove(w.owner);
+            if NAT_BINDINGS.insert(w.binding, s.key, 0).is_err() {
+                return 0;
+            }
+            count(Counter::PortReclaimed);
         }
-    } else if node_socket_owns(s.skb, &binding) {
-        let _ = NAT_BINDINGS.remove(binding);
+    } else if node_socket_owns(s.skb, &w.binding, &mut w.tuple) {
+        let _ = NAT_BINDINGS.remove(w.binding);
         return 0;
     }
     s.found = 1;
@@ -179,15 +207,40 @@ extern "C" fn probe_port(attempt: u64, ctx: *mut c_void) -> i64 {
     1
 }
 
+/// How long a finished TCP connection keeps its NAT port before a new flow may take it: late
+/// packets of the old connection (the last ACK, a retransmitted FIN) still find it meanwhile.
+const RECLAIM_AFTER_NS: u64 = 1_000_000_000;
+
+/// True when the flow holding a NAT binding is a TCP connection that is over (both FINs or a
+/// RST) and idle, or is gone: its port can serve a new flow. Without this, a pod opening
+/// connections to one destination faster than range / closing-timeout runs out of ports.
+#[inline(always)]
+fn is_reclaimable(owner: &FlowKey, now: u64) -> bool {
+    // SAFETY: map value read.
+    match unsafe { CONNTRACK.get(owner) } {
+        None => true,
+        Some(flow) => {
+            let finished = match flow.state() {
+                Some(FlowState::Reset) => true,
+                Some(FlowState::Closing) => {
+                    flow.flags & (FLAG_FIN_OUT | FLAG_FIN_IN) == (FLAG_FIN_OUT | FLAG_FIN_IN)
+                }
+                _ => false,
+            };
+            owner.proto == PROTO_TCP
+                && finished
+                && now.wrapping_sub(flow.last_seen_ns) >= RECLAIM_AFTER_NS
+        }
+    }
+}
+
 /// True when the node itself has a socket that would take packets with this reply tuple
 /// (a connected socket with the same 4-tuple or a listener on the port).
 #[inline(always)]
-pub fn node_socket_owns(skb: *mut __sk_buff, reply: &FlowKey) -> bool {
+pub fn node_socket_owns(skb: *mut __sk_buff, reply: &FlowKey, tuple: &mut bpf_sock_tuple) -> bool {
     if reply.proto != PROTO_TCP && reply.proto != PROTO_UDP {
         return false;
     }
-    // SAFETY: the tuple is a plain union of integers; zeroed is a valid value.
-    let mut tuple: bpf_sock_tuple = unsafe { core::mem::zeroed() };
     // SAFETY: writing the IPv4 member of the union.
     unsafe {
         let v4 = &mut tuple.__bindgen_anon_1.ipv4;
@@ -202,9 +255,9 @@ pub fn node_socket_owns(skb: *mut __sk_buff, reply: &FlowKey) -> bool {
     // SAFETY: valid context, tuple and size; a returned socket is released right away.
     unsafe {
         let sk = if reply.proto == PROTO_TCP {
-            bpf_skc_lookup_tcp(skb, &raw mut tuple, size, netns, 0)
+            bpf_skc_lookup_tcp(skb, &raw mut *tuple, size, netns, 0)
         } else {
-            bpf_sk_lookup_udp(skb, &raw mut tuple, size, netns, 0)
+            bpf_sk_lookup_udp(skb, &raw mut *tuple, size, netns, 0)
         };
         if sk.is_null() {
             return false;

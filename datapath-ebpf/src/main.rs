@@ -359,7 +359,9 @@ fn try_uplink_ingress(ctx: &TcContext) -> Result<i32, Counter> {
     let Some(pod_key) = (unsafe { NAT_BINDINGS.get(tuple) }).copied() else {
         if ip.proto != PROTO_ICMP
             && cfg.port_in_range(l4.dst_port)
-            && !conntrack::node_socket_owns(ctx.skb.skb, &tuple)
+            && !conntrack::node_socket_owns(ctx.skb.skb, &tuple, &mut unsafe {
+                core::mem::zeroed()
+            })
         {
             return Err(Counter::DropUntrackedInbound);
         }

@@ -44,6 +44,11 @@ pub static SCRATCH_FLOW: PerCpuArray<Flow> = PerCpuArray::with_max_entries(1, 0)
 #[map(name = "SCRATCH_FIB")]
 pub static SCRATCH_FIB: PerCpuArray<bpf_fib_lookup> = PerCpuArray::with_max_entries(1, 0);
 
+/// Per-CPU working memory of the NAT port probe (`conntrack::probe_port`).
+#[map(name = "SCRATCH_PROBE")]
+pub static SCRATCH_PROBE: PerCpuArray<crate::conntrack::ProbeScratch> =
+    PerCpuArray::with_max_entries(1, 0);
+
 /// A zeroed flow entry in this CPU's scratch slot.
 #[inline(always)]
 pub fn scratch_flow() -> Option<&'static mut Flow> {

@@ -751,3 +751,44 @@ fn established_path_cost_is_bounded() {
     })
     .unwrap();
 }
+
+#[test]
+fn ports_of_finished_connections_are_reclaimed() {
+    with_harness(
+        HarnessOptions {
+            port_range: (32000, 32000),
+            ..HarnessOptions::default()
+        },
+        |h| {
+            let first = open_tcp(h, 5000);
+            let key = pod_key(PROTO_TCP, 5000, SERVER_IP, 80);
+            // Both FINs seen: the connection is over.
+            h.from_pod(&pod_tcp(5000, 80, TCP_FIN | TCP_ACK));
+            assert_eq!(
+                h.from_wire(&wire_tcp(first.src_port(), TCP_FIN | TCP_ACK))
+                    .0,
+                TC_ACT_REDIRECT
+            );
+            // Within a second the port still belongs to it.
+            assert_eq!(h.from_pod(&pod_tcp(5001, 80, TCP_SYN)).0, TC_ACT_SHOT);
+            assert_eq!(h.counter(Counter::DropPortExhausted), 1);
+            // Idle for over a second: a new connection takes the port over.
+            let mut old = h.flow(&key).unwrap();
+            old.last_seen_ns -= 2_000_000_000;
+            h.maps.conntrack.insert(key, old, 0).unwrap();
+            let second = open_tcp(h, 5002);
+            assert_eq!(second.src_port(), first.src_port());
+            assert_eq!(h.counter(Counter::PortReclaimed), 1);
+            assert!(h.flow(&key).is_none(), "the finished flow is gone");
+            let reply = key.reply_tuple(addr(NODE_IP), first.src_port());
+            assert_eq!(
+                h.binding(&reply),
+                Some(pod_key(PROTO_TCP, 5002, SERVER_IP, 80))
+            );
+            // An established connection's port is never taken.
+            let (verdict, _) = h.from_pod(&pod_tcp(5003, 80, TCP_SYN));
+            assert_eq!(verdict, TC_ACT_SHOT);
+        },
+    )
+    .unwrap();
+}
