@@ -36,7 +36,15 @@ struct Plan {
 }
 
 const MODES: [Mode; 3] = [Mode::Plain, Mode::Iptables, Mode::Datapath];
-const WORKLOADS: [&str; 4] = ["pps", "tcp_crr", "tcp_rr", "tcp_bulk"];
+/// `_1pod`: the same workload from a single pod with one client.
+const WORKLOADS: [&str; 6] = [
+    "pps",
+    "tcp_crr",
+    "tcp_rr",
+    "tcp_crr_1pod",
+    "tcp_rr_1pod",
+    "tcp_bulk",
+];
 
 fn mode_name(mode: Mode) -> &'static str {
     match mode {
@@ -95,8 +103,10 @@ pub fn run(quick: bool) -> Result<()> {
                 );
                 let value = match workload {
                     "pps" => packet_rate(&lab, &lab.pod(0).ns, plan.seconds, false)?,
-                    "tcp_crr" => tcp_loop(&lab, &plan, true)?,
-                    "tcp_rr" => tcp_loop(&lab, &plan, false)?,
+                    "tcp_crr" => tcp_loop(&lab, &plan, plan.clients, true)?,
+                    "tcp_rr" => tcp_loop(&lab, &plan, plan.clients, false)?,
+                    "tcp_crr_1pod" => tcp_loop(&lab, &plan, 1, true)?,
+                    "tcp_rr_1pod" => tcp_loop(&lab, &plan, 1, false)?,
                     _ => iperf3(&lab, plan.seconds)?,
                 };
                 samples
@@ -218,16 +228,17 @@ fn packet_rate(lab: &Lab, ns: &str, seconds: f64, from_node: bool) -> Result<f64
     Ok(packets as f64 / seconds)
 }
 
-/// Parallel clients, one per pod: new connections per second (`connect_close`) or
+/// `clients` parallel clients, one per pod: new connections per second (`connect_close`) or
 /// request/response transactions per second on persistent connections.
-fn tcp_loop(lab: &Lab, plan: &Plan, connect_close: bool) -> Result<f64> {
-    let port = if connect_close { 7000 } else { 7001 };
-    echo_server(&lab.server, port, plan.clients)?;
+fn tcp_loop(lab: &Lab, plan: &Plan, clients: usize, connect_close: bool) -> Result<f64> {
+    // A fresh port per workload: the servers live until the process ends.
+    let port = 7000 + u16::from(connect_close) + 2 * u16::from(clients == 1);
+    echo_server(&lab.server, port, clients)?;
     let stop = Arc::new(AtomicBool::new(false));
     let count = Arc::new(AtomicU64::new(0));
     let addr = SocketAddrV4::new(SERVER_IP.parse::<Ipv4Addr>()?, port);
     let mut handles = Vec::new();
-    for i in 0..plan.clients {
+    for i in 0..clients {
         let (stop, count) = (Arc::clone(&stop), Arc::clone(&count));
         handles.push(datapath_tests::netns::spawn_within(
             &lab.pod(i).ns,
@@ -440,6 +451,7 @@ impl Report<'_> {
         })
     }
 
+    #[allow(clippy::too_many_lines, reason = "one report, row by row")]
     fn markdown(&self) -> String {
         let mut s = String::new();
         let _ = writeln!(
@@ -484,15 +496,29 @@ impl Report<'_> {
         );
         row(
             &mut s,
-            "new TCP connections/s",
+            "new TCP connections/s, 4 pods",
             &|m| self.med("tcp_crr", m) / 1e3,
             "k/s",
             false,
         );
         row(
             &mut s,
-            "TCP transactions/s",
+            "TCP transactions/s, 4 pods",
             &|m| self.med("tcp_rr", m) / 1e3,
+            "k/s",
+            false,
+        );
+        row(
+            &mut s,
+            "new TCP connections/s, 1 pod",
+            &|m| self.med("tcp_crr_1pod", m) / 1e3,
+            "k/s",
+            false,
+        );
+        row(
+            &mut s,
+            "TCP transactions/s, 1 pod",
+            &|m| self.med("tcp_rr_1pod", m) / 1e3,
             "k/s",
             false,
         );
