@@ -480,8 +480,13 @@ pub fn del(conf: &NetConf, env: &Env) -> Result<()> {
         |r| r.host_veth.clone(),
     );
     if link_exists(&host_veth) {
-        // Deleting the host end removes the pod end too.
-        run("ip", &["link", "del", &host_veth])?;
+        // Deleting the host end removes the pod end too. The kernel may be removing it
+        // already (the netns was just deleted): gone is as good as deleted.
+        if let Err(e) = run("ip", &["link", "del", &host_veth]) {
+            if link_exists(&host_veth) {
+                return Err(e);
+            }
+        }
     }
     if let Some(record) = &record {
         match pods::unregister(&record.pin_path, record.ip) {
