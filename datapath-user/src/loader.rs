@@ -157,29 +157,25 @@ pub fn attach(
     let path = link_pin(pin_path, what);
     std::fs::create_dir_all(path.parent().unwrap_or(pin_path))
         .map_err(|e| Error::io("creating the links directory", e))?;
-    if let Ok(pinned) = PinnedLink::from_pin(&path) {
-        let link = SchedClassifierLink::try_from(FdLink::from(pinned))
-            .map_err(|e| Error::link(context(), e))?;
-        let id = prog
-            .attach_to_link(link)
-            .map_err(|e| Error::program(context(), e))?;
-        // The pin keeps the link; dropping our handle only closes the descriptor.
-        let link: FdLink = prog
-            .take_link(id)
-            .map_err(|e| Error::program(context(), e))?
-            .try_into()
-            .map_err(|e: aya::programs::links::LinkError| Error::link(context(), e))?;
-        drop(link);
-        return Ok(());
+    let id = match PinnedLink::from_pin(&path) {
+        // Already attached (a previous daemon): swap the program in, atomically.
+        Ok(pinned) => {
+            let link = SchedClassifierLink::try_from(FdLink::from(pinned))
+                .map_err(|e| Error::link(context(), e))?;
+            prog.attach_to_link(link)
+        }
+        Err(_) => prog.attach(ifname, attach_type),
     }
-    let id = prog
-        .attach(ifname, attach_type)
-        .map_err(|e| Error::program(context(), e))?;
+    .map_err(|e| Error::program(context(), e))?;
     let link: FdLink = prog
         .take_link(id)
         .map_err(|e| Error::program(context(), e))?
         .try_into()
         .map_err(|e: aya::programs::links::LinkError| Error::link(context(), e))?;
+    if path.exists() {
+        // The pin keeps the link; dropping our handle only closes the descriptor.
+        return Ok(());
+    }
     link.pin(&path).map_err(|e| {
         Error::io(
             format!("pinning link {}", path.display()),

@@ -295,3 +295,49 @@ pub fn background<T: Send + 'static>(
 ) -> Result<std::thread::JoinHandle<T>> {
     spawn_within(ns, f)
 }
+
+/// TCP echo exchanges and UDP request/responses in a loop from a pod, on one connection and
+/// one UDP socket, until stopped: traffic that must survive daemon restarts.
+pub struct LiveLoad {
+    stop: Arc<AtomicBool>,
+    thread: std::thread::JoinHandle<Result<u32>>,
+}
+
+impl LiveLoad {
+    /// Starts the loop in namespace `ns` over `stream`, with UDP from `udp_local_port` to the
+    /// echo server at `udp_dst`, pausing `pause` between rounds.
+    pub fn start(
+        ns: &str,
+        mut stream: TcpStream,
+        udp_dst: (Ipv4Addr, u16),
+        udp_local_port: u16,
+        pause: Duration,
+    ) -> Result<Self> {
+        let socket = within(ns, move || UdpSocket::bind(("0.0.0.0", udp_local_port)))??;
+        socket.set_read_timeout(Some(Duration::from_secs(2)))?;
+        let stop = Arc::new(AtomicBool::new(false));
+        let stop2 = Arc::clone(&stop);
+        let thread = std::thread::spawn(move || -> Result<u32> {
+            let mut buf = [0u8; 16];
+            let mut rounds = 0u32;
+            while !stop2.load(Ordering::Relaxed) {
+                echo_roundtrip(&mut stream, b"live").context("TCP exchange")?;
+                socket.send_to(b"u", udp_dst)?;
+                let (n, _) = socket.recv_from(&mut buf).context("UDP reply")?;
+                anyhow::ensure!(&buf[..n] == b"u", "UDP reply differs");
+                rounds += 1;
+                std::thread::sleep(pause);
+            }
+            Ok(rounds)
+        });
+        Ok(Self { stop, thread })
+    }
+
+    /// Stops the loop; the number of complete rounds, or the first exchange that failed.
+    pub fn finish(self) -> Result<u32> {
+        self.stop.store(true, Ordering::Relaxed);
+        self.thread
+            .join()
+            .map_err(|_| anyhow::anyhow!("load thread panicked"))?
+    }
+}

@@ -407,38 +407,21 @@ fn zero_gap_restart_with_keep_attached_under_live_traffic() {
     let _echo = Server::tcp(&lab.server, 8080, TcpService::Echo).unwrap();
     let _udp = Server::udp_echo(&lab.server, 5353).unwrap();
     let pod = lab.pod(0).clone();
-    let mut stream = traffic::tcp_connect(&pod.ns, SERVER_IP, 8080, None).unwrap();
+    let stream = traffic::tcp_connect(&pod.ns, SERVER_IP, 8080, None).unwrap();
     // A TCP exchange and a UDP request every 10 ms while the daemon restarts.
-    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
-    let stop2 = std::sync::Arc::clone(&stop);
-    let ns = pod.ns.clone();
-    let load = std::thread::spawn(move || {
-        // One UDP socket for the whole run, like a long-lived client.
-        let socket = datapath_tests::netns::within(&ns, || {
-            std::net::UdpSocket::bind("0.0.0.0:44000").unwrap()
-        })
-        .unwrap();
-        socket
-            .set_read_timeout(Some(Duration::from_secs(2)))
-            .unwrap();
-        let mut buf = [0u8; 16];
-        let mut rounds = 0u32;
-        while !stop2.load(std::sync::atomic::Ordering::Relaxed) {
-            traffic::echo_roundtrip(&mut stream, b"stream").expect("TCP exchange during restart");
-            socket.send_to(b"u", (SERVER_IP, 5353)).unwrap();
-            let (n, _) = socket.recv_from(&mut buf).expect("UDP during restart");
-            assert_eq!(&buf[..n], b"u");
-            rounds += 1;
-            std::thread::sleep(Duration::from_millis(10));
-        }
-        rounds
-    });
+    let load = traffic::LiveLoad::start(
+        &pod.ns,
+        stream,
+        (SERVER_IP.parse().unwrap(), 5353),
+        44000,
+        Duration::from_millis(10),
+    )
+    .unwrap();
     std::thread::sleep(Duration::from_millis(300));
     assert!(lab.stop_daemon(libc::SIGTERM).unwrap().unwrap().success());
     lab.start_daemon().unwrap();
     std::thread::sleep(Duration::from_millis(300));
-    stop.store(true, std::sync::atomic::Ordering::Relaxed);
-    let rounds = load.join().expect("traffic survived the restart");
+    let rounds = load.finish().expect("traffic survived the restart");
     assert!(rounds > 20, "only {rounds} rounds");
     assert_eq!(lab.counter("drop_untracked_inbound").unwrap(), 0);
     // Taking the datapath off the node: the pinned links go, the maps stay.

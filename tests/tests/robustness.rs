@@ -97,36 +97,21 @@ fn sigkill_under_load_then_restart_keeps_flows_working() {
     let _echo = Server::tcp(&lab.server, 8080, TcpService::Echo).unwrap();
     let _udp = Server::udp_echo(&lab.server, 53).unwrap();
     let pod = lab.pod(0).clone();
-    let mut stream = traffic::tcp_connect(&pod.ns, SERVER_IP, 8080, None).unwrap();
-    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
-    let stop2 = std::sync::Arc::clone(&stop);
-    let ns = pod.ns.clone();
-    let load = std::thread::spawn(move || {
-        // One UDP socket for the whole run, like a long-lived client.
-        let socket = datapath_tests::netns::within(&ns, || {
-            std::net::UdpSocket::bind("0.0.0.0:47000").unwrap()
-        })
-        .unwrap();
-        socket
-            .set_read_timeout(Some(Duration::from_secs(2)))
-            .unwrap();
-        let mut buf = [0u8; 16];
-        let mut rounds = 0u32;
-        while !stop2.load(std::sync::atomic::Ordering::Relaxed) {
-            traffic::echo_roundtrip(&mut stream, b"load").expect("TCP through the crash");
-            socket.send_to(b"u", (SERVER_IP, 53)).unwrap();
-            socket.recv_from(&mut buf).expect("UDP through the crash");
-            rounds += 1;
-        }
-        rounds
-    });
+    let stream = traffic::tcp_connect(&pod.ns, SERVER_IP, 8080, None).unwrap();
+    let load = traffic::LiveLoad::start(
+        &pod.ns,
+        stream,
+        (SERVER_IP.parse().unwrap(), 53),
+        47000,
+        Duration::ZERO,
+    )
+    .unwrap();
     std::thread::sleep(Duration::from_millis(300));
     // A crash leaves the pinned links, so translation goes on without the daemon.
     lab.stop_daemon(libc::SIGKILL).unwrap();
     std::thread::sleep(Duration::from_millis(300));
     lab.start_daemon().unwrap();
     std::thread::sleep(Duration::from_millis(300));
-    stop.store(true, std::sync::atomic::Ordering::Relaxed);
-    let rounds = load.join().expect("traffic survived SIGKILL and restart");
+    let rounds = load.finish().expect("traffic survived SIGKILL and restart");
     assert!(rounds > 20, "{rounds} rounds");
 }
