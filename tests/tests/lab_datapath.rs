@@ -153,6 +153,21 @@ fn drops_are_counted_pod_to_pod_spoofed_cross_node_untracked() {
     let mut s = traffic::tcp_connect(&lab.server, NODE_IP, 20001, None).unwrap();
     traffic::echo_roundtrip(&mut s, b"node service").unwrap();
     drop(node_service);
+
+    // The daemon's log reports what the datapath dropped.
+    std::thread::sleep(Duration::from_millis(1500));
+    let log = std::fs::read_to_string(&lab.daemon_log).unwrap();
+    for counter in [
+        "drop_pod_to_pod",
+        "drop_spoofed_source",
+        "drop_cross_node",
+        "drop_untracked_inbound",
+    ] {
+        assert!(
+            log.contains(&format!("datapath: {counter} +")),
+            "{counter} not logged:\n{log}"
+        );
+    }
 }
 
 #[test]

@@ -12,6 +12,7 @@ use aya::programs::TcAttachType;
 use clap::ValueEnum;
 use datapath_common::{
     config::{Config, PortRandomisation, Timeouts},
+    counters::{Counter, Kind},
     ipv4::Cidr,
     maps::{self as names, DEFAULT_FLOW_TABLE_SIZE},
 };
@@ -168,6 +169,7 @@ pub fn execute(args: &RunArgs) -> anyhow::Result<()> {
     let _ = std::io::stdout().flush();
 
     let interval = Duration::from_secs_f64(args.sweep_interval.max(0.05));
+    let mut previous = maps.counters().unwrap_or_default();
     let signal = wait_for_signal(interval, || {
         let mut sweeper = sweeper
             .lock()
@@ -179,6 +181,10 @@ pub fn execute(args: &RunArgs) -> anyhow::Result<()> {
             ),
             Ok(_) => {}
             Err(e) => warn!("sweep: {e}"),
+        }
+        if let Ok(current) = maps.counters() {
+            log_datapath_events(&previous, &current);
+            previous = current;
         }
     })?;
     if args.keep_attached {
@@ -257,6 +263,32 @@ fn build_config(args: &RunArgs) -> anyhow::Result<Config> {
             _pad: 0,
         },
     })
+}
+
+/// The datapath's log: what its drop and repair counters did since the last tick (the
+/// programs count rather than log per packet, which the fast path could not afford).
+fn log_datapath_events(previous: &[(Counter, u64)], current: &[(Counter, u64)]) {
+    for ((counter, before), (_, now)) in previous.iter().zip(current) {
+        let delta = now.saturating_sub(*before);
+        if delta == 0 {
+            continue;
+        }
+        match counter.kind() {
+            Kind::Dropped => warn!(
+                "datapath: {} +{delta}: {}",
+                counter.name(),
+                counter.description()
+            ),
+            Kind::Event if *counter != Counter::FlowCreated => {
+                info!(
+                    "datapath: {} +{delta}: {}",
+                    counter.name(),
+                    counter.description()
+                );
+            }
+            _ => {}
+        }
+    }
 }
 
 /// Calls `tick` every `interval` until SIGTERM or SIGINT; returns the signal's name.
