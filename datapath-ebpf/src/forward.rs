@@ -39,11 +39,11 @@ pub struct NextHop {
 /// What the FIB says about a translated pod packet.
 pub enum Route {
     Forward(NextHop),
-    /// Addressed to the node itself: the host stack delivers it.
-    Local,
-    /// Not forwardable here (no route, fragmentation needed, forwarding off): the host stack
-    /// deals with it and answers the pod with ICMP where appropriate.
-    HostStack,
+    /// The host stack takes the packet untranslated, counted under this pass counter:
+    /// `PassLocal` when it is addressed to the node itself, `PassHostStack` when it is not
+    /// forwardable here (no route, fragmentation needed, forwarding off, TTL exhausted) and the
+    /// host answers the pod with ICMP where appropriate.
+    Pass(Counter),
 }
 
 /// Looks up the route for `ip` as it will be after translation to `nat_ip`.
@@ -51,7 +51,7 @@ pub enum Route {
 pub fn route(ctx: &TcContext, ip: &Ipv4, nat_ip: u32, ingress_ifindex: u32) -> Route {
     // The 64-byte parameter block lives in a per-CPU scratch slot: the stack is tight.
     let Some(params) = SCRATCH_FIB.get_ptr_mut(0) else {
-        return Route::HostStack;
+        return Route::Pass(Counter::PassHostStack);
     };
     // SAFETY: this CPU's slot, used only while this program runs; zero is valid for every
     // field of the plain-data block.
@@ -87,9 +87,25 @@ pub fn route(ctx: &TcContext, ip: &Ipv4, nat_ip: u32, ingress_ifindex: u32) -> R
             gateway: unsafe { params.__bindgen_anon_4.ipv4_dst },
             mtu: 0,
         }),
-        BPF_FIB_LKUP_RET_NOT_FWDED => Route::Local,
-        _ => Route::HostStack,
+        BPF_FIB_LKUP_RET_NOT_FWDED => Route::Pass(Counter::PassLocal),
+        _ => Route::Pass(Counter::PassHostStack),
     }
+}
+
+/// The route for a translated pod packet, with the packet's TTL decremented when it is
+/// forwarded: everything the bypassed forwarding code would have decided.
+#[inline(always)]
+pub fn forward(
+    ctx: &TcContext,
+    ip: &Ipv4,
+    nat_ip: u32,
+    ingress_ifindex: u32,
+) -> Result<Route, Counter> {
+    let route = route(ctx, ip, nat_ip, ingress_ifindex);
+    if matches!(route, Route::Forward(_)) && !decrement_ttl(ctx, ip)? {
+        return Ok(Route::Pass(Counter::PassHostStack));
+    }
+    Ok(route)
 }
 
 /// Decrements the TTL as a router does (the fast path skips the kernel's forwarding code).

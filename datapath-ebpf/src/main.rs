@@ -97,14 +97,10 @@ fn try_from_pod(ctx: &TcContext) -> Result<i32, Counter> {
     }
     if ip.fragment == Fragment::Later {
         conntrack::registered_pod(ip.src, ifindex)?;
-        let hop = match forward::route(ctx, &ip, cfg.node_ip, ifindex) {
+        let hop = match forward::forward(ctx, &ip, cfg.node_ip, ifindex)? {
             Route::Forward(hop) => hop,
-            Route::Local => return pass(Counter::PassLocal),
-            Route::HostStack => return pass(Counter::PassHostStack),
+            Route::Pass(counter) => return pass(counter),
         };
-        if !forward::decrement_ttl(ctx, &ip)? {
-            return pass(Counter::PassHostStack);
-        }
         nat::rewrite(ctx, &ip, None, Side::Source, cfg.node_ip, 0)?;
         count(Counter::FragmentOut);
         return forward::send(ctx, &hop);
@@ -158,14 +154,10 @@ fn try_from_pod_slow(ctx: &TcContext) -> Result<i32, Counter> {
         return Err(Counter::DropMalformed);
     };
     let (ip, l4, ifindex) = (&ip, &parse::l4(ctx, &ip)?, ifindex(ctx));
-    let hop = match forward::route(ctx, ip, cfg.node_ip, ifindex) {
+    let hop = match forward::forward(ctx, ip, cfg.node_ip, ifindex)? {
         Route::Forward(hop) => hop,
-        Route::Local => return pass(Counter::PassLocal),
-        Route::HostStack => return pass(Counter::PassHostStack),
+        Route::Pass(counter) => return pass(counter),
     };
-    if !forward::decrement_ttl(ctx, ip)? {
-        return pass(Counter::PassHostStack);
-    }
     let key = FlowKey::new(ip.proto, ip.src, l4.src_port, ip.dst, l4.dst_port);
     let existing = CONNTRACK.get_ptr_mut(key);
     if let Some(f) = existing {
@@ -293,10 +285,9 @@ fn icmp_error_from_pod(ctx: &TcContext, ip: &Ipv4, l4: &L4, ingress: u32) -> Res
     let flow = unsafe { CONNTRACK.get(key) }.ok_or(Counter::DropIcmpUntracked)?;
     let (nat_ip, nat_port) = (flow.nat_ip, flow.nat_port);
     let route = match (ingress != 0).then_some(ingress) {
-        Some(ifindex) => match forward::route(ctx, ip, nat_ip, ifindex) {
+        Some(ifindex) => match forward::forward(ctx, ip, nat_ip, ifindex)? {
             Route::Forward(hop) => Some(hop),
-            Route::Local => return pass(Counter::PassLocal),
-            Route::HostStack => return pass(Counter::PassHostStack),
+            Route::Pass(counter) => return pass(counter),
         },
         None => None,
     };
