@@ -21,7 +21,7 @@ use std::{
 
 use anyhow::{bail, Context as _, Result};
 
-use crate::netns::{exec, run};
+use crate::netns::{exec, exec_line, run};
 
 pub const NODE_IP: &str = "192.0.2.10";
 pub const SERVER_IP: &str = "192.0.2.20";
@@ -136,8 +136,7 @@ impl Lab {
 
     /// A veth pair between two namespaces, both ends renamed and up.
     fn veth(&self, a_ns: &str, a: &str, b_ns: &str, b: &str) -> Result<()> {
-        let tmp_a = format!("t{}a", self.id);
-        let tmp_b = format!("t{}b", self.id);
+        let (tmp_a, tmp_b) = (format!("t{}a", self.id), format!("t{}b", self.id));
         run(
             "ip",
             &[
@@ -145,27 +144,19 @@ impl Lab {
                 "netns", b_ns,
             ],
         )?;
-        exec(a_ns, &["ip", "link", "set", &tmp_a, "name", a])?;
-        exec(b_ns, &["ip", "link", "set", &tmp_b, "name", b])?;
-        for (ns, dev) in [(a_ns, a), (b_ns, b)] {
+        for (ns, tmp, dev) in [(a_ns, &tmp_a, a), (b_ns, &tmp_b, b)] {
+            exec_line(ns, &format!("ip link set {tmp} name {dev}"))?;
             if self.opts.offloads_off {
-                exec(
+                exec_line(
                     ns,
-                    &[
-                        "ethtool", "-K", dev, "tx", "off", "rx", "off", "tso", "off", "gso", "off",
-                        "gro", "off",
-                    ],
+                    &format!("ethtool -K {dev} tx off rx off tso off gso off gro off"),
                 )?;
             }
-            exec(ns, &["ip", "link", "set", dev, "up"])?;
+            exec_line(ns, &format!("ip link set {dev} up"))?;
         }
         Ok(())
     }
 
-    #[allow(
-        clippy::too_many_lines,
-        reason = "the lab's wiring, one command per line"
-    )]
     fn build(&mut self) -> Result<()> {
         let (node, server, other, router, far, wire) = (
             self.node.clone(),
@@ -178,8 +169,8 @@ impl Lab {
         for ns in [&node, &server, &other, &router, &far, &wire] {
             self.add_ns(ns)?;
         }
-        exec(&wire, &["ip", "link", "add", "br0", "type", "bridge"])?;
-        exec(&wire, &["ip", "link", "set", "br0", "up"])?;
+        exec_line(&wire, "ip link add br0 type bridge")?;
+        exec_line(&wire, "ip link set br0 up")?;
         for (ns, port, addr) in [
             (&node, "p-node", "192.0.2.10/24"),
             (&server, "p-srv", "192.0.2.20/24"),
@@ -187,70 +178,38 @@ impl Lab {
             (&router, "p-rtr", "192.0.2.1/24"),
         ] {
             self.veth(ns, "eth0", &wire, port)?;
-            exec(&wire, &["ip", "link", "set", port, "master", "br0"])?;
-            exec(ns, &["ip", "addr", "add", addr, "dev", "eth0"])?;
+            exec_line(&wire, &format!("ip link set {port} master br0"))?;
+            exec_line(ns, &format!("ip addr add {addr} dev eth0"))?;
         }
         // Far side of the router: a 1280-byte link.
         self.veth(&router, "eth1", &far, "eth0")?;
-        let mtu = FAR_LINK_MTU.to_string();
-        exec(&router, &["ip", "link", "set", "eth1", "mtu", &mtu])?;
-        exec(&far, &["ip", "link", "set", "eth0", "mtu", &mtu])?;
-        exec(
-            &router,
-            &["ip", "addr", "add", "198.51.100.1/24", "dev", "eth1"],
-        )?;
-        exec(
-            &far,
-            &["ip", "addr", "add", "198.51.100.20/24", "dev", "eth0"],
-        )?;
+        exec_line(&router, &format!("ip link set eth1 mtu {FAR_LINK_MTU}"))?;
+        exec_line(&far, &format!("ip link set eth0 mtu {FAR_LINK_MTU}"))?;
+        exec_line(&router, "ip addr add 198.51.100.1/24 dev eth1")?;
+        exec_line(&far, "ip addr add 198.51.100.20/24 dev eth0")?;
         // The far server advertises a 1500-byte MSS, as a host behind a smaller tunnel does:
         // senders must learn the 1280-byte path MTU from the router's fragmentation-needed.
-        exec(
-            &far,
-            &[
-                "ip",
-                "route",
-                "add",
-                "default",
-                "via",
-                "198.51.100.1",
-                "advmss",
-                "1460",
-            ],
-        )?;
-        exec(&router, &["sysctl", "-qw", "net.ipv4.ip_forward=1"])?;
-        exec(
+        exec_line(&far, "ip route add default via 198.51.100.1 advmss 1460")?;
+        exec_line(&router, "sysctl -qw net.ipv4.ip_forward=1")?;
+        exec_line(
             &server,
-            &["ip", "route", "add", "198.51.100.0/24", "via", ROUTER_IP],
+            &format!("ip route add 198.51.100.0/24 via {ROUTER_IP}"),
         )?;
-        exec(&node, &["ip", "route", "add", "default", "via", ROUTER_IP])?;
-        exec(&node, &["sysctl", "-qw", "net.ipv4.ip_forward=1"])?;
+        exec_line(&node, &format!("ip route add default via {ROUTER_IP}"))?;
+        exec_line(&node, "sysctl -qw net.ipv4.ip_forward=1")?;
         // The node agent's rule: no pod IPv4 reachable from elsewhere.
-        exec(
+        exec_line(
             &node,
-            &[
-                "iptables",
-                "-I",
-                "FORWARD",
-                "1",
-                "-d",
-                "169.254.172.0/22",
-                "-m",
-                "conntrack",
-                "--ctstate",
-                "NEW",
-                "-j",
-                "REJECT",
-            ],
+            "iptables -I FORWARD 1 -d 169.254.172.0/22 -m conntrack --ctstate NEW -j REJECT",
         )?;
         if self.opts.mode == Mode::Plain {
-            exec(
+            exec_line(
                 &server,
-                &["ip", "route", "add", "169.254.172.0/22", "via", NODE_IP],
+                &format!("ip route add 169.254.172.0/22 via {NODE_IP}"),
             )?;
-            exec(
+            exec_line(
                 &router,
-                &["ip", "route", "add", "169.254.172.0/22", "via", NODE_IP],
+                &format!("ip route add 169.254.172.0/22 via {NODE_IP}"),
             )?;
         }
         for i in 0..self.opts.pods {
@@ -277,10 +236,6 @@ impl Lab {
         Ok(())
     }
 
-    #[allow(
-        clippy::too_many_lines,
-        reason = "the egress-v4 plugin's wiring, one command per line"
-    )]
     fn add_pod(&mut self, i: usize) -> Result<()> {
         let ns = format!("dp-pod{i}-{}", self.id);
         let ip = format!("169.254.172.{}", i + 2);
@@ -289,121 +244,38 @@ impl Lab {
         let node = self.node.clone();
         self.veth(&node, &host_veth, &ns, "v4if0")?;
         // The egress-v4 plugin's wiring (design brief, section 1).
-        exec(
+        exec_line(
             &node,
-            &[
-                "ip",
-                "addr",
-                "add",
-                "169.254.172.1/32",
-                "dev",
-                &host_veth,
-                "scope",
-                "link",
-            ],
+            &format!("ip addr add 169.254.172.1/32 dev {host_veth} scope link"),
         )?;
-        exec(
+        exec_line(
             &node,
-            &[
-                "ip",
-                "route",
-                "add",
-                &format!("{ip}/32"),
-                "dev",
-                &host_veth,
-                "scope",
-                "link",
-            ],
+            &format!("ip route add {ip}/32 dev {host_veth} scope link"),
         )?;
-        exec(
+        exec_line(&ns, &format!("ip addr add {ip}/22 dev v4if0 noprefixroute"))?;
+        exec_line(&ns, "ip route add 169.254.172.1/32 dev v4if0 scope link")?;
+        exec_line(
             &ns,
-            &[
-                "ip",
-                "addr",
-                "add",
-                &format!("{ip}/22"),
-                "dev",
-                "v4if0",
-                "noprefixroute",
-            ],
+            &format!("ip route add 169.254.172.0/22 via {GATEWAY_IP} dev v4if0"),
         )?;
-        exec(
+        exec_line(
             &ns,
-            &[
-                "ip",
-                "route",
-                "add",
-                "169.254.172.1/32",
-                "dev",
-                "v4if0",
-                "scope",
-                "link",
-            ],
-        )?;
-        exec(
-            &ns,
-            &[
-                "ip",
-                "route",
-                "add",
-                "169.254.172.0/22",
-                "via",
-                GATEWAY_IP,
-                "dev",
-                "v4if0",
-            ],
-        )?;
-        exec(
-            &ns,
-            &[
-                "ip", "route", "add", "default", "via", GATEWAY_IP, "dev", "v4if0",
-            ],
+            &format!("ip route add default via {GATEWAY_IP} dev v4if0"),
         )?;
         if self.opts.mode == Mode::Iptables {
             let chain = format!("CNI-E4-{}{i}", self.id);
-            exec(&node, &["iptables", "-t", "nat", "-N", &chain])?;
-            exec(
+            exec_line(&node, &format!("iptables -t nat -N {chain}"))?;
+            exec_line(
                 &node,
-                &[
-                    "iptables",
-                    "-t",
-                    "nat",
-                    "-A",
-                    &chain,
-                    "-d",
-                    "224.0.0.0/4",
-                    "-j",
-                    "ACCEPT",
-                ],
+                &format!("iptables -t nat -A {chain} -d 224.0.0.0/4 -j ACCEPT"),
             )?;
-            exec(
+            exec_line(
                 &node,
-                &[
-                    "iptables",
-                    "-t",
-                    "nat",
-                    "-A",
-                    &chain,
-                    "-j",
-                    "SNAT",
-                    "--to-source",
-                    NODE_IP,
-                    "--random-fully",
-                ],
+                &format!("iptables -t nat -A {chain} -j SNAT --to-source {NODE_IP} --random-fully"),
             )?;
-            exec(
+            exec_line(
                 &node,
-                &[
-                    "iptables",
-                    "-t",
-                    "nat",
-                    "-A",
-                    "POSTROUTING",
-                    "-s",
-                    &ip,
-                    "-j",
-                    &chain,
-                ],
+                &format!("iptables -t nat -A POSTROUTING -s {ip} -j {chain}"),
             )?;
         }
         self.pods.push(Pod {
@@ -412,6 +284,16 @@ impl Lab {
             host_veth,
             name: format!("default/pod-{i}"),
         });
+        Ok(())
+    }
+
+    /// Gives the node and the server IPv6 addresses on the shared link (2001:db8::10, ::20).
+    pub fn add_ipv6(&self) -> Result<()> {
+        exec_line(&self.node, "ip -6 addr add 2001:db8::10/64 dev eth0 nodad")?;
+        exec_line(
+            &self.server,
+            "ip -6 addr add 2001:db8::20/64 dev eth0 nodad",
+        )?;
         Ok(())
     }
 

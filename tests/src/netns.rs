@@ -23,6 +23,17 @@ pub fn exec(ns: &str, args: &[&str]) -> Result<String> {
     check(&format!("[{ns}] {}", args.join(" ")), &out)
 }
 
+/// [`exec`] of a command line whose arguments contain no spaces ("ip link set lo up").
+pub fn exec_line(ns: &str, line: &str) -> Result<String> {
+    exec(ns, &line.split_whitespace().collect::<Vec<_>>())
+}
+
+/// True when one ping from `ns` to `dst` is answered within a second.
+#[must_use]
+pub fn ping(ns: &str, dst: &str) -> bool {
+    exec_output(ns, &["ping", "-c", "1", "-W", "1", dst]).is_ok_and(|out| out.status.success())
+}
+
 /// Like [`exec`] but returns the raw output whatever the exit status.
 pub fn exec_output(ns: &str, args: &[&str]) -> Result<Output> {
     Command::new("ip")

@@ -19,7 +19,7 @@ use datapath_user::{
     netdev,
 };
 
-use crate::netns::{exec, run, within};
+use crate::netns::{exec_line, run, within};
 
 pub const NODE_IP: [u8; 4] = [192, 0, 2, 10];
 pub const SERVER_IP: [u8; 4] = [192, 0, 2, 20];
@@ -119,7 +119,7 @@ pub fn with_harness<T: Send + 'static>(
         "ip route add default via 192.0.2.1",
         "sysctl -qw net.ipv4.ip_forward=1",
     ] {
-        exec(&ns, &cmd.split(' ').collect::<Vec<_>>())?;
+        exec_line(&ns, cmd)?;
     }
     std::fs::create_dir_all(&cleanup.mount)?;
     run(

@@ -7,7 +7,7 @@ use std::{net::Ipv4Addr, time::Duration};
 
 use datapath_tests::{
     lab::{Mode, FAR_SERVER_IP, NODE_IP, OTHER_NODE_IP, SERVER_IP},
-    netns::{exec, exec_output},
+    netns::{self, exec},
     traffic::{self, Server, TcpService},
     Lab, LabOptions,
 };
@@ -67,7 +67,7 @@ fn udp_request_response(mode: Mode) {
 fn udp_stream(mode: Mode) {
     let lab = lab(mode);
     let udp = Server::udp_echo(&lab.server, 5353).unwrap();
-    let replies = datapath_tests::netns::within(&lab.pod(0).ns, || {
+    let replies = netns::within(&lab.pod(0).ns, || {
         let socket = std::net::UdpSocket::bind("0.0.0.0:40002").unwrap();
         socket
             .set_read_timeout(Some(Duration::from_millis(200)))
@@ -159,26 +159,12 @@ fn other_node_to_a_pod_is_dropped(mode: Mode) {
         &["ip", "route", "add", "169.254.172.0/22", "via", NODE_IP],
     )
     .unwrap();
-    let ok = exec_output(
-        &lab.other_node,
-        &["ping", "-c", "1", "-W", "1", &lab.pod(0).ip],
-    )
-    .unwrap()
-    .status
-    .success();
-    assert!(!ok);
+    assert!(!netns::ping(&lab.other_node, &lab.pod(0).ip));
 }
 
 fn pod_to_pod_ipv4_is_refused(mode: Mode) {
     let lab = lab(mode);
-    let ok = exec_output(
-        &lab.pod(0).ns,
-        &["ping", "-c", "1", "-W", "1", &lab.pod(1).ip],
-    )
-    .unwrap()
-    .status
-    .success();
-    assert!(!ok);
+    assert!(!netns::ping(&lab.pod(0).ns, &lab.pod(1).ip));
 }
 
 /// A pod sending from an address it was not given. The datapath drops it at the veth; the
@@ -192,7 +178,7 @@ fn spoofed_source_never_leaves(mode: Mode) {
         &["ip", "addr", "add", "169.254.172.77/32", "dev", "v4if0"],
     )
     .unwrap();
-    let _ = datapath_tests::netns::within(&lab.pod(0).ns, || {
+    let _ = netns::within(&lab.pod(0).ns, || {
         let s = std::net::UdpSocket::bind("169.254.172.77:40003").unwrap();
         let _ = s.send_to(b"spoof", (SERVER_IP, 5353));
     });
@@ -220,34 +206,7 @@ fn node_connections_unaffected(mode: Mode) {
 
 fn ipv6_untouched(mode: Mode) {
     let lab = lab(mode);
-    exec(
-        &lab.node,
-        &[
-            "ip",
-            "-6",
-            "addr",
-            "add",
-            "2001:db8::10/64",
-            "dev",
-            "eth0",
-            "nodad",
-        ],
-    )
-    .unwrap();
-    exec(
-        &lab.server,
-        &[
-            "ip",
-            "-6",
-            "addr",
-            "add",
-            "2001:db8::20/64",
-            "dev",
-            "eth0",
-            "nodad",
-        ],
-    )
-    .unwrap();
+    lab.add_ipv6().unwrap();
     exec(
         &lab.node,
         &["ping", "-6", "-c", "2", "-W", "2", "2001:db8::20"],

@@ -5,7 +5,7 @@ use std::time::Duration;
 
 use datapath_tests::{
     lab::{FAR_SERVER_IP, NODE_IP, OTHER_NODE_IP, SERVER_IP},
-    netns::{exec, exec_output},
+    netns::{exec, exec_output, ping},
     traffic::{self, Server, TcpService},
     Lab, LabOptions,
 };
@@ -94,12 +94,7 @@ fn drops_are_counted_pod_to_pod_spoofed_cross_node_untracked() {
 
     // Pod-to-pod IPv4.
     let before = lab.counter("drop_pod_to_pod").unwrap();
-    assert!(
-        !exec_output(&p0.ns, &["ping", "-c", "1", "-W", "1", &p1.ip])
-            .unwrap()
-            .status
-            .success()
-    );
+    assert!(!ping(&p0.ns, &p1.ip));
     assert_eq!(lab.counter("drop_pod_to_pod").unwrap(), before + 1);
 
     // A source that is not the pod registered on that veth.
@@ -134,12 +129,7 @@ fn drops_are_counted_pod_to_pod_spoofed_cross_node_untracked() {
     )
     .unwrap();
     let before = lab.counter("drop_cross_node").unwrap();
-    assert!(
-        !exec_output(&lab.other_node, &["ping", "-c", "1", "-W", "1", &p0.ip])
-            .unwrap()
-            .status
-            .success()
-    );
+    assert!(!ping(&lab.other_node, &p0.ip));
     assert_eq!(lab.counter("drop_cross_node").unwrap(), before + 1);
 
     // Unsolicited TCP to the node IP on a NAT port with no flow and no socket.
@@ -344,34 +334,7 @@ fn pod_del_removes_flows_and_detaches() {
 #[test]
 fn ipv6_and_other_node_traffic_pass_untouched() {
     let lab = lab(LabOptions::default());
-    exec(
-        &lab.node,
-        &[
-            "ip",
-            "-6",
-            "addr",
-            "add",
-            "2001:db8::10/64",
-            "dev",
-            "eth0",
-            "nodad",
-        ],
-    )
-    .unwrap();
-    exec(
-        &lab.server,
-        &[
-            "ip",
-            "-6",
-            "addr",
-            "add",
-            "2001:db8::20/64",
-            "dev",
-            "eth0",
-            "nodad",
-        ],
-    )
-    .unwrap();
+    lab.add_ipv6().unwrap();
     let before = lab.counter("pass_non_ipv4").unwrap();
     exec(
         &lab.node,
