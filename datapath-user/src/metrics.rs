@@ -13,63 +13,79 @@ use log::warn;
 
 use crate::{error::Result, maps::Maps, stats, sweep::Sweeper};
 
+/// Writes one metric family: its HELP and TYPE lines, then a sample per (labels, value).
+fn family(out: &mut String, name: &str, ty: &str, help: &str, samples: &[(String, f64)]) {
+    let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} {ty}");
+    for (labels, value) in samples {
+        let _ = writeln!(out, "{name}{labels} {value}");
+    }
+}
+
 /// Renders the metrics for the maps at `maps` plus the sweeper's figures.
 pub fn render(maps: &Maps, sweeper: &Sweeper) -> Result<String> {
     let s = stats::collect(maps, 10)?;
     let mut out = String::new();
-    let _ = writeln!(
-        out,
-        "# HELP datapath_packets_total Packets by verdict counter."
+    let counters: Vec<(String, f64)> = s
+        .counters
+        .iter()
+        .map(|c| {
+            (
+                format!("{{counter=\"{}\",kind=\"{}\"}}", c.name, c.kind),
+                c.value as f64,
+            )
+        })
+        .collect();
+    family(
+        &mut out,
+        "datapath_packets_total",
+        "counter",
+        "Packets by verdict counter.",
+        &counters,
     );
-    let _ = writeln!(out, "# TYPE datapath_packets_total counter");
-    for c in &s.counters {
-        let _ = writeln!(
-            out,
-            "datapath_packets_total{{counter=\"{}\",kind=\"{}\"}} {}",
-            c.name, c.kind, c.value
-        );
-    }
-    let gauges = [
-        ("datapath_flows", "Flows in the flow table.", s.flows as f64),
+    let usage: Vec<(String, f64)> = s
+        .busiest_destinations
+        .iter()
+        .map(|p| {
+            let labels = format!(
+                "{{proto=\"{}\",dst_ip=\"{}\",dst_port=\"{}\"}}",
+                p.proto, p.dst_ip, p.dst_port
+            );
+            (labels, p.fill_percent / 100.0)
+        })
+        .collect();
+    family(
+        &mut out,
+        "datapath_nat_port_usage_ratio",
+        "gauge",
+        "NAT ports in use / range size, busiest destinations.",
+        &usage,
+    );
+    let unlabelled = [
+        (
+            "datapath_flows",
+            "gauge",
+            "Flows in the flow table.",
+            s.flows as f64,
+        ),
         (
             "datapath_flow_table_capacity",
+            "gauge",
             "Flow table size.",
             f64::from(s.flow_table_capacity),
         ),
         (
             "datapath_flow_table_fill_ratio",
+            "gauge",
             "Flows / capacity.",
             s.flow_table_fill_percent / 100.0,
         ),
         (
             "datapath_nat_bindings",
+            "gauge",
             "NAT bindings in use.",
             s.nat_bindings as f64,
         ),
-        ("datapath_pods", "Registered pods.", s.pods as f64),
-    ];
-    for (name, help, value) in gauges {
-        let _ = writeln!(
-            out,
-            "# HELP {name} {help}\n# TYPE {name} gauge\n{name} {value}"
-        );
-    }
-    let _ = writeln!(
-        out,
-        "# HELP datapath_nat_port_usage_ratio NAT ports in use / range size, busiest destinations."
-    );
-    let _ = writeln!(out, "# TYPE datapath_nat_port_usage_ratio gauge");
-    for p in &s.busiest_destinations {
-        let _ = writeln!(
-            out,
-            "datapath_nat_port_usage_ratio{{proto=\"{}\",dst_ip=\"{}\",dst_port=\"{}\"}} {}",
-            p.proto,
-            p.dst_ip,
-            p.dst_port,
-            p.fill_percent / 100.0
-        );
-    }
-    let sweep = [
+        ("datapath_pods", "gauge", "Registered pods.", s.pods as f64),
         (
             "datapath_sweep_passes_total",
             "counter",
@@ -95,11 +111,8 @@ pub fn render(maps: &Maps, sweeper: &Sweeper) -> Result<String> {
             sweeper.last.duration.as_secs_f64(),
         ),
     ];
-    for (name, ty, help, value) in sweep {
-        let _ = writeln!(
-            out,
-            "# HELP {name} {help}\n# TYPE {name} {ty}\n{name} {value}"
-        );
+    for (name, ty, help, value) in unlabelled {
+        family(&mut out, name, ty, help, &[(String::new(), value)]);
     }
     Ok(out)
 }

@@ -409,11 +409,16 @@ struct Report<'a> {
 }
 
 impl Report<'_> {
-    fn med(&self, workload: &str, mode: &str) -> f64 {
+    /// The repetitions of one workload in one mode.
+    fn runs(&self, workload: &str, mode: &str) -> &[f64] {
         self.samples
             .get(workload)
             .and_then(|m| m.get(mode))
-            .map_or(0.0, |v| median(v))
+            .map_or(&[], Vec::as_slice)
+    }
+
+    fn med(&self, workload: &str, mode: &str) -> f64 {
+        median(self.runs(workload, mode))
     }
 
     /// Node cost per packet (ns): 1/rate(mode) - 1/rate(floor).
@@ -430,13 +435,8 @@ impl Report<'_> {
         for mode in MODES.map(mode_name) {
             let mut m = serde_json::Map::new();
             for w in WORKLOADS {
-                let v = self
-                    .samples
-                    .get(w)
-                    .and_then(|x| x.get(mode))
-                    .cloned()
-                    .unwrap_or_default();
-                m.insert(w.into(), serde_json::json!({ "samples": v, "median": median(&v), "spread_pct": spread(&v) }));
+                let v = self.runs(w, mode);
+                m.insert(w.into(), serde_json::json!({ "samples": v, "median": median(v), "spread_pct": spread(v) }));
             }
             m.insert(
                 "node_cost_ns".into(),
@@ -538,13 +538,8 @@ impl Report<'_> {
         for w in WORKLOADS {
             let _ = write!(s, "- {w}:");
             for mode in MODES.map(mode_name) {
-                let v = self
-                    .samples
-                    .get(w)
-                    .and_then(|x| x.get(mode))
-                    .cloned()
-                    .unwrap_or_default();
-                let _ = write!(s, " {mode} {:.0}%", spread(&v));
+                let v = self.runs(w, mode);
+                let _ = write!(s, " {mode} {:.0}%", spread(v));
             }
             let _ = writeln!(s);
         }
