@@ -1,6 +1,6 @@
 //! `datapath-user flows`: the flow table, per pod.
 
-use std::{io::Write as _, time::Duration};
+use std::{fmt::Write as _, io::Write as _, time::Duration};
 
 use datapath_common::{
     flow::{PROTO_ICMP, PROTO_TCP, PROTO_UDP},
@@ -12,7 +12,7 @@ use datapath_user::{
 };
 
 use super::{
-    output::{human_bytes, print_table},
+    output::{human_bytes, print_table_with},
     parse_cidr, Format, PinArgs,
 };
 
@@ -169,39 +169,31 @@ fn print_records(records: &[FlowRecord], format: Format) -> anyhow::Result<()> {
             } else {
                 ["OUT", "IN", "AGE", "EXPIRES"].as_slice()
             });
-            let rows: Vec<Vec<String>> = records
-                .iter()
-                .map(|r| {
-                    let mut row = vec![
-                        r.proto.to_string(),
-                        r.pod.clone().unwrap_or_else(|| "-".into()),
-                        format!("{}:{}", r.pod_ip, r.pod_port),
-                        format!("{}:{}", r.dst_ip, r.dst_port),
-                        format!("{}:{}", r.nat_ip, r.nat_port),
-                        r.state.to_string(),
-                    ];
-                    if wide {
-                        row.extend([
-                            r.packets_out.to_string(),
-                            r.bytes_out.to_string(),
-                            r.packets_in.to_string(),
-                            r.bytes_in.to_string(),
-                            format!("{}s", r.age_s),
-                            format!("{}s", r.expires_s),
-                            r.ifindex.to_string(),
-                        ]);
-                    } else {
-                        row.extend([
-                            format!("{}p/{}", r.packets_out, human_bytes(r.bytes_out)),
-                            format!("{}p/{}", r.packets_in, human_bytes(r.bytes_in)),
-                            format!("{}s", r.age_s),
-                            format!("{}s", r.expires_s),
-                        ]);
-                    }
-                    row
-                })
-                .collect();
-            print_table(&header, &rows);
+            print_table_with(&header, records.len(), |i, cells| {
+                let r = &records[i];
+                let _ = write!(cells[0], "{}", r.proto);
+                let _ = write!(cells[1], "{}", r.pod.as_deref().unwrap_or("-"));
+                let _ = write!(cells[2], "{}:{}", r.pod_ip, r.pod_port);
+                let _ = write!(cells[3], "{}:{}", r.dst_ip, r.dst_port);
+                let _ = write!(cells[4], "{}:{}", r.nat_ip, r.nat_port);
+                let _ = write!(cells[5], "{}", r.state);
+                let _ = if wide {
+                    write!(cells[6], "{}", r.packets_out)
+                        .and_then(|()| write!(cells[7], "{}", r.bytes_out))
+                        .and_then(|()| write!(cells[8], "{}", r.packets_in))
+                        .and_then(|()| write!(cells[9], "{}", r.bytes_in))
+                        .and_then(|()| write!(cells[10], "{}s", r.age_s))
+                        .and_then(|()| write!(cells[11], "{}s", r.expires_s))
+                        .and_then(|()| write!(cells[12], "{}", r.ifindex))
+                } else {
+                    write!(cells[6], "{}p/{}", r.packets_out, human_bytes(r.bytes_out))
+                        .and_then(|()| {
+                            write!(cells[7], "{}p/{}", r.packets_in, human_bytes(r.bytes_in))
+                        })
+                        .and_then(|()| write!(cells[8], "{}s", r.age_s))
+                        .and_then(|()| write!(cells[9], "{}s", r.expires_s))
+                };
+            });
         }
     }
     Ok(())

@@ -4,28 +4,47 @@ use std::io::Write as _;
 
 /// Prints `rows` under `header`, each column as wide as its widest cell.
 pub fn print_table(header: &[&str], rows: &[Vec<String>]) {
+    print_table_with(header, rows.len(), |i, cells| {
+        for (cell, value) in cells.iter_mut().zip(&rows[i]) {
+            cell.push_str(value);
+        }
+    });
+}
+
+/// Prints a table of `rows` rows under `header`; `fill(row, cells)` writes row `row` into
+/// cleared, reused buffers. It is called twice per row (to size the columns, then to print),
+/// so a million-row table costs no allocation per cell.
+pub fn print_table_with(header: &[&str], rows: usize, mut fill: impl FnMut(usize, &mut [String])) {
+    let mut cells = vec![String::new(); header.len()];
+    let mut fill_row = |i: usize, cells: &mut [String]| {
+        cells.iter_mut().for_each(String::clear);
+        fill(i, cells);
+    };
+    // Byte lengths: cells are ASCII but for pod names, where a wide character only shifts
+    // the alignment of that row.
     let mut widths: Vec<usize> = header.iter().map(|h| h.len()).collect();
-    for row in rows {
-        for (w, cell) in widths.iter_mut().zip(row) {
-            *w = (*w).max(cell.chars().count());
+    for i in 0..rows {
+        fill_row(i, &mut cells);
+        for (w, cell) in widths.iter_mut().zip(&cells) {
+            *w = (*w).max(cell.len());
         }
     }
-    // One buffered writer: a million lines must not be a million write calls.
     let stdout = std::io::stdout();
     let mut out = std::io::BufWriter::with_capacity(1 << 16, stdout.lock());
-    let mut line = |cells: &[&str]| {
-        let last = cells.len().saturating_sub(1);
-        for (i, (cell, w)) in cells.iter().zip(&widths).enumerate() {
-            let _ = if i == last {
+    let mut line = |cells: &mut dyn Iterator<Item = &str>| {
+        let mut cells = cells.zip(&widths).peekable();
+        while let Some((cell, w)) = cells.next() {
+            let _ = if cells.peek().is_none() {
                 writeln!(out, "{cell}")
             } else {
                 write!(out, "{cell:<w$}  ")
             };
         }
     };
-    line(header);
-    for row in rows {
-        line(&row.iter().map(String::as_str).collect::<Vec<_>>());
+    line(&mut header.iter().copied());
+    for i in 0..rows {
+        fill_row(i, &mut cells);
+        line(&mut cells.iter().map(String::as_str));
     }
 }
 
