@@ -80,6 +80,29 @@ pub const fn update32_udp(check: u16, old: u32, new: u32) -> u16 {
     }
 }
 
+/// Updates the seed of a CHECKSUM_PARTIAL TCP/UDP checksum for a pseudo-header address
+/// changing from `old` to `new`. Such a field holds the folded pseudo-header sum, not yet
+/// complemented: the device (or the kernel, in software) adds the segment and complements
+/// later, so the seed moves the opposite way to a finished checksum and ports, which are in
+/// the summed segment, must not be folded in at all.
+#[must_use]
+pub const fn update32_partial(seed: u16, old: u32, new: u32) -> u16 {
+    !update32(!seed, old, new)
+}
+
+/// [`update32_partial`] with the UDP zero rule of [`update16_udp`], as the kernel's checksum
+/// helper applies it.
+#[must_use]
+pub const fn update32_udp_partial(seed: u16, old: u32, new: u32) -> u16 {
+    if seed == 0 {
+        return 0;
+    }
+    match update32_partial(seed, old, new) {
+        0 => 0xffff,
+        other => other,
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -136,6 +159,28 @@ mod tests {
             data[i..i + 2].copy_from_slice(&new.to_be_bytes());
             let updated = update16(check, old, new);
             prop_assert_eq!(fold(sum_bytes(u32::from(updated), &data)), 0xffff);
+        }
+
+        #[test]
+        fn partial_seed_update_completes_to_a_valid_checksum(
+            src: u32, dst: u32, new_src: u32, mut segment in proptest::collection::vec(any::<u8>(), 20..80),
+        ) {
+            // A TCP segment as a stack with checksum offload hands it down: the checksum
+            // field holds the folded pseudo-header sum.
+            let len = segment.len() as u16;
+            let seed = fold(pseudo_header_sum(src, dst, 6, len));
+            let seed = update32_partial(seed, src, new_src);
+            // What the device does: sum the segment with the seed in place, complement.
+            segment[16..18].copy_from_slice(&seed.to_be_bytes());
+            let check = !fold(sum_bytes(0, &segment));
+            segment[16..18].copy_from_slice(&check.to_be_bytes());
+            prop_assert_eq!(fold(sum_bytes(pseudo_header_sum(new_src, dst, 6, len), &segment)), 0xffff);
+        }
+
+        #[test]
+        fn udp_partial_update_keeps_zero_and_never_produces_it(seed: u16, old: u32, new: u32) {
+            let updated = update32_udp_partial(seed, old, new);
+            prop_assert_eq!(updated == 0, seed == 0);
         }
 
         #[test]

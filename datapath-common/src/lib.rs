@@ -14,6 +14,7 @@ pub mod flow;
 pub mod ipv4;
 pub mod maps;
 pub mod pod;
+pub mod skb;
 pub mod port;
 pub mod tcp;
 

@@ -4,7 +4,7 @@
 #![no_main]
 // Atomic adds on flow counters: the BPF target has no core::sync::atomic read-modify-write.
 #![allow(internal_features)]
-#![feature(core_intrinsics)]
+#![feature(core_intrinsics, asm_experimental_arch)]
 // Everything inlines into the three programs: BPF-to-BPF calls would cost verifier state and
 // stack, and the helpers here are a few instructions each.
 #![allow(clippy::inline_always)]
@@ -13,6 +13,7 @@
 #![allow(clippy::needless_pass_by_value, clippy::cast_possible_wrap)]
 
 mod conntrack;
+mod csum;
 mod forward;
 mod icmp;
 mod maps;

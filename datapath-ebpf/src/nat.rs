@@ -1,20 +1,15 @@
 //! Address and port rewriting with checksum fix-ups.
 //!
-//! Data is written directly; checksums go through the kernel's csum helpers, which know the
-//! skb's checksum state (a CHECKSUM_PARTIAL L4 checksum holds only the pseudo-header sum and
-//! must be updated differently from a complete one).
+//! Data and the IPv4 and ICMP checksums are written directly; the TCP/UDP checksum depends on
+//! the skb's checksum state (see `csum`).
 
 use aya_ebpf::programs::TcContext;
-use datapath_common::{
-    counters::Counter,
+use datapath_common::{counters::Counter, csum as arith, flow::PROTO_ICMP};
+
+use crate::{
     csum,
-    flow::{PROTO_ICMP, PROTO_TCP, PROTO_UDP},
+    parse::{self, Fragment, Ipv4, IP_CSUM_OFF, IP_DST_OFF, IP_SRC_OFF, L4, L4_OFF_PLAIN},
 };
-
-use crate::parse::{self, Fragment, Ipv4, IP_CSUM_OFF, IP_DST_OFF, IP_SRC_OFF, L4, L4_OFF_PLAIN};
-
-const BPF_F_PSEUDO_HDR: u64 = 1 << 4;
-const BPF_F_MARK_MANGLED_0: u64 = 1 << 5;
 
 /// Which end of the packet is rewritten.
 #[derive(Clone, Copy, PartialEq, Eq)]
@@ -30,8 +25,8 @@ pub enum Side {
 ///
 /// Helper calls are the expensive part of this path, so everything that can be done with
 /// direct access is: the IPv4 address and header checksum (never offloaded), ports of
-/// option-less packets, the ICMP checksum (never offloaded). Only the TCP/UDP checksum goes
-/// through the kernel, which knows whether it is a CHECKSUM_PARTIAL pseudo-header sum.
+/// option-less packets, the ICMP checksum (never offloaded), and the TCP/UDP checksum when
+/// the skb's checksum state allows.
 #[inline(always)]
 pub fn rewrite(
     ctx: &TcContext,
@@ -59,37 +54,19 @@ pub fn rewrite(
     if old_port != port {
         write_l4(ctx, ip, port_at, port).ok_or(bad)?;
     }
-    let l4_flags = match ip.proto {
-        PROTO_TCP => 0,
-        PROTO_UDP => BPF_F_MARK_MANGLED_0,
-        // ICMP: no pseudo-header, and its checksum is always complete.
-        _ => {
-            if old_port != port {
-                let check = read_l4(ctx, ip, L4Field::IcmpChecksum).ok_or(bad)?;
-                write_l4(
-                    ctx,
-                    ip,
-                    L4Field::IcmpChecksum,
-                    csum::update16(check, old_port, port),
-                )
-                .ok_or(bad)?;
-            }
-            return Ok(());
-        }
-    };
-    // The helpers may move packet data: all direct writes are done above.
-    let (old_raw, new_raw) = (u64::from(old_addr.to_be()), u64::from(addr.to_be()));
-    ctx.l4_csum_replace(
-        l4.csum_off,
-        old_raw,
-        new_raw,
-        l4_flags | BPF_F_PSEUDO_HDR | 4,
-    )
-    .map_err(|_| bad)?;
+    if ip.proto != PROTO_ICMP {
+        return csum::update_l4(ctx, ip, l4, (old_addr, addr), (old_port, port));
+    }
+    // ICMP: no pseudo-header, and its checksum is always complete.
     if old_port != port {
-        let (from, to) = (u64::from(old_port.to_be()), u64::from(port.to_be()));
-        ctx.l4_csum_replace(l4.csum_off, from, to, l4_flags | 2)
-            .map_err(|_| bad)?;
+        let check = read_l4(ctx, ip, L4Field::IcmpChecksum).ok_or(bad)?;
+        write_l4(
+            ctx,
+            ip,
+            L4Field::IcmpChecksum,
+            arith::update16(check, old_port, port),
+        )
+        .ok_or(bad)?;
     }
     Ok(())
 }
@@ -103,7 +80,7 @@ pub fn set_ip_field(ctx: &TcContext, off: usize, old: u32, new: u32) -> Result<(
     // SAFETY: bounds checked by ptr_at (constant offsets).
     unsafe {
         *field = new.to_be_bytes();
-        *check = csum::update32(u16::from_be_bytes(*check), old, new).to_be_bytes();
+        *check = arith::update32(u16::from_be_bytes(*check), old, new).to_be_bytes();
     }
     Ok(())
 }

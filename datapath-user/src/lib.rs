@@ -3,6 +3,7 @@
 
 pub mod batch;
 pub mod bpffs;
+pub mod btf;
 pub mod cni;
 pub mod error;
 pub mod flows;

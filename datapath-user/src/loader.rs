@@ -23,11 +23,13 @@ use aya::{
 use datapath_common::{
     config::Config,
     maps::{self as names, LayoutInfo},
+    skb,
 };
 use log::{info, warn};
 
 use crate::{
     bpffs,
+    btf::Btf,
     error::{Error, Result},
     maps::{self, Maps},
     netdev,
@@ -51,11 +53,12 @@ pub struct LoadOptions {
 pub fn load(opts: &LoadOptions) -> Result<Ebpf> {
     bpffs::ensure_pin_dir(&opts.pin_path)?;
     maps::check_layout(&opts.pin_path)?;
+    let object = object_for_this_kernel();
     let mut ebpf = EbpfLoader::new()
         .default_map_pin_directory(&opts.pin_path)
         .map_max_entries(names::CONNTRACK, opts.flow_table_size)
         .map_max_entries(names::NAT_BINDINGS, opts.flow_table_size)
-        .load(OBJECT)
+        .load(object.bytes())
         .map_err(|e| match e {
             aya::EbpfError::MapError(aya::maps::MapError::CreateError { io_error, .. })
                 if io_error.kind() == std::io::ErrorKind::PermissionDenied =>
@@ -96,6 +99,64 @@ pub fn load(opts: &LoadOptions) -> Result<Ebpf> {
         .set(0, &slow_fd, 0)
         .map_err(|e| Error::map("installing the slow path", e))?;
     Ok(ebpf)
+}
+
+/// The object with its checksum-state sequences (`datapath_common::skb`) resolved against the
+/// running kernel's BTF, or replaced by the fallback (the kernel's checksum helpers).
+fn object_for_this_kernel() -> AlignedObject {
+    let mut object = AlignedObject::copy_of(OBJECT);
+    let sequence = csum_state_sequence();
+    let sites = skb::patch_object(
+        object.bytes_mut(),
+        sequence.as_ref().unwrap_or(&skb::FALLBACK),
+    );
+    match sequence {
+        Ok(_) => info!(
+            "checksum state read through bpf_cast_to_kern_ctx ({sites} sites): TCP/UDP checksums are fixed without helper calls"
+        ),
+        Err(reason) => {
+            warn!("{reason}: TCP/UDP checksums go through the kernel's helpers (slower)");
+        }
+    }
+    object
+}
+
+/// A copy of the object in 8-byte-aligned memory: the ELF parser reads headers in place.
+struct AlignedObject {
+    words: Vec<u64>,
+    len: usize,
+}
+
+impl AlignedObject {
+    fn copy_of(bytes: &[u8]) -> Self {
+        let mut object = Self {
+            words: vec![0; bytes.len().div_ceil(8)],
+            len: bytes.len(),
+        };
+        object.bytes_mut().copy_from_slice(bytes);
+        object
+    }
+
+    fn bytes(&self) -> &[u8] {
+        // SAFETY: `words` holds at least `len` initialised bytes; u8 has no alignment needs.
+        unsafe { std::slice::from_raw_parts(self.words.as_ptr().cast(), self.len) }
+    }
+
+    fn bytes_mut(&mut self) -> &mut [u8] {
+        // SAFETY: as above, borrowed mutably.
+        unsafe { std::slice::from_raw_parts_mut(self.words.as_mut_ptr().cast(), self.len) }
+    }
+}
+
+fn csum_state_sequence() -> std::result::Result<[skb::Insn; 4], String> {
+    let btf = Btf::kernel().map_err(|e| format!("kernel BTF unavailable ({e})"))?;
+    let kfunc = btf
+        .function_id("bpf_cast_to_kern_ctx")
+        .map_err(|e| format!("{e} (kernel older than 6.2)"))?;
+    let bit = btf
+        .member_bit_offset("sk_buff", "ip_summed")
+        .map_err(|e| e.to_string())?;
+    skb::resolved(kfunc, bit).ok_or_else(|| format!("sk_buff.ip_summed at bit {bit} cannot be read with one byte load"))
 }
 
 /// Writes the configuration the programs read.

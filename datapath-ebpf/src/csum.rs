@@ -1,0 +1,107 @@
+//! TCP/UDP checksum fix-ups after an address and port rewrite.
+//!
+//! The kernel's `bpf_l4_csum_replace` knows how to update a checksum whatever the skb's
+//! checksum state, but two calls cost more than the rest of the established path. When the
+//! state can be read (see `datapath_common::skb`) and the checksum sits at a constant offset,
+//! the update is a plain write; otherwise the helpers do it.
+
+use core::arch::asm;
+
+use aya_ebpf::programs::TcContext;
+use datapath_common::{
+    counters::Counter,
+    csum,
+    flow::PROTO_UDP,
+    skb::{CHECKSUM_NONE, CHECKSUM_PARTIAL, CHECKSUM_UNNECESSARY},
+};
+
+use crate::parse::{self, Ipv4, L4, L4_OFF_PLAIN};
+
+const BPF_F_PSEUDO_HDR: u64 = 1 << 4;
+const BPF_F_MARK_MANGLED_0: u64 = 1 << 5;
+
+/// The skb's `ip_summed`, or `CSUM_UNKNOWN` where the loader found no way to read it.
+#[inline(always)]
+fn state(ctx: &TcContext) -> u8 {
+    let state: u64;
+    // SAFETY: the bytes are `datapath_common::skb::TEMPLATE`, which the loader replaces before
+    // the verifier sees them: either a kfunc call that only reads the context it is given
+    // plus a bounded byte load, or register moves. Both leave only r0 set; r1-r5 are
+    // clobbered as by any call.
+    unsafe {
+        asm!(
+            ".byte 0x85, 0x20, 0x00, 0x00",
+            ".4byte {marker}",
+            ".byte 0x71, 0x00, 0x00, 0x00, 0x00, 0x00, 0x00, 0x00",
+            ".byte 0x77, 0x00, 0x00, 0x00, 0x00, 0x00, 0x00, 0x00",
+            ".byte 0x57, 0x00, 0x00, 0x00, 0x03, 0x00, 0x00, 0x00",
+            marker = const datapath_common::skb::KFUNC_MARKER,
+            inout("r1") ctx.skb.skb => _,
+            lateout("r0") state,
+            lateout("r2") _,
+            lateout("r3") _,
+            lateout("r4") _,
+            lateout("r5") _,
+        );
+    }
+    state as u8
+}
+
+/// Updates the TCP/UDP checksum of a packet whose `old_addr` (in the pseudo-header) became
+/// `new_addr` and whose port `old_port` became `new_port`. Call after all direct writes: the
+/// helper fallback may move packet data.
+#[inline(always)]
+pub fn update_l4(
+    ctx: &TcContext,
+    ip: &Ipv4,
+    l4: &L4,
+    (old_addr, new_addr): (u32, u32),
+    (old_port, new_port): (u16, u16),
+) -> Result<(), Counter> {
+    let udp = ip.proto == PROTO_UDP;
+    if ip.l4_off == L4_OFF_PLAIN {
+        let state = state(ctx);
+        if matches!(state, CHECKSUM_NONE | CHECKSUM_UNNECESSARY | CHECKSUM_PARTIAL) {
+            let field = if udp {
+                parse::ptr_at::<[u8; 2]>(ctx, L4_OFF_PLAIN + 6)
+            } else {
+                parse::ptr_at::<[u8; 2]>(ctx, L4_OFF_PLAIN + 16)
+            };
+            let field = field.ok_or(Counter::DropMalformed)?;
+            // SAFETY: bounds checked by ptr_at (constant offsets).
+            let check = u16::from_be_bytes(unsafe { *field });
+            let check = match (state, udp) {
+                // The field is the pseudo-header seed the device completes: ports are summed
+                // with the segment later.
+                (CHECKSUM_PARTIAL, false) => csum::update32_partial(check, old_addr, new_addr),
+                (CHECKSUM_PARTIAL, true) => csum::update32_udp_partial(check, old_addr, new_addr),
+                (_, false) => csum::update16(
+                    csum::update32(check, old_addr, new_addr),
+                    old_port,
+                    new_port,
+                ),
+                (_, true) => csum::update16_udp(
+                    csum::update32_udp(check, old_addr, new_addr),
+                    old_port,
+                    new_port,
+                ),
+            };
+            // SAFETY: as above.
+            unsafe { *field = check.to_be_bytes() };
+            return Ok(());
+        }
+    }
+    // CHECKSUM_COMPLETE (skb->csum must follow the pseudo-header change), IPv4 options, or a
+    // kernel without the kfunc: the helpers.
+    let flags = if udp { BPF_F_MARK_MANGLED_0 } else { 0 };
+    let bad = Counter::DropMalformed;
+    let (from, to) = (u64::from(old_addr.to_be()), u64::from(new_addr.to_be()));
+    ctx.l4_csum_replace(l4.csum_off, from, to, flags | BPF_F_PSEUDO_HDR | 4)
+        .map_err(|_| bad)?;
+    if old_port != new_port {
+        let (from, to) = (u64::from(old_port.to_be()), u64::from(new_port.to_be()));
+        ctx.l4_csum_replace(l4.csum_off, from, to, flags | 2)
+            .map_err(|_| bad)?;
+    }
+    Ok(())
+}
