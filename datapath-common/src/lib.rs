@@ -14,8 +14,8 @@ pub mod flow;
 pub mod ipv4;
 pub mod maps;
 pub mod pod;
-pub mod skb;
 pub mod port;
+pub mod skb;
 pub mod tcp;
 
 #[cfg(feature = "user")]

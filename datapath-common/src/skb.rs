@@ -128,7 +128,10 @@ mod tests {
         assert_eq!(patch_object(&mut object, &FALLBACK), 2);
         assert_eq!(object[8..40], *FALLBACK.as_flattened());
         assert_eq!(object[48..80], *FALLBACK.as_flattened());
-        assert_eq!(object[unaligned_at..unaligned_at + 32], *TEMPLATE.as_flattened());
+        assert_eq!(
+            object[unaligned_at..unaligned_at + 32],
+            *TEMPLATE.as_flattened()
+        );
         assert_eq!(patch_object(&mut object, &FALLBACK), 0);
     }
 }

@@ -6,8 +6,8 @@ use aya_ebpf::{
     bindings::{__sk_buff, bpf_sock_tuple, BPF_F_CURRENT_NETNS, BPF_NOEXIST},
     cty::c_void,
     helpers::{
-        bpf_get_prandom_u32, bpf_ktime_get_coarse_ns, bpf_loop, bpf_sk_lookup_udp, bpf_sk_release,
-        bpf_skc_lookup_tcp,
+        bpf_get_prandom_u32, bpf_jiffies64, bpf_ktime_get_coarse_ns, bpf_loop, bpf_sk_lookup_udp,
+        bpf_sk_release, bpf_skc_lookup_tcp,
     },
     programs::TcContext,
 };
@@ -22,15 +22,33 @@ use datapath_common::{
     tcp::{self, Direction},
 };
 
-use crate::maps::{count, scratch_flow, CONFIG, CONNTRACK, NAT_BINDINGS, PODS, SCRATCH_PROBE};
+use crate::maps::{
+    count, scratch_flow, CLOCK, CONFIG, CONNTRACK, NAT_BINDINGS, PODS, SCRATCH_PROBE,
+};
 
 /// How often (ns) the outbound path re-checks a flow's NAT binding and route.
 pub const REVALIDATE_INTERVAL_NS: u64 = 1_000_000_000;
 
+/// CLOCK_MONOTONIC (coarse) nanoseconds. The coarse clock only moves when the tick advances
+/// jiffies, and the verifier inlines `bpf_jiffies64` into one load, so each CPU keeps the
+/// clock's value for the current jiffy and calls the helper once a tick instead of once a
+/// packet. (A value read just as the tick lands may be a tick old: timeouts are seconds.)
 #[inline(always)]
 pub fn now_ns() -> u64 {
-    // SAFETY: helper without arguments.
-    unsafe { bpf_ktime_get_coarse_ns() }
+    // SAFETY: helpers without arguments.
+    let jiffies = unsafe { bpf_jiffies64() };
+    let Some(cached) = CLOCK.get_ptr_mut(0) else {
+        // SAFETY: as above.
+        return unsafe { bpf_ktime_get_coarse_ns() };
+    };
+    // SAFETY: this CPU's slot, used only while this program runs on it.
+    let cached = unsafe { &mut *cached };
+    if cached.jiffies != jiffies {
+        cached.jiffies = jiffies;
+        // SAFETY: as above.
+        cached.ns = unsafe { bpf_ktime_get_coarse_ns() };
+    }
+    cached.ns
 }
 
 #[inline(always)]

@@ -61,7 +61,10 @@ pub fn update_l4(
     let udp = ip.proto == PROTO_UDP;
     if ip.l4_off == L4_OFF_PLAIN {
         let state = state(ctx);
-        if matches!(state, CHECKSUM_NONE | CHECKSUM_UNNECESSARY | CHECKSUM_PARTIAL) {
+        if matches!(
+            state,
+            CHECKSUM_NONE | CHECKSUM_UNNECESSARY | CHECKSUM_PARTIAL
+        ) {
             let field = if udp {
                 parse::ptr_at::<[u8; 2]>(ctx, L4_OFF_PLAIN + 6)
             } else {

@@ -49,6 +49,16 @@ pub static SCRATCH_FIB: PerCpuArray<bpf_fib_lookup> = PerCpuArray::with_max_entr
 pub static SCRATCH_PROBE: PerCpuArray<crate::conntrack::ProbeScratch> =
     PerCpuArray::with_max_entries(1, 0);
 
+/// The coarse clock's value for the jiffy it was read in (`conntrack::now_ns`), per CPU.
+#[map(name = "CLOCK")]
+pub static CLOCK: PerCpuArray<TickClock> = PerCpuArray::with_max_entries(1, 0);
+
+#[repr(C)]
+pub struct TickClock {
+    pub jiffies: u64,
+    pub ns: u64,
+}
+
 /// A zeroed flow entry in this CPU's scratch slot.
 #[inline(always)]
 pub fn scratch_flow() -> Option<&'static mut Flow> {

@@ -68,9 +68,13 @@ impl Btf {
             return Err(BtfError::BadHeader);
         }
         let field = |i: usize| u32_at(data, 8 + 4 * i).map(|v| v as usize);
-        let (Some(hdr_len), Some(type_off), Some(type_len), Some(str_off), Some(str_len)) =
-            (u32_at(data, 4).map(|v| v as usize), field(0), field(1), field(2), field(3))
-        else {
+        let (Some(hdr_len), Some(type_off), Some(type_len), Some(str_off), Some(str_len)) = (
+            u32_at(data, 4).map(|v| v as usize),
+            field(0),
+            field(1),
+            field(2),
+            field(3),
+        ) else {
             return Err(BtfError::BadHeader);
         };
         let types_at = hdr_len + type_off;
@@ -212,21 +216,46 @@ mod tests {
         // 1: int
         ty(int, 1 << 24, 4, &[word(32)]);
         // 2: anonymous struct { x:3 at bit 0, y:2 at bit 3 } (kind_flag: bitfield sizes)
-        ty(0, (1 << 31) | (4 << 24) | 2, 4, &[
-            word(x), word(1), word((3 << 24) | 0),
-            word(y), word(1), word((2 << 24) | 3),
-        ]);
+        ty(
+            0,
+            (1 << 31) | (4 << 24) | 2,
+            4,
+            &[
+                word(x),
+                word(1),
+                word((3 << 24) | 0),
+                word(y),
+                word(1),
+                word((2 << 24) | 3),
+            ],
+        );
         // 3: anonymous union { struct 2; z: int }
-        ty(0, (5 << 24) | 2, 8, &[word(0), word(2), word(0), word(z), word(1), word(0)]);
+        ty(
+            0,
+            (5 << 24) | 2,
+            8,
+            &[word(0), word(2), word(0), word(z), word(1), word(0)],
+        );
         // 4: struct outer { a at 0; union 3 at bit 64 }
-        ty(outer, (4 << 24) | 2, 16, &[word(a), word(1), word(0), word(0), word(3), word(64)]);
+        ty(
+            outer,
+            (4 << 24) | 2,
+            16,
+            &[word(a), word(1), word(0), word(0), word(3), word(64)],
+        );
         // 5: func proto (no params), 6: func f
         ty(0, 13 << 24, 0, &[]);
         ty(f, 12 << 24, 5, &[]);
         let mut data = Vec::new();
         data.extend_from_slice(&MAGIC.to_le_bytes());
         data.extend_from_slice(&[1, 0]);
-        for v in [24, 0, types.len() as u32, types.len() as u32, strings.len() as u32] {
+        for v in [
+            24,
+            0,
+            types.len() as u32,
+            types.len() as u32,
+            strings.len() as u32,
+        ] {
             data.extend_from_slice(&v.to_le_bytes());
         }
         data.extend_from_slice(&types);
@@ -242,13 +271,19 @@ mod tests {
         assert_eq!(btf.member_bit_offset("outer", "x").unwrap(), 64);
         assert_eq!(btf.member_bit_offset("outer", "y").unwrap(), 67);
         assert_eq!(btf.member_bit_offset("outer", "z").unwrap(), 64);
-        assert!(matches!(btf.member_bit_offset("outer", "w"), Err(BtfError::NotFound(_))));
+        assert!(matches!(
+            btf.member_bit_offset("outer", "w"),
+            Err(BtfError::NotFound(_))
+        ));
         assert!(matches!(btf.function_id("g"), Err(BtfError::NotFound(_))));
     }
 
     #[test]
     fn rejects_garbage() {
-        assert!(matches!(Btf::parse(b"not btf at all, not at all"), Err(BtfError::BadHeader)));
+        assert!(matches!(
+            Btf::parse(b"not btf at all, not at all"),
+            Err(BtfError::BadHeader)
+        ));
         let mut truncated = sample();
         truncated[12] = 0xff; // type_len far beyond the data
         assert!(Btf::parse(&truncated).is_err());

@@ -156,7 +156,8 @@ fn csum_state_sequence() -> std::result::Result<[skb::Insn; 4], String> {
     let bit = btf
         .member_bit_offset("sk_buff", "ip_summed")
         .map_err(|e| e.to_string())?;
-    skb::resolved(kfunc, bit).ok_or_else(|| format!("sk_buff.ip_summed at bit {bit} cannot be read with one byte load"))
+    skb::resolved(kfunc, bit)
+        .ok_or_else(|| format!("sk_buff.ip_summed at bit {bit} cannot be read with one byte load"))
 }
 
 /// Writes the configuration the programs read.
