@@ -80,8 +80,11 @@ fn try_from_pod(ctx: &TcContext) -> Result<i32, Counter> {
     let Some(ip) = parse::ipv4(ctx)? else {
         return pass(Counter::PassNonIpv4);
     };
-    let cfg = conntrack::config()?;
     let ifindex = ifindex(ctx);
+    if let Some(verdict) = established_from_pod(ctx, &ip, ifindex)? {
+        return Ok(verdict);
+    }
+    let cfg = conntrack::config()?;
     if !cfg.pod_cidr.contains(ip.src) {
         return Err(Counter::DropSpoofedSource);
     }
@@ -96,8 +99,8 @@ fn try_from_pod(ctx: &TcContext) -> Result<i32, Counter> {
         conntrack::registered_pod(ip.src, ifindex)?;
         return pass(Counter::PassLocal);
     }
+    conntrack::registered_pod(ip.src, ifindex)?;
     if ip.fragment == Fragment::Later {
-        conntrack::registered_pod(ip.src, ifindex)?;
         let hop = match forward::forward(ctx, &ip, cfg.node_ip, ifindex)? {
             Route::Forward(hop) => hop,
             Route::Pass(counter) => return pass(counter),
@@ -108,38 +111,51 @@ fn try_from_pod(ctx: &TcContext) -> Result<i32, Counter> {
     }
     let l4 = parse::l4(ctx, &ip)?;
     if ip.proto == PROTO_ICMP && l4.icmp_type != ICMP_ECHO_REQUEST {
-        conntrack::registered_pod(ip.src, ifindex)?;
         return icmp_error_from_pod(ctx, &ip, &l4, ifindex);
-    }
-
-    let key = FlowKey::new(ip.proto, ip.src, l4.src_port, ip.dst, l4.dst_port);
-    let existing = CONNTRACK.get_ptr_mut(key);
-    let now = conntrack::now_ns();
-    // A flow created on this interface already proved the source; otherwise check the pod map.
-    // SAFETY: map value pointer.
-    let proven = existing.is_some_and(|f| unsafe { (*f).pod_ifindex } == ifindex);
-    if let Some(flow) = existing.filter(|_| proven) {
-        // SAFETY: map value pointer.
-        if let Some(hop) = cached_route(unsafe { &*flow }, &ip, now) {
-            // Established fast path: no FIB lookup, no pod map lookup.
-            if !forward::decrement_ttl(ctx, &ip)? {
-                return pass(Counter::PassHostStack);
-            }
-            conntrack::account(flow, ip.proto, Direction::Out, ip.l3_len, l4.tcp_flags, now);
-            // SAFETY: map value pointer.
-            let (nat_ip, nat_port) = unsafe { ((*flow).nat_ip, (*flow).nat_port) };
-            nat::rewrite(ctx, &ip, Some(&l4), Side::Source, nat_ip, nat_port)?;
-            count(Counter::TranslatedOut);
-            return forward::send(ctx, &hop);
-        }
-    } else {
-        conntrack::registered_pod(ip.src, ifindex)?;
     }
     // SAFETY: valid context; on success the call does not return.
     unsafe { SLOW_PATH.tail_call(ctx, 0) };
     // Only reachable if the slow path is not installed: the host stack forwards the packet
     // and the uplink's egress program translates it.
     pass(Counter::PassHostStack)
+}
+
+/// The established fast path: a packet of a flow created on this interface (which proved the
+/// pod's source address, and passed every check of the full path) whose cached route is
+/// fresh. No configuration, pod map or FIB lookup. `None` sends the packet down the full path.
+#[inline(always)]
+fn established_from_pod(ctx: &TcContext, ip: &Ipv4, ifindex: u32) -> Result<Option<i32>, Counter> {
+    if ip.fragment == Fragment::Later {
+        return Ok(None);
+    }
+    let Ok(l4) = parse::l4(ctx, ip) else {
+        return Ok(None);
+    };
+    if ip.proto == PROTO_ICMP && l4.icmp_type != ICMP_ECHO_REQUEST {
+        return Ok(None);
+    }
+    let key = FlowKey::new(ip.proto, ip.src, l4.src_port, ip.dst, l4.dst_port);
+    let Some(flow) = CONNTRACK.get_ptr_mut(key) else {
+        return Ok(None);
+    };
+    let now = conntrack::now_ns();
+    // SAFETY: map value pointer.
+    let hop = match unsafe { &*flow } {
+        f if f.pod_ifindex == ifindex => cached_route(f, ip, now),
+        _ => None,
+    };
+    let Some(hop) = hop else {
+        return Ok(None);
+    };
+    if !forward::decrement_ttl(ctx, ip)? {
+        return pass(Counter::PassHostStack).map(Some);
+    }
+    conntrack::account(flow, ip.proto, Direction::Out, ip.l3_len, l4.tcp_flags, now);
+    // SAFETY: map value pointer.
+    let (nat_ip, nat_port) = unsafe { ((*flow).nat_ip, (*flow).nat_port) };
+    nat::rewrite(ctx, ip, Some(&l4), Side::Source, nat_ip, nat_port)?;
+    count(Counter::TranslatedOut);
+    forward::send(ctx, &hop).map(Some)
 }
 
 /// Tail-called by `tc_from_pod` for a packet from a validated pod whose flow is new or whose

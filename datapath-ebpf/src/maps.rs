@@ -49,9 +49,11 @@ pub static SCRATCH_FIB: PerCpuArray<bpf_fib_lookup> = PerCpuArray::with_max_entr
 pub static SCRATCH_PROBE: PerCpuArray<crate::conntrack::ProbeScratch> =
     PerCpuArray::with_max_entries(1, 0);
 
-/// The coarse clock's value for the jiffy it was read in (`conntrack::now_ns`), per CPU.
+/// The coarse clock's value for the jiffy it was read in (`conntrack::now_ns`). One slot for
+/// all CPUs: a per-CPU slot would cost a second dependent load per packet, and the shared one
+/// is written only once a tick.
 #[map(name = "CLOCK")]
-pub static CLOCK: PerCpuArray<TickClock> = PerCpuArray::with_max_entries(1, 0);
+pub static CLOCK: Array<TickClock> = Array::with_max_entries(1, 0);
 
 #[repr(C)]
 pub struct TickClock {

@@ -3,8 +3,8 @@ use datapath_common::{
     tcp::{TCP_ACK, TCP_SYN},
 };
 use datapath_tests::{
-    packet::{self, Ipv4Packet, GW_MAC, POD_MAC},
-    testrun::{with_harness, HarnessOptions, POD_IP, SERVER_IP},
+    packet::{self, Ipv4Packet, Parsed, GW_MAC, POD_MAC},
+    testrun::{with_harness, HarnessOptions, NODE_IP, POD_IP, SERVER_IP, SERVER_MAC},
 };
 #[test]
 fn zz_profile() {
@@ -18,16 +18,22 @@ fn zz_profile() {
             )
             .frame(POD_MAC, GW_MAC)
         };
-        h.from_pod(&f(TCP_SYN));
-        let frame = f(TCP_ACK);
+        let nat_port = Parsed::parse(&h.from_pod(&f(TCP_SYN)).1).src_port();
+        let reply = Ipv4Packet::new(
+            SERVER_IP,
+            NODE_IP,
+            PROTO_TCP,
+            packet::tcp(SERVER_IP, NODE_IP, 80, nat_port, TCP_ACK, b"y"),
+        )
+        .frame(SERVER_MAC, GW_MAC);
         let n: usize = std::env::var("N")
             .map(|v| v.parse().unwrap())
             .unwrap_or(1_000_000);
-        let pod_if = h.pod_ifindex;
+        let up_if = h.uplink_ifindex;
         let mut tot = 0u128;
         for _ in 0..n {
             tot += h
-                .run_timed(datapath_common::maps::PROG_FROM_POD, &frame, pod_if)
+                .run_timed(datapath_common::maps::PROG_UPLINK_INGRESS, &reply, up_if)
                 .unwrap()
                 .2
                 .as_nanos();
