@@ -40,44 +40,65 @@ pub const fn pseudo_header_sum(src: u32, dst: u32, proto: u8, l4_len: u16) -> u3
     (src >> 16) + (src & 0xffff) + (dst >> 16) + (dst & 0xffff) + proto as u32 + l4_len as u32
 }
 
+/// What a 16-bit word changing from `old` to `new` adds to a one's-complement sum, unfolded:
+/// differences of several fields can be added up and applied with one [`apply`].
+#[must_use]
+pub const fn diff16(old: u16, new: u16) -> u32 {
+    (!old) as u32 + new as u32
+}
+
+/// [`diff16`] for a 32-bit field (an IPv4 address).
+#[must_use]
+pub const fn diff32(old: u32, new: u32) -> u32 {
+    diff16((old >> 16) as u16, (new >> 16) as u16) + diff16(old as u16, new as u16)
+}
+
+/// Updates a stored checksum by an unfolded difference (RFC 1624 eqn. 3: HC' = ~(~HC + ~m + m')).
+/// Any sum of up to 65,535 [`diff16`] terms fits.
+#[must_use]
+pub const fn apply(check: u16, diff: u32) -> u16 {
+    let sum = ((!check) as u32).wrapping_add(diff);
+    // The carry out of a wrapped 32-bit add is worth 1 in one's complement.
+    let sum = if sum < diff { sum + 1 } else { sum };
+    !fold(sum)
+}
+
 /// Updates a stored checksum for a 16-bit word of the covered data changing from `old` to
-/// `new` (RFC 1624 eqn. 3: HC' = ~(~HC + ~m + m')).
+/// `new`.
 #[must_use]
 pub const fn update16(check: u16, old: u16, new: u16) -> u16 {
-    let sum = (!check) as u32 + (!old) as u32 + new as u32;
-    !fold(sum)
+    apply(check, diff16(old, new))
 }
 
 /// Updates a stored checksum for a 32-bit field (an IPv4 address) changing from `old` to `new`.
 #[must_use]
 pub const fn update32(check: u16, old: u32, new: u32) -> u16 {
-    let check = update16(check, (old >> 16) as u16, (new >> 16) as u16);
-    update16(check, old as u16, new as u16)
+    apply(check, diff32(old, new))
 }
 
-/// Like [`update16`] for a UDP checksum: 0 means "no checksum" and stays 0, and a computed 0
-/// is sent as 0xffff (RFC 768).
+/// [`apply`] for a UDP checksum: 0 means "no checksum" and stays 0, and a computed 0 is sent
+/// as 0xffff (RFC 768).
+#[must_use]
+pub const fn apply_udp(check: u16, diff: u32) -> u16 {
+    if check == 0 {
+        return 0;
+    }
+    match apply(check, diff) {
+        0 => 0xffff,
+        other => other,
+    }
+}
+
+/// [`update16`] with the UDP zero rule of [`apply_udp`].
 #[must_use]
 pub const fn update16_udp(check: u16, old: u16, new: u16) -> u16 {
-    if check == 0 {
-        return 0;
-    }
-    match update16(check, old, new) {
-        0 => 0xffff,
-        other => other,
-    }
+    apply_udp(check, diff16(old, new))
 }
 
-/// [`update32`] with the UDP zero rule of [`update16_udp`].
+/// [`update32`] with the UDP zero rule of [`apply_udp`].
 #[must_use]
 pub const fn update32_udp(check: u16, old: u32, new: u32) -> u16 {
-    if check == 0 {
-        return 0;
-    }
-    match update32(check, old, new) {
-        0 => 0xffff,
-        other => other,
-    }
+    apply_udp(check, diff32(old, new))
 }
 
 /// Updates the seed of a CHECKSUM_PARTIAL TCP/UDP checksum for a pseudo-header address
@@ -87,10 +108,10 @@ pub const fn update32_udp(check: u16, old: u32, new: u32) -> u16 {
 /// the summed segment, must not be folded in at all.
 #[must_use]
 pub const fn update32_partial(seed: u16, old: u32, new: u32) -> u16 {
-    !update32(!seed, old, new)
+    !apply(!seed, diff32(old, new))
 }
 
-/// [`update32_partial`] with the UDP zero rule of [`update16_udp`], as the kernel's checksum
+/// [`update32_partial`] with the UDP zero rule of [`apply_udp`], as the kernel's checksum
 /// helper applies it.
 #[must_use]
 pub const fn update32_udp_partial(seed: u16, old: u32, new: u32) -> u16 {
@@ -181,6 +202,14 @@ mod tests {
         fn udp_partial_update_keeps_zero_and_never_produces_it(seed: u16, old: u32, new: u32) {
             let updated = update32_udp_partial(seed, old, new);
             prop_assert_eq!(updated == 0, seed == 0);
+        }
+
+        #[test]
+        fn one_combined_difference_equals_updates_in_turn(check: u16, old: u32, new: u32, old_port: u16, new_port: u16) {
+            let combined = apply(check, diff32(old, new) + diff16(old_port, new_port));
+            let in_turn = update16(update32(check, old, new), old_port, new_port);
+            // Same value in one's complement (0x0000 and 0xffff are both zero).
+            prop_assert_eq!(fold(u32::from(combined)) % 0xffff, fold(u32::from(in_turn)) % 0xffff);
         }
 
         #[test]

@@ -10,7 +10,7 @@ use core::arch::asm;
 use aya_ebpf::programs::TcContext;
 use datapath_common::{
     counters::Counter,
-    csum,
+    csum as arith,
     flow::PROTO_UDP,
     skb::{CHECKSUM_NONE, CHECKSUM_PARTIAL, CHECKSUM_UNNECESSARY},
 };
@@ -73,21 +73,14 @@ pub fn update_l4(
             let field = field.ok_or(Counter::DropMalformed)?;
             // SAFETY: bounds checked by ptr_at (constant offsets).
             let check = u16::from_be_bytes(unsafe { *field });
+            let addr_diff = arith::diff32(old_addr, new_addr);
             let check = match (state, udp) {
                 // The field is the pseudo-header seed the device completes: ports are summed
                 // with the segment later.
-                (CHECKSUM_PARTIAL, false) => csum::update32_partial(check, old_addr, new_addr),
-                (CHECKSUM_PARTIAL, true) => csum::update32_udp_partial(check, old_addr, new_addr),
-                (_, false) => csum::update16(
-                    csum::update32(check, old_addr, new_addr),
-                    old_port,
-                    new_port,
-                ),
-                (_, true) => csum::update16_udp(
-                    csum::update32_udp(check, old_addr, new_addr),
-                    old_port,
-                    new_port,
-                ),
+                (CHECKSUM_PARTIAL, false) => !arith::apply(!check, addr_diff),
+                (CHECKSUM_PARTIAL, true) => arith::update32_udp_partial(check, old_addr, new_addr),
+                (_, false) => arith::apply(check, addr_diff + arith::diff16(old_port, new_port)),
+                (_, true) => arith::apply_udp(check, addr_diff + arith::diff16(old_port, new_port)),
             };
             // SAFETY: as above.
             unsafe { *field = check.to_be_bytes() };
