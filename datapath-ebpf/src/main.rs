@@ -147,13 +147,14 @@ fn established_from_pod(ctx: &TcContext, ip: &Ipv4, ifindex: u32) -> Result<Opti
     let Some(hop) = hop else {
         return Ok(None);
     };
-    if !forward::decrement_ttl(ctx, ip)? {
+    if ip.ttl <= 1 {
+        // The host stack answers with time-exceeded (traceroute then shows the node).
         return pass(Counter::PassHostStack).map(Some);
     }
     conntrack::account(flow, ip.proto, Direction::Out, ip.l3_len, l4.tcp_flags, now);
     // SAFETY: map value pointer.
     let (nat_ip, nat_port) = unsafe { ((*flow).nat_ip, (*flow).nat_port) };
-    nat::rewrite(ctx, ip, Some(&l4), Side::Source, nat_ip, nat_port)?;
+    nat::rewrite_forwarded(ctx, ip, &l4, Side::Source, nat_ip, nat_port)?;
     count(Counter::TranslatedOut);
     forward::send(ctx, &hop).map(Some)
 }

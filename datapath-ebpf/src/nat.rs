@@ -8,7 +8,9 @@ use datapath_common::{counters::Counter, csum as arith, flow::PROTO_ICMP};
 
 use crate::{
     csum,
-    parse::{self, Fragment, Ipv4, IP_CSUM_OFF, IP_DST_OFF, IP_SRC_OFF, L4, L4_OFF_PLAIN},
+    parse::{
+        self, Fragment, Ipv4, IP_CSUM_OFF, IP_DST_OFF, IP_SRC_OFF, IP_TTL_OFF, L4, L4_OFF_PLAIN,
+    },
 };
 
 /// Which end of the packet is rewritten.
@@ -36,12 +38,55 @@ pub fn rewrite(
     addr: u32,
     port: u16,
 ) -> Result<(), Counter> {
+    rewrite_header(ctx, ip, l4, side, (addr, port), Ttl::Keep)
+}
+
+/// [`rewrite`] of a packet the datapath forwards without the kernel's forwarding code: the TTL
+/// is decremented too, with the same header-checksum update. The caller checked `ip.ttl > 1`.
+#[inline(always)]
+pub fn rewrite_forwarded(
+    ctx: &TcContext,
+    ip: &Ipv4,
+    l4: &L4,
+    side: Side,
+    addr: u32,
+    port: u16,
+) -> Result<(), Counter> {
+    rewrite_header(ctx, ip, Some(l4), side, (addr, port), Ttl::Decrement)
+}
+
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Ttl {
+    Keep,
+    Decrement,
+}
+
+#[inline(always)]
+fn rewrite_header(
+    ctx: &TcContext,
+    ip: &Ipv4,
+    l4: Option<&L4>,
+    side: Side,
+    (addr, port): (u32, u16),
+    ttl: Ttl,
+) -> Result<(), Counter> {
     let bad = Counter::DropMalformed;
     let (addr_off, old_addr) = match side {
         Side::Source => (IP_SRC_OFF, ip.src),
         Side::Destination => (IP_DST_OFF, ip.dst),
     };
-    set_ip_field(ctx, addr_off, old_addr, addr)?;
+    let mut ip_diff = arith::diff32(old_addr, addr);
+    if ttl == Ttl::Decrement {
+        let field = parse::ptr_at::<u8>(ctx, IP_TTL_OFF).ok_or(bad)?;
+        // SAFETY: bounds checked by ptr_at (constant offset).
+        unsafe { *field = ip.ttl - 1 };
+        // The checksum covers TTL and protocol as one 16-bit word.
+        ip_diff += arith::diff16(
+            u16::from_be_bytes([ip.ttl, ip.proto]),
+            u16::from_be_bytes([ip.ttl - 1, ip.proto]),
+        );
+    }
+    set_ip_field(ctx, addr_off, addr, ip_diff)?;
     let Some(l4) = l4.filter(|_| ip.fragment != Fragment::Later) else {
         return Ok(());
     };
@@ -71,16 +116,17 @@ pub fn rewrite(
     Ok(())
 }
 
-/// Writes a 32-bit IPv4 header field at a constant offset and updates the header checksum.
+/// Writes a 32-bit IPv4 header field at a constant offset and applies `diff` (the field's
+/// change and any other) to the header checksum.
 #[inline(always)]
-pub fn set_ip_field(ctx: &TcContext, off: usize, old: u32, new: u32) -> Result<(), Counter> {
+fn set_ip_field(ctx: &TcContext, off: usize, new: u32, diff: u32) -> Result<(), Counter> {
     let bad = Counter::DropMalformed;
     let field = parse::ptr_at::<[u8; 4]>(ctx, off).ok_or(bad)?;
     let check = parse::ptr_at::<[u8; 2]>(ctx, IP_CSUM_OFF).ok_or(bad)?;
     // SAFETY: bounds checked by ptr_at (constant offsets).
     unsafe {
         *field = new.to_be_bytes();
-        *check = arith::update32(u16::from_be_bytes(*check), old, new).to_be_bytes();
+        *check = arith::apply(u16::from_be_bytes(*check), diff).to_be_bytes();
     }
     Ok(())
 }
