@@ -47,7 +47,7 @@ const MOV_IMM: u8 = 0xb7;
 
 /// The sequence as compiled into the programs (the eBPF crate writes these bytes).
 pub const TEMPLATE: [Insn; 4] = [
-    insn(CALL_KFUNC, REGS_KFUNC, 0, KFUNC_MARKER as i32),
+    insn(CALL_KFUNC, REGS_KFUNC, 0, KFUNC_MARKER.cast_signed()),
     insn(LOAD_BYTE, 0, 0, 0),
     insn(RSH_IMM, 0, 0, 0),
     insn(AND_IMM, 0, 0, 3),
@@ -69,7 +69,7 @@ pub fn resolved(kfunc_id: u32, bit_offset: u32) -> Option<[Insn; 4]> {
     Some([
         insn(CALL_KFUNC, REGS_KFUNC, 0, i32::try_from(kfunc_id).ok()?),
         insn(LOAD_BYTE, 0, byte, 0),
-        insn(RSH_IMM, 0, 0, shift as i32),
+        insn(RSH_IMM, 0, 0, shift.cast_signed()),
         TEMPLATE[3],
     ])
 }

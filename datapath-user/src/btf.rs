@@ -205,7 +205,8 @@ mod tests {
     /// and a function `f`.
     fn sample() -> Vec<u8> {
         let strings = b"\0outer\0a\0x\0y\0z\0f\0int\0".to_vec();
-        let (outer, a, x, y, z, f, int) = (1, 7, 9, 11, 13, 15, 17);
+        let (outer, member_a, member_x, member_y, member_z, func_f, int) =
+            (1, 7, 9, 11, 13, 15, 17);
         let word = |v: u32| v.to_le_bytes();
         let mut types = Vec::new();
         let mut ty = |name: u32, info: u32, size: u32, extra: &[[u8; 4]]| {
@@ -221,10 +222,10 @@ mod tests {
             (1 << 31) | (4 << 24) | 2,
             4,
             &[
-                word(x),
+                word(member_x),
                 word(1),
-                word((3 << 24) | 0),
-                word(y),
+                word(3 << 24),
+                word(member_y),
                 word(1),
                 word((2 << 24) | 3),
             ],
@@ -234,18 +235,18 @@ mod tests {
             0,
             (5 << 24) | 2,
             8,
-            &[word(0), word(2), word(0), word(z), word(1), word(0)],
+            &[word(0), word(2), word(0), word(member_z), word(1), word(0)],
         );
         // 4: struct outer { a at 0; union 3 at bit 64 }
         ty(
             outer,
             (4 << 24) | 2,
             16,
-            &[word(a), word(1), word(0), word(0), word(3), word(64)],
+            &[word(member_a), word(1), word(0), word(0), word(3), word(64)],
         );
         // 5: func proto (no params), 6: func f
         ty(0, 13 << 24, 0, &[]);
-        ty(f, 12 << 24, 5, &[]);
+        ty(func_f, 12 << 24, 5, &[]);
         let mut data = Vec::new();
         data.extend_from_slice(&MAGIC.to_le_bytes());
         data.extend_from_slice(&[1, 0]);

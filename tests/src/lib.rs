@@ -1,6 +1,7 @@
 //! The lab of the design brief built from network namespaces, shared by the integration
 //! tests, `cargo xtask demo` and the benchmarks.
 
+pub mod capture;
 pub mod lab;
 pub mod netns;
 pub mod packet;

@@ -755,3 +755,64 @@ fn packets_with_headers_in_page_fragments_are_translated() {
     assert!(lab.counter("translated_out").unwrap() > 1000);
     assert_eq!(lab.counter("drop_malformed").unwrap(), 0);
 }
+
+/// With checksum offload on (the default, and what pods on a real node hand down), TCP and
+/// UDP packets cross the datapath with partial checksums: the checksum field holds the
+/// pseudo-header seed the device completes later, and a veth receiver never verifies it. So
+/// this test looks at the frames themselves, as the receiving interfaces see them: every
+/// partial seed must match the rewritten addresses, every finished checksum must verify, and
+/// both kinds must have been seen in both directions.
+#[test]
+fn partial_checksums_are_updated_for_the_device_to_finish() {
+    use datapath_tests::capture::{l4_checksum, Capture, L4Checksum};
+
+    let lab = lab(LabOptions::default());
+    let log = std::fs::read_to_string(&lab.daemon_log).unwrap();
+    assert!(
+        log.contains("checksum state read through bpf_cast_to_kern_ctx"),
+        "the datapath must update checksums itself on this kernel:\n{log}"
+    );
+    let sink = Server::tcp(&lab.server, 8081, TcpService::HashSink).unwrap();
+    let source = Server::tcp(&lab.server, 8082, TcpService::Source(2 << 20)).unwrap();
+    let udp = Server::udp_echo(&lab.server, 5353).unwrap();
+    let pod = lab.pod(0).clone();
+    let at_server = Capture::start(&lab.server, "eth0").unwrap();
+    let at_pod = Capture::start(&pod.ns, "v4if0").unwrap();
+
+    traffic::bulk_upload(&pod.ns, SERVER_IP, 8081, 2 << 20).unwrap();
+    traffic::bulk_download(&pod.ns, SERVER_IP, 8082, 2 << 20).unwrap();
+    assert_eq!(
+        traffic::udp_request(&pod.ns, SERVER_IP, 5353, 40002, b"partial").unwrap(),
+        b"partial"
+    );
+
+    let mut seen = std::collections::BTreeMap::new();
+    for (side, capture) in [("at the server", at_server), ("at the pod", at_pod)] {
+        // Frames this namespace received: the ones the datapath rewrote.
+        for frame in capture.finish().unwrap().iter().filter(|f| !f.outgoing) {
+            let Some((proto, verdict)) = l4_checksum(frame) else {
+                continue;
+            };
+            assert_ne!(
+                verdict,
+                L4Checksum::Wrong,
+                "proto {proto} frame {side} ({} bytes, partial: {})",
+                frame.data.len(),
+                frame.partial
+            );
+            *seen
+                .entry((side, proto, format!("{verdict:?}")))
+                .or_insert(0u32) += 1;
+        }
+    }
+    eprintln!("checksums seen: {seen:?}");
+    for side in ["at the server", "at the pod"] {
+        for proto in [6, 17] {
+            assert!(
+                seen.contains_key(&(side, proto, "ValidSeed".to_string())),
+                "no partial proto {proto} checksum {side}: {seen:?}"
+            );
+        }
+    }
+    drop((sink, source, udp));
+}
