@@ -46,6 +46,9 @@ const LINKS_DIR: &str = "links";
 pub struct LoadOptions {
     pub pin_path: PathBuf,
     pub flow_table_size: u32,
+    /// Update TCP/UDP checksums through the kernel's helpers even where the programs could
+    /// read the skb's checksum state: what kernels before 6.2 get (tests of that path).
+    pub kernel_checksum_helpers: bool,
 }
 
 /// Loads the object, re-using maps pinned at `pin_path` (after checking their layout) and
@@ -53,7 +56,7 @@ pub struct LoadOptions {
 pub fn load(opts: &LoadOptions) -> Result<Ebpf> {
     bpffs::ensure_pin_dir(&opts.pin_path)?;
     maps::check_layout(&opts.pin_path)?;
-    let object = object_for_this_kernel();
+    let object = object_for_this_kernel(opts.kernel_checksum_helpers);
     let mut ebpf = EbpfLoader::new()
         .default_map_pin_directory(&opts.pin_path)
         .map_max_entries(names::CONNTRACK, opts.flow_table_size)
@@ -103,9 +106,13 @@ pub fn load(opts: &LoadOptions) -> Result<Ebpf> {
 
 /// The object with its checksum-state sequences (`datapath_common::skb`) resolved against the
 /// running kernel's BTF, or replaced by the fallback (the kernel's checksum helpers).
-fn object_for_this_kernel() -> AlignedObject {
+fn object_for_this_kernel(kernel_checksum_helpers: bool) -> AlignedObject {
     let mut object = AlignedObject::copy_of(OBJECT);
-    let sequence = csum_state_sequence();
+    let sequence = if kernel_checksum_helpers {
+        Err("asked for the kernel's checksum helpers".to_string())
+    } else {
+        csum_state_sequence()
+    };
     let sites = skb::patch_object(
         object.bytes_mut(),
         sequence.as_ref().unwrap_or(&skb::FALLBACK),

@@ -19,6 +19,7 @@ pub fn open_or_create(pin_path: &Path) -> Result<Maps> {
             drop(loader::load(&LoadOptions {
                 pin_path: pin_path.to_path_buf(),
                 flow_table_size: DEFAULT_FLOW_TABLE_SIZE,
+                kernel_checksum_helpers: false,
             })?);
             Maps::open(pin_path)
         }

@@ -39,6 +39,8 @@ pub struct HarnessOptions {
     pub port_range: (u16, u16),
     pub randomisation: PortRandomisation,
     pub flow_table_size: u32,
+    /// Load with the kernel's checksum helpers (the path of kernels before 6.2).
+    pub kernel_checksum_helpers: bool,
 }
 
 impl Default for HarnessOptions {
@@ -47,6 +49,7 @@ impl Default for HarnessOptions {
             port_range: (20000, 29999),
             randomisation: PortRandomisation::Prng,
             flow_table_size: 65536,
+            kernel_checksum_helpers: false,
         }
     }
 }
@@ -146,6 +149,7 @@ impl Harness {
         let mut ebpf = loader::load(&LoadOptions {
             pin_path: pin_path.to_path_buf(),
             flow_table_size: opts.flow_table_size,
+            kernel_checksum_helpers: opts.kernel_checksum_helpers,
         })?;
         let config = Config {
             node_ip: u32::from_be_bytes(NODE_IP),

@@ -50,103 +50,116 @@ fn wire_tcp(dst_port: u16, flags: u8) -> Vec<u8> {
 
 #[test]
 fn tcp_from_pod_is_translated_checksummed_and_redirected() {
-    with_harness(HarnessOptions::default(), |h| {
-        let out = open_tcp(h, 40000);
-        assert_eq!(out.src, NODE_IP);
-        assert_eq!(out.dst, SERVER_IP);
-        assert!(
-            (20000..=29999).contains(&out.src_port()),
-            "port {}",
-            out.src_port()
-        );
-        assert_eq!(out.dst_port(), 80);
-        assert!(out.ip_checksum_ok() && out.l4_checksum_ok());
-        assert_eq!(out.ttl, 63, "forwarding decrements the TTL");
-        assert_eq!(out.dst_mac, SERVER_MAC, "next hop's MAC from the FIB");
-        let flow = h
-            .flow(&pod_key(PROTO_TCP, 40000, SERVER_IP, 80))
-            .expect("flow");
-        assert_eq!(flow.nat_port, out.src_port());
-        assert_eq!(flow.state(), Some(FlowState::SynSent));
-        assert_eq!((flow.packets_out, flow.pod_ifindex), (1, h.pod_ifindex));
-        assert_eq!(flow.pod_mac, POD_MAC);
-        let reply =
-            pod_key(PROTO_TCP, 40000, SERVER_IP, 80).reply_tuple(addr(NODE_IP), flow.nat_port);
-        assert_eq!(
-            h.binding(&reply),
-            Some(pod_key(PROTO_TCP, 40000, SERVER_IP, 80))
-        );
-        assert_eq!(h.counter(Counter::TranslatedOut), 1);
-        assert_eq!(h.counter(Counter::FlowCreated), 1);
-
-        // The reply goes to the pod, straight into its namespace.
-        let (verdict, back) = h.from_wire(&wire_tcp(flow.nat_port, TCP_SYN | TCP_ACK));
-        assert_eq!(verdict, TC_ACT_REDIRECT);
-        let back = Parsed::parse(&back);
-        assert_eq!((back.src, back.dst), (SERVER_IP, POD_IP));
-        assert_eq!((back.src_port(), back.dst_port()), (80, 40000));
-        assert!(back.ip_checksum_ok() && back.l4_checksum_ok());
-        assert_eq!((back.dst_mac, back.src_mac), (POD_MAC, GW_MAC));
-        let flow = h.flow(&pod_key(PROTO_TCP, 40000, SERVER_IP, 80)).unwrap();
-        assert_eq!(flow.state(), Some(FlowState::Established));
-        assert_eq!((flow.packets_in, flow.bytes_in), (1, back.ip.len() as u64));
-        assert_eq!(h.counter(Counter::TranslatedIn), 1);
-
-        // Later packets reuse the flow and its port; FIN moves it to closing.
-        let again = Parsed::parse(&h.from_pod(&pod_tcp(40000, 80, TCP_ACK | TCP_FIN)).1);
-        assert_eq!(again.src_port(), flow.nat_port);
-        let flow = h.flow(&pod_key(PROTO_TCP, 40000, SERVER_IP, 80)).unwrap();
-        assert_eq!(flow.state(), Some(FlowState::Closing));
-        assert_eq!(h.counter(Counter::FlowCreated), 1);
-    })
-    .unwrap();
+    with_harness(HarnessOptions::default(), tcp_translation).unwrap();
 }
 
 #[test]
 fn udp_zero_checksum_stays_zero_and_nonzero_stays_valid() {
-    with_harness(HarnessOptions::default(), |h| {
-        for (sport, with_csum) in [(5000u16, false), (5001, true)] {
-            let frame = Ipv4Packet::new(
-                POD_IP,
-                SERVER_IP,
-                PROTO_UDP,
-                packet::udp(POD_IP, SERVER_IP, sport, 53, b"q", with_csum),
-            )
-            .frame(POD_MAC, GW_MAC);
-            let (verdict, out) = h.from_pod(&frame);
-            assert_eq!(verdict, TC_ACT_REDIRECT);
-            let out = Parsed::parse(&out);
-            assert_eq!(out.src, NODE_IP);
-            let csum = u16::from_be_bytes([out.l4()[6], out.l4()[7]]);
-            if with_csum {
-                assert_ne!(csum, 0, "a real checksum never becomes 0");
-            } else {
-                assert_eq!(csum, 0, "no checksum stays no checksum");
-            }
-            assert!(out.ip_checksum_ok() && out.l4_checksum_ok());
-        }
-        // Reply to the checksummed flow.
-        let flow = h.flow(&pod_key(PROTO_UDP, 5001, SERVER_IP, 53)).unwrap();
-        let reply = Ipv4Packet::new(
+    with_harness(HarnessOptions::default(), udp_translation).unwrap();
+}
+
+/// Kernels before 6.2 have no `bpf_cast_to_kern_ctx`: the loader then leaves TCP/UDP
+/// checksums to the kernel's helpers. The same translations, through that path.
+#[test]
+fn translation_with_the_kernel_checksum_helpers() {
+    let opts = HarnessOptions {
+        kernel_checksum_helpers: true,
+        ..HarnessOptions::default()
+    };
+    with_harness(opts.clone(), tcp_translation).unwrap();
+    with_harness(opts, udp_translation).unwrap();
+}
+
+fn tcp_translation(h: &mut Harness) {
+    let out = open_tcp(h, 40000);
+    assert_eq!(out.src, NODE_IP);
+    assert_eq!(out.dst, SERVER_IP);
+    assert!(
+        (20000..=29999).contains(&out.src_port()),
+        "port {}",
+        out.src_port()
+    );
+    assert_eq!(out.dst_port(), 80);
+    assert!(out.ip_checksum_ok() && out.l4_checksum_ok());
+    assert_eq!(out.ttl, 63, "forwarding decrements the TTL");
+    assert_eq!(out.dst_mac, SERVER_MAC, "next hop's MAC from the FIB");
+    let flow = h
+        .flow(&pod_key(PROTO_TCP, 40000, SERVER_IP, 80))
+        .expect("flow");
+    assert_eq!(flow.nat_port, out.src_port());
+    assert_eq!(flow.state(), Some(FlowState::SynSent));
+    assert_eq!((flow.packets_out, flow.pod_ifindex), (1, h.pod_ifindex));
+    assert_eq!(flow.pod_mac, POD_MAC);
+    let reply = pod_key(PROTO_TCP, 40000, SERVER_IP, 80).reply_tuple(addr(NODE_IP), flow.nat_port);
+    assert_eq!(
+        h.binding(&reply),
+        Some(pod_key(PROTO_TCP, 40000, SERVER_IP, 80))
+    );
+    assert_eq!(h.counter(Counter::TranslatedOut), 1);
+    assert_eq!(h.counter(Counter::FlowCreated), 1);
+
+    // The reply goes to the pod, straight into its namespace.
+    let (verdict, back) = h.from_wire(&wire_tcp(flow.nat_port, TCP_SYN | TCP_ACK));
+    assert_eq!(verdict, TC_ACT_REDIRECT);
+    let back = Parsed::parse(&back);
+    assert_eq!((back.src, back.dst), (SERVER_IP, POD_IP));
+    assert_eq!((back.src_port(), back.dst_port()), (80, 40000));
+    assert!(back.ip_checksum_ok() && back.l4_checksum_ok());
+    assert_eq!((back.dst_mac, back.src_mac), (POD_MAC, GW_MAC));
+    let flow = h.flow(&pod_key(PROTO_TCP, 40000, SERVER_IP, 80)).unwrap();
+    assert_eq!(flow.state(), Some(FlowState::Established));
+    assert_eq!((flow.packets_in, flow.bytes_in), (1, back.ip.len() as u64));
+    assert_eq!(h.counter(Counter::TranslatedIn), 1);
+
+    // Later packets reuse the flow and its port; FIN moves it to closing.
+    let again = Parsed::parse(&h.from_pod(&pod_tcp(40000, 80, TCP_ACK | TCP_FIN)).1);
+    assert_eq!(again.src_port(), flow.nat_port);
+    let flow = h.flow(&pod_key(PROTO_TCP, 40000, SERVER_IP, 80)).unwrap();
+    assert_eq!(flow.state(), Some(FlowState::Closing));
+    assert_eq!(h.counter(Counter::FlowCreated), 1);
+}
+
+fn udp_translation(h: &mut Harness) {
+    for (sport, with_csum) in [(5000u16, false), (5001, true)] {
+        let frame = Ipv4Packet::new(
+            POD_IP,
             SERVER_IP,
-            NODE_IP,
             PROTO_UDP,
-            packet::udp(SERVER_IP, NODE_IP, 53, flow.nat_port, b"answer", true),
+            packet::udp(POD_IP, SERVER_IP, sport, 53, b"q", with_csum),
         )
-        .frame(SERVER_MAC, UPLINK_MAC);
-        let (verdict, back) = h.from_wire(&reply);
+        .frame(POD_MAC, GW_MAC);
+        let (verdict, out) = h.from_pod(&frame);
         assert_eq!(verdict, TC_ACT_REDIRECT);
-        let back = Parsed::parse(&back);
-        assert_eq!((back.dst, back.dst_port()), (POD_IP, 5001));
-        assert!(back.l4_checksum_ok());
-        assert_eq!(
-            h.flow(&pod_key(PROTO_UDP, 5001, SERVER_IP, 53))
-                .unwrap()
-                .state(),
-            Some(FlowState::Replied)
-        );
-    })
-    .unwrap();
+        let out = Parsed::parse(&out);
+        assert_eq!(out.src, NODE_IP);
+        let csum = u16::from_be_bytes([out.l4()[6], out.l4()[7]]);
+        if with_csum {
+            assert_ne!(csum, 0, "a real checksum never becomes 0");
+        } else {
+            assert_eq!(csum, 0, "no checksum stays no checksum");
+        }
+        assert!(out.ip_checksum_ok() && out.l4_checksum_ok());
+    }
+    // Reply to the checksummed flow.
+    let flow = h.flow(&pod_key(PROTO_UDP, 5001, SERVER_IP, 53)).unwrap();
+    let reply = Ipv4Packet::new(
+        SERVER_IP,
+        NODE_IP,
+        PROTO_UDP,
+        packet::udp(SERVER_IP, NODE_IP, 53, flow.nat_port, b"answer", true),
+    )
+    .frame(SERVER_MAC, UPLINK_MAC);
+    let (verdict, back) = h.from_wire(&reply);
+    assert_eq!(verdict, TC_ACT_REDIRECT);
+    let back = Parsed::parse(&back);
+    assert_eq!((back.dst, back.dst_port()), (POD_IP, 5001));
+    assert!(back.l4_checksum_ok());
+    assert_eq!(
+        h.flow(&pod_key(PROTO_UDP, 5001, SERVER_IP, 53))
+            .unwrap()
+            .state(),
+        Some(FlowState::Replied)
+    );
 }
 
 #[test]

@@ -128,6 +128,7 @@ pub fn execute(args: &RunArgs) -> anyhow::Result<()> {
     let mut ebpf = loader::load(&LoadOptions {
         pin_path: pin_path.clone(),
         flow_table_size: args.flow_table_size,
+        kernel_checksum_helpers: false,
     })?;
     loader::write_config(&mut ebpf, &config)?;
     loader::pin_from_pod_program(&mut ebpf, &pin_path)?;
