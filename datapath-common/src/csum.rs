@@ -80,12 +80,16 @@ pub const fn update32(check: u16, old: u32, new: u32) -> u16 {
 /// as 0xffff (RFC 768).
 #[must_use]
 pub const fn apply_udp(check: u16, diff: u32) -> u16 {
-    if check == 0 {
-        return 0;
-    }
-    match apply(check, diff) {
-        0 => 0xffff,
-        other => other,
+    keep_udp_zero_rule(check, apply(check, diff))
+}
+
+/// The RFC 768 rule as the kernel's checksum helper applies it, to the stored value before
+/// (`check`) and after (`updated`) an update.
+const fn keep_udp_zero_rule(check: u16, updated: u16) -> u16 {
+    match (check, updated) {
+        (0, _) => 0,
+        (_, 0) => 0xffff,
+        (_, other) => other,
     }
 }
 
@@ -101,27 +105,20 @@ pub const fn update32_udp(check: u16, old: u32, new: u32) -> u16 {
     apply_udp(check, diff32(old, new))
 }
 
-/// Updates the seed of a CHECKSUM_PARTIAL TCP/UDP checksum for a pseudo-header address
-/// changing from `old` to `new`. Such a field holds the folded pseudo-header sum, not yet
-/// complemented: the device (or the kernel, in software) adds the segment and complements
-/// later, so the seed moves the opposite way to a finished checksum and ports, which are in
-/// the summed segment, must not be folded in at all.
+/// Updates the seed of a CHECKSUM_PARTIAL TCP/UDP checksum by a pseudo-header difference
+/// (an address change; ports are not in the pseudo-header and must not be applied). Such a
+/// field holds the folded pseudo-header sum, not yet complemented: the device (or the kernel,
+/// in software) adds the segment and complements later, so the seed moves the opposite way to
+/// a finished checksum.
 #[must_use]
-pub const fn update32_partial(seed: u16, old: u32, new: u32) -> u16 {
-    !apply(!seed, diff32(old, new))
+pub const fn apply_partial(seed: u16, diff: u32) -> u16 {
+    !apply(!seed, diff)
 }
 
-/// [`update32_partial`] with the UDP zero rule of [`apply_udp`], as the kernel's checksum
-/// helper applies it.
+/// [`apply_partial`] with the UDP zero rule of [`apply_udp`].
 #[must_use]
-pub const fn update32_udp_partial(seed: u16, old: u32, new: u32) -> u16 {
-    if seed == 0 {
-        return 0;
-    }
-    match update32_partial(seed, old, new) {
-        0 => 0xffff,
-        other => other,
-    }
+pub const fn apply_udp_partial(seed: u16, diff: u32) -> u16 {
+    keep_udp_zero_rule(seed, apply_partial(seed, diff))
 }
 
 #[cfg(test)]
@@ -190,7 +187,7 @@ mod tests {
             // field holds the folded pseudo-header sum.
             let len = segment.len() as u16;
             let seed = fold(pseudo_header_sum(src, dst, 6, len));
-            let seed = update32_partial(seed, src, new_src);
+            let seed = apply_partial(seed, diff32(src, new_src));
             // What the device does: sum the segment with the seed in place, complement.
             segment[16..18].copy_from_slice(&seed.to_be_bytes());
             let check = !fold(sum_bytes(0, &segment));
@@ -200,7 +197,7 @@ mod tests {
 
         #[test]
         fn udp_partial_update_keeps_zero_and_never_produces_it(seed: u16, old: u32, new: u32) {
-            let updated = update32_udp_partial(seed, old, new);
+            let updated = apply_udp_partial(seed, diff32(old, new));
             prop_assert_eq!(updated == 0, seed == 0);
         }
 

@@ -30,9 +30,10 @@ use crate::maps::{
 pub const REVALIDATE_INTERVAL_NS: u64 = 1_000_000_000;
 
 /// CLOCK_MONOTONIC (coarse) nanoseconds. The coarse clock only moves when the tick advances
-/// jiffies, and the verifier inlines `bpf_jiffies64` into one load, so each CPU keeps the
-/// clock's value for the current jiffy and calls the helper once a tick instead of once a
-/// packet. (A value read just as the tick lands may be a tick old: timeouts are seconds.)
+/// jiffies, and the verifier inlines `bpf_jiffies64` into one load, so the clock's value for
+/// the current jiffy is kept in `CLOCK` and the helper is called once a tick instead of once
+/// a packet. (Two CPUs refreshing the slot at once may pair a jiffy with the previous tick's
+/// time: at most a tick off, and timeouts are seconds.)
 #[inline(always)]
 pub fn now_ns() -> u64 {
     // SAFETY: helpers without arguments.
@@ -41,7 +42,7 @@ pub fn now_ns() -> u64 {
         // SAFETY: as above.
         return unsafe { bpf_ktime_get_coarse_ns() };
     };
-    // SAFETY: this CPU's slot, used only while this program runs on it.
+    // SAFETY: a map value of plain integers; racing writers are covered above.
     let cached = unsafe { &mut *cached };
     if cached.jiffies != jiffies {
         cached.jiffies = jiffies;

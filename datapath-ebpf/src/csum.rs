@@ -77,8 +77,8 @@ pub fn update_l4(
             let check = match (state, udp) {
                 // The field is the pseudo-header seed the device completes: ports are summed
                 // with the segment later.
-                (CHECKSUM_PARTIAL, false) => !arith::apply(!check, addr_diff),
-                (CHECKSUM_PARTIAL, true) => arith::update32_udp_partial(check, old_addr, new_addr),
+                (CHECKSUM_PARTIAL, false) => arith::apply_partial(check, addr_diff),
+                (CHECKSUM_PARTIAL, true) => arith::apply_udp_partial(check, addr_diff),
                 (_, false) => arith::apply(check, addr_diff + arith::diff16(old_port, new_port)),
                 (_, true) => arith::apply_udp(check, addr_diff + arith::diff16(old_port, new_port)),
             };

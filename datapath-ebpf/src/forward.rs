@@ -116,18 +116,25 @@ pub fn decrement_ttl(ctx: &TcContext, ip: &Ipv4) -> Result<bool, Counter> {
     if ip.ttl <= 1 {
         return Ok(false);
     }
-    let bad = Counter::DropMalformed;
-    let ttl = ptr_at::<u8>(ctx, IP_TTL_OFF).ok_or(bad)?;
-    let check = ptr_at::<[u8; 2]>(ctx, IP_CSUM_OFF).ok_or(bad)?;
-    // The checksum covers TTL and protocol as one 16-bit word.
-    let old = u16::from_be_bytes([ip.ttl, ip.proto]);
-    let new = u16::from_be_bytes([ip.ttl - 1, ip.proto]);
-    // SAFETY: bounds checked by ptr_at (constant offsets).
-    unsafe {
-        *ttl = ip.ttl - 1;
-        *check = csum::update16(u16::from_be_bytes(*check), old, new).to_be_bytes();
-    }
+    let diff = write_decremented_ttl(ctx, ip)?;
+    let check = ptr_at::<[u8; 2]>(ctx, IP_CSUM_OFF).ok_or(Counter::DropMalformed)?;
+    // SAFETY: bounds checked by ptr_at (constant offset).
+    unsafe { *check = csum::apply(u16::from_be_bytes(*check), diff).to_be_bytes() };
     Ok(true)
+}
+
+/// Writes TTL - 1 (the caller checked `ip.ttl > 1`) and returns what the header checksum must
+/// take for it, so a caller rewriting more of the header can apply all changes at once.
+#[inline(always)]
+pub fn write_decremented_ttl(ctx: &TcContext, ip: &Ipv4) -> Result<u32, Counter> {
+    let ttl = ptr_at::<u8>(ctx, IP_TTL_OFF).ok_or(Counter::DropMalformed)?;
+    // SAFETY: bounds checked by ptr_at (constant offset).
+    unsafe { *ttl = ip.ttl - 1 };
+    // The checksum covers TTL and protocol as one 16-bit word.
+    Ok(csum::diff16(
+        u16::from_be_bytes([ip.ttl, ip.proto]),
+        u16::from_be_bytes([ip.ttl - 1, ip.proto]),
+    ))
 }
 
 /// Sends a translated packet to `hop`.

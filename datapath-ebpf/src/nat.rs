@@ -7,10 +7,8 @@ use aya_ebpf::programs::TcContext;
 use datapath_common::{counters::Counter, csum as arith, flow::PROTO_ICMP};
 
 use crate::{
-    csum,
-    parse::{
-        self, Fragment, Ipv4, IP_CSUM_OFF, IP_DST_OFF, IP_SRC_OFF, IP_TTL_OFF, L4, L4_OFF_PLAIN,
-    },
+    csum, forward,
+    parse::{self, Fragment, Ipv4, IP_CSUM_OFF, IP_DST_OFF, IP_SRC_OFF, L4, L4_OFF_PLAIN},
 };
 
 /// Which end of the packet is rewritten.
@@ -77,14 +75,7 @@ fn rewrite_header(
     };
     let mut ip_diff = arith::diff32(old_addr, addr);
     if ttl == Ttl::Decrement {
-        let field = parse::ptr_at::<u8>(ctx, IP_TTL_OFF).ok_or(bad)?;
-        // SAFETY: bounds checked by ptr_at (constant offset).
-        unsafe { *field = ip.ttl - 1 };
-        // The checksum covers TTL and protocol as one 16-bit word.
-        ip_diff += arith::diff16(
-            u16::from_be_bytes([ip.ttl, ip.proto]),
-            u16::from_be_bytes([ip.ttl - 1, ip.proto]),
-        );
+        ip_diff += forward::write_decremented_ttl(ctx, ip)?;
     }
     set_ip_field(ctx, addr_off, addr, ip_diff)?;
     let Some(l4) = l4.filter(|_| ip.fragment != Fragment::Later) else {

@@ -13,9 +13,9 @@ use std::{
 };
 
 use anyhow::{bail, Context, Result};
-use datapath_common::csum::{fold, pseudo_header_sum, sum_bytes};
+use datapath_common::flow::{PROTO_TCP, PROTO_UDP};
 
-use crate::netns::spawn_within;
+use crate::{netns::spawn_within, packet::Parsed};
 
 /// One captured frame.
 pub struct Frame {
@@ -64,6 +64,26 @@ fn check(rc: libc::c_int, what: &str) -> Result<()> {
     Ok(())
 }
 
+fn set_option<T>(
+    socket: &OwnedFd,
+    level: libc::c_int,
+    name: libc::c_int,
+    value: &T,
+    what: &str,
+) -> Result<()> {
+    // SAFETY: a value of its own size for an option that takes that type.
+    let rc = unsafe {
+        libc::setsockopt(
+            socket.as_raw_fd(),
+            level,
+            name,
+            std::ptr::from_ref(value).cast(),
+            size_of::<T>() as u32,
+        )
+    };
+    check(rc, what)
+}
+
 fn open(iface: &str) -> Result<OwnedFd> {
     let protocol = (libc::ETH_P_ALL as u16).to_be();
     // SAFETY: plain socket call; the descriptor is owned below.
@@ -77,34 +97,24 @@ fn open(iface: &str) -> Result<OwnedFd> {
     if ifindex == 0 {
         bail!("no interface {iface:?}");
     }
-    let one: libc::c_int = 1;
     let timeout = libc::timeval {
         tv_sec: 0,
         tv_usec: 100_000,
     };
-    // SAFETY: option values of the declared sizes.
-    unsafe {
-        check(
-            libc::setsockopt(
-                fd,
-                libc::SOL_PACKET,
-                libc::PACKET_AUXDATA,
-                (&raw const one).cast(),
-                size_of_val(&one) as u32,
-            ),
-            "PACKET_AUXDATA",
-        )?;
-        check(
-            libc::setsockopt(
-                fd,
-                libc::SOL_SOCKET,
-                libc::SO_RCVTIMEO,
-                (&raw const timeout).cast(),
-                size_of_val(&timeout) as u32,
-            ),
-            "SO_RCVTIMEO",
-        )?;
-    }
+    set_option(
+        &socket,
+        libc::SOL_PACKET,
+        libc::PACKET_AUXDATA,
+        &1,
+        "PACKET_AUXDATA",
+    )?;
+    set_option(
+        &socket,
+        libc::SOL_SOCKET,
+        libc::SO_RCVTIMEO,
+        &timeout,
+        "SO_RCVTIMEO",
+    )?;
     // SAFETY: zero is a valid sockaddr_ll to fill in.
     let mut addr: libc::sockaddr_ll = unsafe { std::mem::zeroed() };
     addr.sll_family = libc::AF_PACKET as u16;
@@ -184,52 +194,42 @@ fn status(msg: &libc::msghdr) -> u32 {
 /// What a captured TCP or UDP checksum turned out to be.
 #[derive(Debug, PartialEq, Eq)]
 pub enum L4Checksum {
-    /// A finished checksum that verifies.
+    /// A finished checksum that verifies (or UDP without one).
     Valid,
     /// A partial seed equal to the pseudo-header sum: what the device will complete correctly.
     ValidSeed,
-    /// UDP without a checksum.
-    Absent,
     Wrong,
 }
 
-/// Checks the TCP or UDP checksum of an Ethernet + IPv4 frame; `None` for anything else.
+/// Checks the TCP or UDP checksum of an Ethernet + IPv4 frame; `None` for anything else
+/// (other protocols, fragments, truncated frames).
 #[must_use]
 pub fn l4_checksum(frame: &Frame) -> Option<(u8, L4Checksum)> {
     let d = &frame.data;
-    if d.len() < 34 || d[12..14] != [0x08, 0x00] {
+    if d.len() < 14 + 20 || d[12..14] != [0x08, 0x00] {
         return None;
     }
-    let ip = &d[14..];
-    let ihl = usize::from(ip[0] & 0x0f) * 4;
-    let total = usize::from(u16::from_be_bytes([ip[2], ip[3]]));
-    let proto = ip[9];
-    let frag = u16::from_be_bytes([ip[6], ip[7]]) & 0x3fff;
-    let check_at = match proto {
-        6 => 16,
-        17 => 6,
+    let packet = Parsed::parse(d);
+    let header_len = match packet.proto {
+        PROTO_TCP => 20,
+        PROTO_UDP => 8,
         _ => return None,
     };
-    if frag != 0 || total > ip.len() || total < ihl + check_at + 2 {
+    let whole = usize::from(u16::from_be_bytes([packet.ip[2], packet.ip[3]])) == packet.ip.len();
+    let fragment = u16::from_be_bytes([packet.ip[6], packet.ip[7]]) & 0x3fff != 0;
+    if !whole || fragment || packet.ihl < 20 || packet.l4().len() < header_len {
         return None;
     }
-    let segment = &ip[ihl..total];
-    let src = u32::from_be_bytes([ip[12], ip[13], ip[14], ip[15]]);
-    let dst = u32::from_be_bytes([ip[16], ip[17], ip[18], ip[19]]);
-    let pseudo = pseudo_header_sum(src, dst, proto, segment.len() as u16);
-    let stored = u16::from_be_bytes([segment[check_at], segment[check_at + 1]]);
-    let verdict = if proto == 17 && stored == 0 && !frame.partial {
-        L4Checksum::Absent
-    } else if frame.partial {
-        if fold(pseudo) % 0xffff == stored % 0xffff {
+    let verdict = if frame.partial {
+        if packet.l4_seed_ok() {
             L4Checksum::ValidSeed
         } else {
             L4Checksum::Wrong
         }
-    } else if fold(sum_bytes(pseudo, segment)) == 0xffff {
+    } else if packet.l4_checksum_ok() {
         L4Checksum::Valid
     } else {
         L4Checksum::Wrong
     };
-    Some((proto, verdict))
+    Some((packet.proto, verdict))
 }

@@ -34,6 +34,14 @@ pub fn ping(ns: &str, dst: &str) -> bool {
     exec_output(ns, &["ping", "-c", "1", "-W", "1", dst]).is_ok_and(|out| out.status.success())
 }
 
+/// Traceroute from `ns` to `dst`: one probe per hop, 1 s wait, at most 5 hops.
+pub fn traceroute(ns: &str, dst: &str) -> Result<String> {
+    exec(
+        ns,
+        &["traceroute", "-n", "-q", "1", "-w", "1", "-m", "5", dst],
+    )
+}
+
 /// Like [`exec`] but returns the raw output whatever the exit status.
 pub fn exec_output(ns: &str, args: &[&str]) -> Result<Output> {
     Command::new("ip")

@@ -195,6 +195,16 @@ impl Parsed {
         fold(sum_bytes(0, &self.ip[..self.ihl])) == 0xffff
     }
 
+    /// The TCP/UDP pseudo-header sum, unfolded.
+    fn pseudo_header_sum(&self) -> u32 {
+        pseudo_header_sum(
+            u32::from_be_bytes(self.src),
+            u32::from_be_bytes(self.dst),
+            self.proto,
+            self.l4().len() as u16,
+        )
+    }
+
     /// True when the L4 checksum verifies (TCP/UDP with pseudo-header, ICMP without).
     /// A UDP checksum of 0 counts as valid ("no checksum").
     #[must_use]
@@ -202,17 +212,24 @@ impl Parsed {
         let l4 = self.l4();
         match self.proto {
             PROTO_UDP if l4[6] == 0 && l4[7] == 0 => true,
-            PROTO_TCP | PROTO_UDP => {
-                let pseudo = pseudo_header_sum(
-                    u32::from_be_bytes(self.src),
-                    u32::from_be_bytes(self.dst),
-                    self.proto,
-                    l4.len() as u16,
-                );
-                fold(sum_bytes(pseudo, l4)) == 0xffff
-            }
+            PROTO_TCP | PROTO_UDP => fold(sum_bytes(self.pseudo_header_sum(), l4)) == 0xffff,
             PROTO_ICMP => fold(sum_bytes(0, l4)) == 0xffff,
             _ => true,
         }
+    }
+
+    /// True when the TCP/UDP checksum field holds the seed a device completes for a packet
+    /// still carrying a partial checksum (CHECKSUM_PARTIAL): the folded pseudo-header sum.
+    #[must_use]
+    pub fn l4_seed_ok(&self) -> bool {
+        let at = match self.proto {
+            PROTO_TCP => 16,
+            PROTO_UDP => 6,
+            _ => return false,
+        };
+        let l4 = self.l4();
+        let seed = u16::from_be_bytes([l4[at], l4[at + 1]]);
+        // 0x0000 and 0xffff are the same value in one's complement.
+        fold(self.pseudo_header_sum()) % 0xffff == seed % 0xffff
     }
 }

@@ -144,6 +144,16 @@ pub fn with_harness<T: Send + 'static>(
     result
 }
 
+/// What [`Harness::run_cost`] measured, in ns. The kernel reports whole-call times on a
+/// coarse grid (10 ns on this machine kind): the interquartile mean (the mean of the middle
+/// half) averages over the grid where the median snaps to it, and ignores interrupts and
+/// cold starts at either end.
+#[derive(Clone, Copy, Debug)]
+pub struct RunCost {
+    pub median: f64,
+    pub interquartile_mean: f64,
+}
+
 impl Harness {
     fn load(pin_path: &std::path::Path, opts: &HarnessOptions) -> Result<Self> {
         let mut ebpf = loader::load(&LoadOptions {
@@ -208,6 +218,26 @@ impl Harness {
             .with_context(|| format!("test run of {program}"))?;
         out.truncate(result.data_size_out as usize);
         Ok((result.return_value, out, result.duration))
+    }
+
+    /// The kernel-timed cost of `runs` single runs of `program` on `frame(i)`. Single runs,
+    /// because a repeated run would see its own rewritten output.
+    pub fn run_cost(
+        &mut self,
+        program: &str,
+        ifindex: u32,
+        runs: usize,
+        mut frame: impl FnMut(usize) -> Vec<u8>,
+    ) -> Result<RunCost> {
+        let mut ns = (0..runs)
+            .map(|i| Ok(self.run_timed(program, &frame(i), ifindex)?.2.as_nanos() as f64))
+            .collect::<Result<Vec<f64>>>()?;
+        ns.sort_unstable_by(f64::total_cmp);
+        let middle = &ns[ns.len() / 4..ns.len() * 3 / 4];
+        Ok(RunCost {
+            median: ns[ns.len() / 2],
+            interquartile_mean: middle.iter().sum::<f64>() / middle.len() as f64,
+        })
     }
 
     pub fn run(&mut self, program: &str, frame: &[u8], ifindex: u32) -> Result<(u32, Vec<u8>)> {

@@ -29,20 +29,16 @@ fn pod_tcp(sport: u16, flags: u8) -> Vec<u8> {
     .frame(POD_MAC, GW_MAC)
 }
 
-/// Interquartile mean of `RUNS` single runs: the kernel reports whole-call times on a coarse
-/// grid (10 ns here), which a median snaps to and a mean of the middle half averages over.
+/// Interquartile mean of `RUNS` single runs (see `RunCost`).
 fn typical_ns(
     h: &mut Harness,
     prog: &str,
     ifindex: u32,
-    mut frame: impl FnMut(usize) -> Vec<u8>,
+    frame: impl FnMut(usize) -> Vec<u8>,
 ) -> f64 {
-    let mut v: Vec<f64> = (0..RUNS)
-        .map(|i| h.run_timed(prog, &frame(i), ifindex).unwrap().2.as_nanos() as f64)
-        .collect();
-    v.sort_unstable_by(f64::total_cmp);
-    let middle = &v[v.len() / 4..v.len() * 3 / 4];
-    middle.iter().sum::<f64>() / middle.len() as f64
+    h.run_cost(prog, ifindex, RUNS, frame)
+        .unwrap()
+        .interquartile_mean
 }
 
 fn memlock_bytes(pinned: &std::path::Path) -> u64 {

@@ -113,21 +113,7 @@ fn same_source_port_two_pods(mode: Mode) {
 
 fn traceroute(mode: Mode) {
     let lab = lab(mode);
-    let out = exec(
-        &lab.pod(0).ns,
-        &[
-            "traceroute",
-            "-n",
-            "-q",
-            "1",
-            "-w",
-            "1",
-            "-m",
-            "5",
-            FAR_SERVER_IP,
-        ],
-    )
-    .unwrap();
+    let out = netns::traceroute(&lab.pod(0).ns, FAR_SERVER_IP).unwrap();
     assert!(out.contains("192.0.2.1 "), "router hop missing:\n{out}");
     assert!(
         out.lines()

@@ -5,7 +5,7 @@ use std::time::Duration;
 
 use datapath_tests::{
     lab::{FAR_SERVER_IP, NODE_IP, OTHER_NODE_IP, SERVER_IP},
-    netns::{exec, exec_output, ping},
+    netns::{exec, exec_output, ping, traceroute},
     traffic::{self, Server, TcpService},
     Lab, LabOptions,
 };
@@ -206,21 +206,7 @@ fn pmtu_discovery_and_traceroute_through_a_1280_byte_link() {
         vec![NODE_IP.parse::<std::net::Ipv4Addr>().unwrap()]
     );
 
-    let out = exec(
-        &pod.ns,
-        &[
-            "traceroute",
-            "-n",
-            "-q",
-            "1",
-            "-w",
-            "1",
-            "-m",
-            "5",
-            FAR_SERVER_IP,
-        ],
-    )
-    .unwrap();
+    let out = traceroute(&pod.ns, FAR_SERVER_IP).unwrap();
     let hops: Vec<&str> = out.lines().skip(1).collect();
     assert!(
         hops.iter().any(|h| h.contains("192.0.2.1 ")),

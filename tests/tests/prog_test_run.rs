@@ -730,12 +730,9 @@ fn ttl_exhausted_packets_go_to_the_host_stack() {
     .unwrap();
 }
 
-/// The established-flow path, timed by the kernel. Each call runs once (a repeated run would
-/// see its own rewritten output); the cost of a call's timing frame is measured with a frame
-/// the program passes at its first check and subtracted. The kernel reports whole-call times
-/// on a coarse grid (10 ns on this machine kind), so each figure is the interquartile mean of
-/// 20,000 calls: the mean of the middle half, which averages over the grid where a median
-/// would snap to it, and ignores interrupts and cold starts at either end.
+/// The established-flow path, timed by the kernel (`Harness::run_cost`: 20,000 single runs,
+/// interquartile mean); the cost of a call's timing frame is measured with a frame the
+/// program passes at its first check and subtracted.
 #[test]
 fn established_path_cost_is_bounded() {
     with_harness(HarnessOptions::default(), |h| {
@@ -746,21 +743,18 @@ fn established_path_cost_is_bounded() {
         let mut arp = vec![0u8; 42];
         arp[12..14].copy_from_slice(&0x0806u16.to_be_bytes());
         let (pod_if, up_if) = (h.pod_ifindex, h.uplink_ifindex);
-        let mut cost = |prog: &str, frame: &[u8], ifindex: u32| {
-            let mut ns: Vec<f64> = (0..20_000)
-                .map(|_| h.run_timed(prog, frame, ifindex).unwrap().2.as_nanos() as f64)
-                .collect();
-            ns.sort_unstable_by(f64::total_cmp);
-            let (median, middle) = (ns[ns.len() / 2], &ns[ns.len() / 4..ns.len() * 3 / 4]);
-            (median, middle.iter().sum::<f64>() / middle.len() as f64)
-        };
-        let base = cost(datapath_common::maps::PROG_FROM_POD, &arp, pod_if);
-        let out = cost(datapath_common::maps::PROG_FROM_POD, &frame, pod_if);
-        let inbound = cost(datapath_common::maps::PROG_UPLINK_INGRESS, &reply, up_if);
-        let (out_net, in_net) = (out.1 - base.1, inbound.1 - base.1);
+        let (from_pod, ingress) = (
+            datapath_common::maps::PROG_FROM_POD,
+            datapath_common::maps::PROG_UPLINK_INGRESS,
+        );
+        let base = h.run_cost(from_pod, pod_if, 20_000, |_| arp.clone()).unwrap();
+        let out = h.run_cost(from_pod, pod_if, 20_000, |_| frame.clone()).unwrap();
+        let inbound = h.run_cost(ingress, up_if, 20_000, |_| reply.clone()).unwrap();
+        let out_net = out.interquartile_mean - base.interquartile_mean;
+        let in_net = inbound.interquartile_mean - base.interquartile_mean;
         eprintln!(
             "BPF_PROG_TEST_RUN, 20000 calls each, interquartile mean (median): established out {:.1} ns ({}), reply in {:.1} ns ({}), pass-first-check frame {:.1} ns ({}); net of the frame: out {out_net:.1} ns, in {in_net:.1} ns",
-            out.1, out.0, inbound.1, inbound.0, base.1, base.0
+            out.interquartile_mean, out.median, inbound.interquartile_mean, inbound.median, base.interquartile_mean, base.median
         );
         assert!(out_net < 200.0, "established outbound path {out_net:.1} ns");
         assert!(in_net < 200.0, "reply path {in_net:.1} ns");
