@@ -81,12 +81,8 @@ fn try_from_pod(ctx: &TcContext) -> Result<i32, Counter> {
         return pass(Counter::PassNonIpv4);
     };
     let ifindex = ifindex(ctx);
-    // Parsed once for both paths; a parse error counts only after the checks below.
-    let l4 = (ip.fragment != Fragment::Later).then(|| parse::l4(ctx, &ip));
-    if let Some(Ok(l4)) = &l4 {
-        if let Some(verdict) = established_from_pod(ctx, &ip, l4, ifindex)? {
-            return Ok(verdict);
-        }
+    if let Some(verdict) = established_from_pod(ctx, &ip, ifindex)? {
+        return Ok(verdict);
     }
     let cfg = conntrack::config()?;
     if !cfg.pod_cidr.contains(ip.src) {
@@ -104,8 +100,7 @@ fn try_from_pod(ctx: &TcContext) -> Result<i32, Counter> {
         return pass(Counter::PassLocal);
     }
     conntrack::registered_pod(ip.src, ifindex)?;
-    let Some(l4) = l4 else {
-        // A later fragment: no ports, only the address is translated.
+    if ip.fragment == Fragment::Later {
         let hop = match forward::forward(ctx, &ip, cfg.node_ip, ifindex)? {
             Route::Forward(hop) => hop,
             Route::Pass(counter) => return pass(counter),
@@ -113,8 +108,8 @@ fn try_from_pod(ctx: &TcContext) -> Result<i32, Counter> {
         nat::rewrite(ctx, &ip, None, Side::Source, cfg.node_ip, 0)?;
         count(Counter::FragmentOut);
         return forward::send(ctx, &hop);
-    };
-    let l4 = l4?;
+    }
+    let l4 = parse::l4(ctx, &ip)?;
     if ip.proto == PROTO_ICMP && l4.icmp_type != ICMP_ECHO_REQUEST {
         return icmp_error_from_pod(ctx, &ip, &l4, ifindex);
     }
@@ -128,13 +123,18 @@ fn try_from_pod(ctx: &TcContext) -> Result<i32, Counter> {
 /// The established fast path: a packet of a flow created on this interface (which proved the
 /// pod's source address, and passed every check of the full path) whose cached route is
 /// fresh. No configuration, pod map or FIB lookup. `None` sends the packet down the full path.
+///
+/// It parses the L4 header itself, and the full path parses it again: handing the parsed
+/// header across the checks in between cost the fast path about 5 ns (measured), while the
+/// second parse is a few direct reads on a path that re-parses after its tail call anyway.
 #[inline(always)]
-fn established_from_pod(
-    ctx: &TcContext,
-    ip: &Ipv4,
-    l4: &L4,
-    ifindex: u32,
-) -> Result<Option<i32>, Counter> {
+fn established_from_pod(ctx: &TcContext, ip: &Ipv4, ifindex: u32) -> Result<Option<i32>, Counter> {
+    if ip.fragment == Fragment::Later {
+        return Ok(None);
+    }
+    let Ok(l4) = parse::l4(ctx, ip) else {
+        return Ok(None);
+    };
     if ip.proto == PROTO_ICMP && l4.icmp_type != ICMP_ECHO_REQUEST {
         return Ok(None);
     }
@@ -158,7 +158,7 @@ fn established_from_pod(
     conntrack::account(flow, ip.proto, Direction::Out, ip.l3_len, l4.tcp_flags, now);
     // SAFETY: map value pointer.
     let (nat_ip, nat_port) = unsafe { ((*flow).nat_ip, (*flow).nat_port) };
-    nat::rewrite_forwarded(ctx, ip, l4, Side::Source, nat_ip, nat_port)?;
+    nat::rewrite_forwarded(ctx, ip, &l4, Side::Source, nat_ip, nat_port)?;
     count(Counter::TranslatedOut);
     forward::send(ctx, &hop).map(Some)
 }
