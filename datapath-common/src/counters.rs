@@ -100,6 +100,66 @@ counters! {
     DropRedirectFailed = 26, "drop_redirect_failed", Dropped;
     /// NAT ports taken over from TCP connections that were over (both FINs or a RST) and idle for a second.
     PortReclaimed = 27, "port_reclaimed", Event;
+    /// A new SYN from a pod on a tuple whose connection was over: the flow and its NAT port were reused (as nf_conntrack re-opens a TIME_WAIT entry).
+    FlowReused = 28, "flow_reused", Event;
+    /// Connections the node itself opened from its NAT address (seen at uplink egress), tracked so pod flows avoid their ports.
+    NodeFlowTracked = 29, "node_flow_tracked", Event;
+    /// Node connections whose port a pod flow already held towards the same destination: the node's packets were given another port, as the kernel's NAT does.
+    NodePortTranslated = 30, "node_port_translated", Event;
+    /// NAT port allocations that succeeded at the first candidate.
+    AllocProbes1 = 31, "alloc_probes_1", Event;
+    /// NAT port allocations that succeeded with 2 candidates.
+    AllocProbes2 = 32, "alloc_probes_2", Event;
+    /// NAT port allocations that succeeded with 3 to 4 candidates.
+    AllocProbes3To4 = 33, "alloc_probes_3_4", Event;
+    /// NAT port allocations that succeeded with 5 to 8 candidates.
+    AllocProbes5To8 = 34, "alloc_probes_5_8", Event;
+    /// NAT port allocations that succeeded with 9 to 16 candidates.
+    AllocProbes9To16 = 35, "alloc_probes_9_16", Event;
+    /// NAT port allocations that succeeded with 17 to 32 candidates.
+    AllocProbes17To32 = 36, "alloc_probes_17_32", Event;
+    /// NAT port allocations that succeeded with 33 to 64 candidates.
+    AllocProbes33To64 = 37, "alloc_probes_33_64", Event;
+    /// NAT port allocations that succeeded with 65 to 128 candidates.
+    AllocProbes65To128 = 38, "alloc_probes_65_128", Event;
+    /// NAT port allocations that succeeded with 129 to 256 candidates.
+    AllocProbes129To256 = 39, "alloc_probes_129_256", Event;
+    /// NAT port allocations that succeeded with 257 to 512 candidates.
+    AllocProbes257To512 = 40, "alloc_probes_257_512", Event;
+    /// NAT port allocations that succeeded with 513 to 1024 candidates.
+    AllocProbes513To1024 = 41, "alloc_probes_513_1024", Event;
+    /// NAT port allocations that succeeded with more than 1024 candidates.
+    AllocProbesOver1024 = 42, "alloc_probes_over_1024", Event;
+}
+
+/// The first bucket of the probe-count histogram of NAT port allocations: bucket `i` counts
+/// allocations that took `2^(i-1)+1 ..= 2^i` candidates (bucket 0: one), the last bucket
+/// everything above 1024.
+pub const ALLOC_PROBE_FIRST: Counter = Counter::AllocProbes1;
+/// Number of histogram buckets.
+pub const ALLOC_PROBE_BUCKETS: u32 = 12;
+
+/// Index into `COUNTERS` of the histogram bucket for an allocation that took `probes`
+/// candidates. Branch-free (a bit length), so the eBPF verifier sees one path.
+#[must_use]
+pub const fn alloc_probe_index(probes: u32) -> u32 {
+    let bits = 32 - probes.saturating_sub(1).leading_zeros();
+    let bucket = if bits < ALLOC_PROBE_BUCKETS - 1 {
+        bits
+    } else {
+        ALLOC_PROBE_BUCKETS - 1
+    };
+    ALLOC_PROBE_FIRST as u32 + bucket
+}
+
+/// The inclusive upper bound of histogram bucket `bucket` (`u32::MAX` for the last).
+#[must_use]
+pub const fn alloc_probe_upper(bucket: u32) -> u32 {
+    if bucket + 1 >= ALLOC_PROBE_BUCKETS {
+        u32::MAX
+    } else {
+        1 << bucket
+    }
 }
 
 #[cfg(test)]
@@ -123,5 +183,25 @@ mod tests {
             };
             assert!(prefix_ok, "{}", counter.name());
         }
+    }
+
+    #[test]
+    fn probe_histogram_buckets_match_their_bounds() {
+        let mut lower = 1;
+        for bucket in 0..ALLOC_PROBE_BUCKETS {
+            let upper = alloc_probe_upper(bucket);
+            let index = ALLOC_PROBE_FIRST as u32 + bucket;
+            assert_eq!(alloc_probe_index(lower), index, "{lower}");
+            assert_eq!(alloc_probe_index(upper), index, "{upper}");
+            let name = Counter::ALL[index as usize].name();
+            assert!(name.starts_with("alloc_probes_"), "{name}");
+            lower = upper.saturating_add(1);
+        }
+        assert_eq!(alloc_probe_index(0), Counter::AllocProbes1 as u32);
+        assert_eq!(
+            alloc_probe_index(70_000),
+            Counter::AllocProbesOver1024 as u32
+        );
+        assert_eq!(Counter::AllocProbesOver1024 as usize, Counter::COUNT - 1);
     }
 }

@@ -122,6 +122,13 @@ pub const FLAG_FIN_IN: u8 = 1 << 1;
 pub const FLAG_HAS_MACS: u8 = 1 << 2;
 /// Created by the uplink-egress safety net rather than the pod-side program.
 pub const FLAG_FROM_EGRESS: u8 = 1 << 3;
+/// A connection the node itself opened (keyed by the node's tuple), tracked at uplink egress
+/// so pod flows avoid its port; `nat_port` differs from the key's port when a pod flow held
+/// that port first and the node's packets are translated.
+pub const FLAG_NODE: u8 = 1 << 4;
+/// The remote end sent its FIN before the pod's: the remote holds TIME_WAIT, so the NAT port
+/// must not go to another connection to it soon.
+pub const FLAG_REMOTE_CLOSED_FIRST: u8 = 1 << 5;
 
 /// The flow-table entry, keyed by the pod-side [`FlowKey`].
 #[repr(C)]
@@ -157,10 +164,49 @@ pub struct Flow {
     pub _pad: [u8; 6],
 }
 
+/// How long a finished TCP connection keeps its NAT port before another connection may take
+/// it, when the pod closed first (or a RST ended it): late packets of the old connection (the
+/// last ACK, a retransmitted FIN) still find it meanwhile, and the remote has no state left.
+pub const PORT_REUSE_GRACE_NS: u64 = 1_000_000_000;
+/// The same when the remote closed first: it holds TIME_WAIT (60 s on Linux), and a SYN from
+/// another connection on the same tuple could be answered as an old duplicate.
+pub const PORT_REUSE_REMOTE_TIME_WAIT_NS: u64 = 60_000_000_000;
+
 impl Flow {
     #[must_use]
     pub const fn state(&self) -> Option<FlowState> {
         FlowState::from_u8(self.state)
+    }
+
+    /// How long the flow must have been idle before its NAT port may go to another
+    /// connection; `None` while the connection is not over (or it is not TCP).
+    #[must_use]
+    pub const fn port_reusable_after_ns(&self, proto: u8) -> Option<u64> {
+        if proto != PROTO_TCP {
+            return None;
+        }
+        match self.state() {
+            Some(FlowState::Reset) => Some(PORT_REUSE_GRACE_NS),
+            Some(FlowState::Closing)
+                if self.flags & (FLAG_FIN_OUT | FLAG_FIN_IN) == FLAG_FIN_OUT | FLAG_FIN_IN =>
+            {
+                if self.flags & FLAG_REMOTE_CLOSED_FIRST != 0 {
+                    Some(PORT_REUSE_REMOTE_TIME_WAIT_NS)
+                } else {
+                    Some(PORT_REUSE_GRACE_NS)
+                }
+            }
+            _ => None,
+        }
+    }
+
+    /// True when the flow's NAT port may go to another connection at time `now`.
+    #[must_use]
+    pub const fn port_reusable(&self, proto: u8, now: u64) -> bool {
+        match self.port_reusable_after_ns(proto) {
+            Some(after) => now.wrapping_sub(self.last_seen_ns) >= after,
+            None => false,
+        }
     }
 
     /// Nanoseconds (monotonic) at which this flow expires, given its state's timeout.
@@ -255,6 +301,30 @@ mod tests {
             ..Flow::default()
         };
         assert_eq!(flow.expires_at_ns(PROTO_UDP, &t), 35_000_000_000);
+    }
+
+    #[test]
+    fn ports_are_reusable_only_when_the_connection_is_over() {
+        let at = |state: FlowState, flags: u8| Flow {
+            last_seen_ns: 10_000_000_000,
+            state: state as u8,
+            flags,
+            ..Flow::default()
+        };
+        let both = FLAG_FIN_OUT | FLAG_FIN_IN;
+        let later = |s: u64| 10_000_000_000 + s * 1_000_000_000;
+        // Pod closed first: one second after the last packet.
+        assert!(!at(FlowState::Closing, both).port_reusable(PROTO_TCP, later(0)));
+        assert!(at(FlowState::Closing, both).port_reusable(PROTO_TCP, later(1)));
+        // Remote closed first: it holds TIME_WAIT.
+        let remote = both | FLAG_REMOTE_CLOSED_FIRST;
+        assert!(!at(FlowState::Closing, remote).port_reusable(PROTO_TCP, later(30)));
+        assert!(at(FlowState::Closing, remote).port_reusable(PROTO_TCP, later(60)));
+        // Half closed, live, or not TCP: never.
+        assert!(!at(FlowState::Closing, FLAG_FIN_OUT).port_reusable(PROTO_TCP, later(999)));
+        assert!(!at(FlowState::Established, 0).port_reusable(PROTO_TCP, later(999)));
+        assert!(!at(FlowState::Replied, 0).port_reusable(PROTO_UDP, later(999)));
+        assert!(at(FlowState::Reset, 0).port_reusable(PROTO_TCP, later(1)));
     }
 
     #[test]

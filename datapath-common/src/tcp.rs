@@ -2,7 +2,10 @@
 //! `tcp_loose`): a flow picked up mid-stream, after a restart or an eviction, is taken as
 //! established rather than dropped, and sequence numbers are not tracked.
 
-use crate::flow::{FlowState, FLAG_FIN_IN, FLAG_FIN_OUT};
+use crate::flow::{FlowState, FLAG_FIN_IN, FLAG_FIN_OUT, FLAG_REMOTE_CLOSED_FIRST};
+
+/// The flow flags the state machine owns (passed in and returned by [`next_state`]).
+pub const CLOSE_FLAGS: u8 = FLAG_FIN_OUT | FLAG_FIN_IN | FLAG_REMOTE_CLOSED_FIRST;
 
 pub const TCP_FIN: u8 = 0x01;
 pub const TCP_SYN: u8 = 0x02;
@@ -32,7 +35,7 @@ pub const fn initial_state(flags: u8) -> (FlowState, u8) {
     }
 }
 
-/// The state and FIN flags after a packet with TCP `flags` going `dir`.
+/// The state and close flags ([`CLOSE_FLAGS`]) after a packet with TCP `flags` going `dir`.
 #[must_use]
 pub const fn next_state(
     state: FlowState,
@@ -54,6 +57,10 @@ pub const fn next_state(
     if flags & TCP_FIN != 0 {
         let bit = match dir {
             Direction::Out => FLAG_FIN_OUT,
+            // The remote's FIN before the pod's: the remote will hold TIME_WAIT.
+            Direction::In if fin_flags & FLAG_FIN_OUT == 0 => {
+                FLAG_FIN_IN | FLAG_REMOTE_CLOSED_FIRST
+            }
             Direction::In => FLAG_FIN_IN,
         };
         return (FlowState::Closing, fin_flags | bit);
@@ -114,6 +121,15 @@ mod tests {
         assert_eq!((s, f), (FlowState::Closing, FLAG_FIN_OUT));
         let (s, f) = next_state(s, f, TCP_FIN | TCP_ACK, Direction::In);
         assert_eq!((s, f), (FlowState::Closing, FLAG_FIN_OUT | FLAG_FIN_IN));
+        // The remote closing first is remembered until a new SYN re-opens the tuple.
+        let (s, f) = next_state(FlowState::Established, 0, TCP_FIN | TCP_ACK, Direction::In);
+        assert_eq!(f, FLAG_FIN_IN | FLAG_REMOTE_CLOSED_FIRST);
+        let (s, f) = next_state(s, f, TCP_FIN | TCP_ACK, Direction::Out);
+        assert_eq!(f, CLOSE_FLAGS);
+        assert_eq!(
+            next_state(s, f, TCP_SYN, Direction::Out),
+            (FlowState::SynSent, 0)
+        );
     }
 
     proptest! {
@@ -127,7 +143,7 @@ mod tests {
                     prop_assert_eq!(state, FlowState::Reset);
                 }
                 prop_assert!(matches!(state, FlowState::SynSent | FlowState::Established | FlowState::Closing | FlowState::Reset));
-                prop_assert_eq!(fins & !(FLAG_FIN_OUT | FLAG_FIN_IN), 0);
+                prop_assert_eq!(fins & !CLOSE_FLAGS, 0);
             }
         }
     }

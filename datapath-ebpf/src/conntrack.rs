@@ -13,17 +13,15 @@ use aya_ebpf::{
 };
 use datapath_common::{
     config::{Config, PortRandomisation},
-    counters::Counter,
-    flow::{
-        Flow, FlowKey, FlowState, FLAG_FIN_IN, FLAG_FIN_OUT, FLAG_HAS_MACS, PROTO_TCP, PROTO_UDP,
-    },
+    counters::{alloc_probe_index, Counter},
+    flow::{Flow, FlowKey, FlowState, FLAG_HAS_MACS, PROTO_TCP, PROTO_UDP},
     pod::PodInfo,
-    port::{self, MAX_PORT_PROBES},
+    port,
     tcp::{self, Direction},
 };
 
 use crate::maps::{
-    count, scratch_flow, CLOCK, CONFIG, CONNTRACK, NAT_BINDINGS, PODS, SCRATCH_PROBE,
+    count, count_index, scratch_flow, CLOCK, CONFIG, CONNTRACK, NAT_BINDINGS, PODS, SCRATCH_PROBE,
 };
 
 /// How often (ns) the outbound path re-checks a flow's NAT binding and route.
@@ -99,39 +97,39 @@ pub fn create(
     tcp_flags: u8,
     now: u64,
 ) -> Result<*mut Flow, Counter> {
-    let mut search = PortSearch {
-        skb: ctx.skb.skb,
-        key: *key,
-        // SAFETY: helper without arguments.
-        seed: port::probe_seed(cfg.randomisation(), key, unsafe { bpf_get_prandom_u32() }),
-        port_count: cfg.port_count(),
-        node_ip: cfg.node_ip,
-        port_min: cfg.port_min,
-        mode: cfg.randomisation,
-        found: 0,
-        port: 0,
-        now,
-    };
-    // bpf_loop: the verifier checks the probe once instead of once per attempt.
-    // SAFETY: the callback matches bpf_loop's contract and only touches `search`.
-    unsafe {
-        bpf_loop(
-            MAX_PORT_PROBES,
-            probe_port as *mut c_void,
-            (&raw mut search).cast(),
-            0,
-        );
-    }
-    let nat_port = (search.found != 0).then_some(search.port);
-    let nat_port = nat_port.ok_or(Counter::DropPortExhausted)?;
-
-    let (state, fin_flags) = match key.proto {
-        PROTO_TCP => tcp::initial_state(tcp_flags),
-        _ => (FlowState::Unreplied, 0),
-    };
+    let nat_port = allocate(ctx, cfg, key, now)?;
     let (pod_mac, gateway_mac, mac_flag) = match macs {
         Some(m) => (m.pod, m.gateway, FLAG_HAS_MACS),
         None => ([0; 6], [0; 6], 0),
+    };
+    insert_flow(
+        cfg,
+        key,
+        nat_port,
+        pod_ifindex,
+        (pod_mac, gateway_mac),
+        mac_flag | extra_flags,
+        tcp_flags,
+        now,
+    )
+}
+
+/// Inserts the flow entry for `key` whose binding to `nat_port` is already claimed.
+#[inline(always)]
+#[allow(clippy::too_many_arguments)]
+pub fn insert_flow(
+    cfg: &Config,
+    key: &FlowKey,
+    nat_port: u16,
+    pod_ifindex: u32,
+    (pod_mac, gateway_mac): ([u8; 6], [u8; 6]),
+    flags: u8,
+    tcp_flags: u8,
+    now: u64,
+) -> Result<*mut Flow, Counter> {
+    let (state, fin_flags) = match key.proto {
+        PROTO_TCP => tcp::initial_state(tcp_flags),
+        _ => (FlowState::Unreplied, 0),
     };
     let flow = scratch_flow().ok_or(Counter::DropTableFull)?;
     flow.created_ns = now;
@@ -141,7 +139,7 @@ pub fn create(
     flow.pod_ifindex = pod_ifindex;
     flow.nat_port = nat_port;
     flow.state = state as u8;
-    flow.flags = fin_flags | mac_flag | extra_flags;
+    flow.flags = fin_flags | flags;
     flow.pod_mac = pod_mac;
     flow.gateway_mac = gateway_mac;
     // Another CPU may have created it meanwhile: then use theirs (the insert fails).
@@ -151,6 +149,42 @@ pub fn create(
         let _ = NAT_BINDINGS.remove(key.reply_tuple(cfg.node_ip, nat_port));
     }
     CONNTRACK.get_ptr_mut(key).ok_or(Counter::DropTableFull)
+}
+
+/// Finds and claims a NAT port for `key` (a pod tuple, or a node connection whose own port a
+/// pod flow holds), counting the number of candidates it took.
+#[inline(always)]
+pub fn allocate(ctx: &TcContext, cfg: &Config, key: &FlowKey, now: u64) -> Result<u16, Counter> {
+    let port_count = cfg.port_count();
+    let mut search = PortSearch {
+        skb: ctx.skb.skb,
+        key: *key,
+        // SAFETY: helper without arguments.
+        seed: port::probe_seed(cfg.randomisation(), key, unsafe { bpf_get_prandom_u32() }),
+        port_count,
+        node_ip: cfg.node_ip,
+        port_min: cfg.port_min,
+        mode: cfg.randomisation,
+        found: 0,
+        port: 0,
+        probes: 0,
+        now,
+    };
+    // bpf_loop: the verifier checks the probe once instead of once per attempt.
+    // SAFETY: the callback matches bpf_loop's contract and only touches `search`.
+    unsafe {
+        bpf_loop(
+            port::max_probes(port_count),
+            probe_port as *mut c_void,
+            (&raw mut search).cast(),
+            0,
+        );
+    }
+    if search.found == 0 {
+        return Err(Counter::DropPortExhausted);
+    }
+    count_index(alloc_probe_index(search.probes));
+    Ok(search.port)
 }
 
 /// State of a NAT port search, shared with the `bpf_loop` callback.
@@ -165,6 +199,7 @@ struct PortSearch {
     mode: u8,
     found: u8,
     port: u16,
+    probes: u32,
     now: u64,
 }
 
@@ -178,10 +213,14 @@ pub struct ProbeScratch {
 }
 
 /// One probe: claims the candidate's reply tuple in NAT_BINDINGS unless it is taken (by
-/// another flow or a node socket). Returns 1 to stop the loop.
+/// another live flow or a node socket). Returns 1 to stop the loop.
+///
+/// It looks before it claims: a failed insert into an LRU map costs more than a look-up
+/// (the kernel takes a free node first), and most steps of a scan in a full range fail.
 extern "C" fn probe_port(attempt: u64, ctx: *mut c_void) -> i64 {
     // SAFETY: bpf_loop passes back the PortSearch given to it.
     let s = unsafe { &mut *ctx.cast::<PortSearch>() };
+    s.probes = attempt as u32 + 1;
     let candidate = port::candidate(
         PortRandomisation::from_u8(s.mode),
         s.seed,
@@ -196,60 +235,60 @@ extern "C" fn probe_port(attempt: u64, ctx: *mut c_void) -> i64 {
     // SAFETY: this CPU's slot, used only while this program runs on it.
     let w = unsafe { &mut *scratch };
     w.binding = s.key.reply_tuple(s.node_ip, candidate);
-    if NAT_BINDINGS
-        .insert(w.binding, s.key, u64::from(BPF_NOEXIST))
-        .is_err()
-    {
-        // Taken. If it is ours (the flow entry was evicted, the binding survived), keep it;
-        // if its connection is over, take it over.
-        // SAFETY: FlowKey is plain data, copied out.
-        let Some(owner) = (unsafe { NAT_BINDINGS.get(w.binding) }).copied() else {
-            return 0;
-        };
-        w.owner = owner;
-        if w.owner != s.key {
+    // SAFETY: FlowKey is plain data, copied out.
+    let claim = match unsafe { NAT_BINDINGS.get(w.binding) }.copied() {
+        None => Claim::Free,
+        // Ours: the flow entry was evicted, the binding survived.
+        Some(owner) if owner == s.key => Claim::Ours,
+        // Another connection's: taken over only if it is over (or gone).
+        Some(owner) => {
+            w.owner = owner;
             if !is_reclaimable(&w.owner, s.now) {
                 return 0;
             }
-            let _ = CONNTRACK.remove(w.owner);
-            if NAT_BINDINGS.insert(w.binding, s.key, 0).is_err() {
-                return 0;
-            }
-            count(Counter::PortReclaimed);
+            Claim::Reclaim
         }
-    } else if node_socket_owns(s.skb, &w.binding, &mut w.tuple) {
-        let _ = NAT_BINDINGS.remove(w.binding);
+    };
+    // No node socket (a TIME_WAIT one included) may answer to the tuple.
+    if claim != Claim::Ours && node_socket_owns(s.skb, &w.binding, &mut w.tuple) {
         return 0;
+    }
+    if claim == Claim::Free {
+        if NAT_BINDINGS
+            .insert(w.binding, s.key, u64::from(BPF_NOEXIST))
+            .is_err()
+        {
+            return 0;
+        }
+    } else if claim == Claim::Reclaim {
+        let _ = CONNTRACK.remove(w.owner);
+        if NAT_BINDINGS.insert(w.binding, s.key, 0).is_err() {
+            return 0;
+        }
+        count(Counter::PortReclaimed);
     }
     s.found = 1;
     s.port = candidate;
     1
 }
 
-/// How long a finished TCP connection keeps its NAT port before a new flow may take it: late
-/// packets of the old connection (the last ACK, a retransmitted FIN) still find it meanwhile.
-const RECLAIM_AFTER_NS: u64 = 1_000_000_000;
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Claim {
+    Free,
+    Ours,
+    Reclaim,
+}
 
-/// True when the flow holding a NAT binding is a TCP connection that is over (both FINs or a
-/// RST) and idle, or is gone: its port can serve a new flow. Without this, a pod opening
-/// connections to one destination faster than range / closing-timeout runs out of ports.
+/// True when the flow holding a NAT binding is a TCP connection that is over and idle long
+/// enough to be safe for the remote end (`Flow::port_reusable`), or is gone: its port can
+/// serve a new connection. Without this, a pod opening connections to one destination faster
+/// than range / closing-timeout runs out of ports.
 #[inline(always)]
 fn is_reclaimable(owner: &FlowKey, now: u64) -> bool {
     // SAFETY: map value read.
     match unsafe { CONNTRACK.get(owner) } {
         None => true,
-        Some(flow) => {
-            let finished = match flow.state() {
-                Some(FlowState::Reset) => true,
-                Some(FlowState::Closing) => {
-                    flow.flags & (FLAG_FIN_OUT | FLAG_FIN_IN) == (FLAG_FIN_OUT | FLAG_FIN_IN)
-                }
-                _ => false,
-            };
-            owner.proto == PROTO_TCP
-                && finished
-                && now.wrapping_sub(flow.last_seen_ns) >= RECLAIM_AFTER_NS
-        }
+        Some(flow) => flow.port_reusable(owner.proto, now),
     }
 }
 
@@ -302,11 +341,15 @@ pub fn account(flow: *mut Flow, proto: u8, dir: Direction, l3_len: u32, tcp_flag
         atomic_xadd::<u64, u64, { AtomicOrdering::Relaxed }>(bytes, u64::from(l3_len));
         let Some(state) = f.state() else { return };
         if proto == PROTO_TCP {
-            let fins = f.flags & (FLAG_FIN_OUT | FLAG_FIN_IN);
+            let fins = f.flags & tcp::CLOSE_FLAGS;
             let (next, next_fins) = tcp::next_state(state, fins, tcp_flags, dir);
             if next != state || next_fins != fins {
+                if next == FlowState::SynSent && state != FlowState::SynSent {
+                    // The same tuple is back with a new connection: flow and port reused.
+                    count(Counter::FlowReused);
+                }
                 f.state = next as u8;
-                f.flags = (f.flags & !(FLAG_FIN_OUT | FLAG_FIN_IN)) | next_fins;
+                f.flags = (f.flags & !tcp::CLOSE_FLAGS) | next_fins;
             }
         } else if dir == Direction::In && state == FlowState::Unreplied {
             f.state = FlowState::Replied as u8;

@@ -18,6 +18,7 @@ mod forward;
 mod icmp;
 mod maps;
 mod nat;
+mod node;
 mod parse;
 
 use aya_ebpf::{
@@ -280,15 +281,20 @@ fn snat_flow(
             now,
         )
     };
-    let mut flow = match existing {
+    // One call site for `create`: everything in it is inlined, and the port search is the
+    // verifier's costliest part.
+    let existing = existing.filter(|&flow| {
+        let kept = conntrack::keep_binding(key, flow, now);
+        if !kept {
+            // The reply tuple went to another flow while our binding was evicted: start afresh.
+            let _ = CONNTRACK.remove(key);
+        }
+        kept
+    });
+    let flow = match existing {
         Some(flow) => flow,
         None => create()?,
     };
-    if !conntrack::keep_binding(key, flow, now) {
-        // The reply tuple went to another flow while our binding was evicted: start afresh.
-        let _ = CONNTRACK.remove(key);
-        flow = create()?;
-    }
     conntrack::account(flow, ip.proto, Direction::Out, ip.l3_len, l4.tcp_flags, now);
     Ok(flow)
 }
@@ -361,7 +367,7 @@ fn try_uplink_ingress(ctx: &TcContext) -> Result<i32, Counter> {
     };
     if ip.proto == PROTO_ICMP {
         if parse::is_icmp_error(l4.icmp_type) {
-            return icmp_error_to_pod(ctx, &ip);
+            return icmp_error_to_pod(ctx, &ip, cfg.node_ip);
         }
         if l4.icmp_type != ICMP_ECHO_REPLY {
             return pass(Counter::PassNode);
@@ -380,6 +386,11 @@ fn try_uplink_ingress(ctx: &TcContext) -> Result<i32, Counter> {
         }
         return pass(Counter::PassNode);
     };
+    if pod_key.src_ip == cfg.node_ip {
+        // One of the node's own connections (tracked at egress).
+        node::to_node(ctx, &ip, &l4, &pod_key);
+        return pass(Counter::PassNode);
+    }
     let flow = flow_for_binding(&pod_key, &tuple)?;
     let now = conntrack::now_ns();
     conntrack::account(flow, ip.proto, Direction::In, ip.l3_len, l4.tcp_flags, now);
@@ -455,7 +466,7 @@ fn fragment_to_pod(ctx: &TcContext, ip: &Ipv4) -> Result<i32, Counter> {
 }
 
 #[inline(always)]
-fn icmp_error_to_pod(ctx: &TcContext, ip: &Ipv4) -> Result<i32, Counter> {
+fn icmp_error_to_pod(ctx: &TcContext, ip: &Ipv4, node_ip: u32) -> Result<i32, Counter> {
     let emb = match icmp::embedded(ctx, ip) {
         Ok(emb) => emb,
         // Not about a flow we could have made: the node's business.
@@ -467,6 +478,11 @@ fn icmp_error_to_pod(ctx: &TcContext, ip: &Ipv4) -> Result<i32, Counter> {
     let Some(pod_key) = (unsafe { NAT_BINDINGS.get(binding) }).copied() else {
         return pass(Counter::PassNode);
     };
+    if pod_key.src_ip == node_ip {
+        // About a node connection: the node's, untouched (the rare translated one's quoted
+        // port stays as sent; the kernel then finds no socket for it).
+        return pass(Counter::PassNode);
+    }
     let Some(flow) = CONNTRACK.get_ptr_mut(pod_key) else {
         return pass(Counter::PassNode);
     };
@@ -507,8 +523,13 @@ fn try_uplink_egress(ctx: &TcContext) -> Result<i32, Counter> {
     let Ok(cfg) = conntrack::config() else {
         return Ok(PASS);
     };
-    // The node's own traffic: the common case, kept free of map lookups.
+    // The node's own traffic: the common case. Only what the node itself sends from its NAT
+    // address (no ingress interface: not a packet the datapath redirected) is looked at.
     if !cfg.pod_cidr.contains(ip.src) {
+        // SAFETY: reading a context field.
+        if ip.src == cfg.node_ip && unsafe { (*ctx.skb.skb).ingress_ifindex } == 0 {
+            node::from_node(ctx, cfg, &ip);
+        }
         return Ok(PASS);
     }
     let pod = conntrack::any_registered_pod(ip.src)?;

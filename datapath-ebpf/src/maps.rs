@@ -84,7 +84,14 @@ pub static LAYOUT: Array<LayoutInfo> = Array::pinned(1, 0);
 
 #[inline(always)]
 pub fn count(counter: Counter) {
-    if let Some(slot) = COUNTERS.get_ptr_mut(counter as u32) {
+    count_index(counter as u32);
+}
+
+/// [`count`] by index: one code path for a computed counter (a histogram bucket) where a
+/// `match` to the enum would give the verifier a branch per value.
+#[inline(always)]
+pub fn count_index(index: u32) {
+    if let Some(slot) = COUNTERS.get_ptr_mut(index) {
         // SAFETY: per-CPU slot, only this CPU writes it while the program runs.
         unsafe { *slot += 1 };
     }

@@ -57,50 +57,8 @@ pub fn ipv4_addrs(name: &str) -> Result<Vec<Ipv4Addr>> {
     Ok(addrs)
 }
 
-/// The kernel's ephemeral port range (`net.ipv4.ip_local_port_range`).
-pub fn local_port_range() -> Result<(u16, u16)> {
-    let path = "/proc/sys/net/ipv4/ip_local_port_range";
-    let text = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
-    let mut parts = text.split_whitespace().map(str::parse::<u16>);
-    match (parts.next(), parts.next()) {
-        (Some(Ok(lo)), Some(Ok(hi))) => Ok((lo, hi)),
-        _ => Err(Error::io(
-            path,
-            std::io::Error::new(
-                std::io::ErrorKind::InvalidData,
-                format!("unexpected {text:?}"),
-            ),
-        )),
-    }
-}
-
-/// The default NAT port range: the larger part of 1024–65535 left over by the kernel's
-/// ephemeral range, so NAT ports never collide with the node's own outgoing sockets.
-#[must_use]
-pub fn default_nat_range(local: (u16, u16)) -> (u16, u16) {
-    let (lo, hi) = local;
-    let below = (1024u16, lo.saturating_sub(1));
-    let above = (hi.saturating_add(1), 65535u16);
-    let size = |(a, b): (u16, u16)| if b >= a { u32::from(b - a) + 1 } else { 0 };
-    if lo <= 1024 && hi == u16::MAX {
-        // The kernel uses everything: share the top quarter rather than fail.
-        return (49152, 65535);
-    }
-    if size(below) >= size(above) {
-        below
-    } else {
-        above
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn nat_range_avoids_the_ephemeral_range() {
-        assert_eq!(default_nat_range((32768, 60999)), (1024, 32767));
-        assert_eq!(default_nat_range((1024, 20000)), (20001, 65535));
-        assert_eq!(default_nat_range((1024, 65535)), (49152, 65535));
-    }
-}
+/// The default NAT port range: all of 1024-65535, as iptables' SNAT uses, so a pod cycling
+/// through its whole port range to one destination finds a NAT port for every tuple. It
+/// overlaps the kernel's ephemeral range: the programs track the node's own connections and
+/// check its sockets, so the two never collide.
+pub const DEFAULT_NAT_RANGE: (u16, u16) = (1024, 65535);

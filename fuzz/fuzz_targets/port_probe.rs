@@ -4,7 +4,7 @@
 use datapath_common::{
     config::PortRandomisation,
     flow::FlowKey,
-    port::{candidate, probe_seed, MAX_PORT_PROBES},
+    port::{candidate, max_probes, probe_seed},
 };
 use libfuzzer_sys::fuzz_target;
 
@@ -14,7 +14,7 @@ fuzz_target!(|input: (u8, u32, u16, u16, u16, [u32; 2], [u16; 2], u8)| {
     let count = u32::from(span).min(65536 - u32::from(min));
     let key = FlowKey::new(proto, ips[0], ports[0], ips[1], ports[1]);
     let seed = probe_seed(mode, &key, random);
-    for attempt in 0..MAX_PORT_PROBES {
+    for attempt in 0..max_probes(count).min(256) {
         let port = candidate(mode, seed, attempt, pod_port, min, count);
         if count == 0 {
             assert_eq!(port, min);

@@ -1,10 +1,10 @@
 //! Any sequence of TCP flags in either direction keeps the flow in a TCP state, a RST always
-//! resets, and FIN bits only accumulate the two known flags.
+//! resets, and close flags only accumulate the known bits.
 #![no_main]
 
 use datapath_common::{
-    flow::{FlowState, FLAG_FIN_IN, FLAG_FIN_OUT},
-    tcp::{initial_state, next_state, Direction, TCP_RST},
+    flow::FlowState,
+    tcp::{initial_state, next_state, Direction, CLOSE_FLAGS, TCP_RST},
 };
 use libfuzzer_sys::fuzz_target;
 
@@ -24,7 +24,7 @@ fuzz_target!(|packets: Vec<(u8, bool)>| {
             state,
             FlowState::SynSent | FlowState::Established | FlowState::Closing | FlowState::Reset
         ));
-        assert_eq!(fins & !(FLAG_FIN_OUT | FLAG_FIN_IN), 0);
+        assert_eq!(fins & !CLOSE_FLAGS, 0);
         if flags & TCP_RST != 0 {
             assert_eq!(state, FlowState::Reset);
         }

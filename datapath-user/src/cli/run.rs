@@ -50,8 +50,9 @@ pub struct RunArgs {
     /// The pods' gateway in the pod range. Default: the range's first host address.
     #[arg(long, value_name = "A.B.C.D")]
     gateway: Option<Ipv4Addr>,
-    /// NAT source ports, inclusive. Default: the larger part of 1024-65535 outside the
-    /// kernel's ip_local_port_range, so the node's own sockets never collide with NAT ports.
+    /// NAT source ports, inclusive. Default: 1024-65535. The range may overlap the kernel's
+    /// ip_local_port_range: the node's own connections are tracked and its sockets checked,
+    /// so NAT ports never collide with them.
     #[arg(long, value_parser = parse_port_range, value_name = "LO-HI")]
     port_range: Option<(u16, u16)>,
     /// How the first NAT port of a flow is chosen.
@@ -238,7 +239,7 @@ fn build_config(args: &RunArgs) -> anyhow::Result<Config> {
     }
     let (port_min, port_max) = match args.port_range {
         Some(range) => range,
-        None => netdev::default_nat_range(netdev::local_port_range()?),
+        None => netdev::DEFAULT_NAT_RANGE,
     };
     let t = &args.timeouts;
     Ok(Config {
