@@ -3,7 +3,7 @@
 use std::net::Ipv4Addr;
 
 use datapath_common::{
-    flow::{proto_name, Flow, FlowKey},
+    flow::{proto_name, Flow, FlowKey, FLAG_NODE},
     ipv4::Cidr,
 };
 use serde::Serialize;
@@ -119,6 +119,11 @@ pub fn collect(maps: &Maps, filter: &Filter) -> Result<Vec<FlowRecord>> {
     let now = monotonic_coarse_ns();
     let mut records = Vec::new();
     maps.for_each_flow(|key, flow| {
+        // The node's own connections are tracked only to keep NAT ports off them (`stats`
+        // counts them); they are not translations.
+        if flow.flags & FLAG_NODE != 0 {
+            return;
+        }
         let r = record(key, flow, names.get(&key.src_ip).cloned(), now, &timeouts);
         if filter.matches(&r) {
             records.push(r);

@@ -60,6 +60,24 @@ pub fn render(maps: &Maps, sweeper: &Sweeper) -> Result<String> {
         "NAT ports in use / range size, busiest destinations.",
         &usage,
     );
+    let closing: Vec<(String, f64)> = s
+        .busiest_destinations
+        .iter()
+        .map(|p| {
+            let labels = format!(
+                "{{proto=\"{}\",dst_ip=\"{}\",dst_port=\"{}\"}}",
+                p.proto, p.dst_ip, p.dst_port
+            );
+            (labels, f64::from(p.ports_closing))
+        })
+        .collect();
+    family(
+        &mut out,
+        "datapath_nat_ports_closing",
+        "gauge",
+        "NAT ports held by closing or reset TCP connections, busiest destinations.",
+        &closing,
+    );
     let unlabelled = [
         (
             "datapath_flows",

@@ -2,6 +2,7 @@
 //! tests, `cargo xtask demo` and the benchmarks.
 
 pub mod capture;
+pub mod churn;
 pub mod lab;
 pub mod netns;
 pub mod packet;

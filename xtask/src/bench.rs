@@ -36,15 +36,27 @@ struct Plan {
 }
 
 const MODES: [Mode; 3] = [Mode::Plain, Mode::Iptables, Mode::Datapath];
-/// `_1pod`: the same workload from a single pod with one client.
-const WORKLOADS: [&str; 6] = [
+/// `tcp_crr`: 4 clients in one pod, the client closing first (the pod holds TIME_WAIT and
+/// cycles through its whole port range); `tcp_crr_rst`: 4 pods, one client each, closing
+/// with RST; `_1pod`: one client in one pod.
+const WORKLOADS: [&str; 7] = [
     "pps",
     "tcp_crr",
+    "tcp_crr_rst",
     "tcp_rr",
     "tcp_crr_1pod",
     "tcp_rr_1pod",
     "tcp_bulk",
 ];
+
+/// How a TCP workload's clients loop.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Loop {
+    /// Connect, 1-byte request, 1-byte response, close; `rst`: close with SO_LINGER 0.
+    ConnectClose { rst: bool },
+    /// 1-byte request/response on a persistent connection.
+    Transactions,
+}
 
 fn mode_name(mode: Mode) -> &'static str {
     match mode {
@@ -54,7 +66,17 @@ fn mode_name(mode: Mode) -> &'static str {
     }
 }
 
-pub fn run(quick: bool) -> Result<()> {
+pub fn run(quick: bool, only: &[String]) -> Result<()> {
+    for w in only {
+        if !WORKLOADS.contains(&w.as_str()) && w != "micro" {
+            bail!(
+                "unknown workload {w:?}: expected one of {}, micro",
+                WORKLOADS.join(", ")
+            );
+        }
+    }
+    let selected = |w: &str| only.is_empty() || only.iter().any(|o| o == w);
+    let workloads: Vec<&str> = WORKLOADS.into_iter().filter(|w| selected(w)).collect();
     if !datapath_tests::is_root() {
         bail!("the benchmark builds network namespaces and loads BPF programs: run it as root");
     }
@@ -83,7 +105,9 @@ pub fn run(quick: bool) -> Result<()> {
     // samples[workload][mode] = one value per repetition.
     let mut samples: BTreeMap<&str, BTreeMap<&str, Vec<f64>>> = BTreeMap::new();
     let mut floor = Vec::new();
-    let total = plan.reps * (MODES.len() * WORKLOADS.len() + 1);
+    let mut exhausted = Vec::new();
+    let with_floor = selected("pps");
+    let total = plan.reps * (MODES.len() * workloads.len() + usize::from(with_floor));
     let mut step = 0;
     let started = Instant::now();
     for rep in 0..plan.reps {
@@ -93,7 +117,7 @@ pub fn run(quick: bool) -> Result<()> {
                 pods: plan.clients,
                 ..LabOptions::default()
             })?;
-            for workload in WORKLOADS {
+            for &workload in &workloads {
                 step += 1;
                 eprintln!(
                     "[{step}/{total}] rep {} {:<8} {workload:<8} ({:.0}s elapsed)",
@@ -103,10 +127,25 @@ pub fn run(quick: bool) -> Result<()> {
                 );
                 let value = match workload {
                     "pps" => packet_rate(&lab, &lab.pod(0).ns, plan.seconds, false)?,
-                    "tcp_crr" => tcp_loop(&lab, &plan, plan.clients, true)?,
-                    "tcp_rr" => tcp_loop(&lab, &plan, plan.clients, false)?,
-                    "tcp_crr_1pod" => tcp_loop(&lab, &plan, 1, true)?,
-                    "tcp_rr_1pod" => tcp_loop(&lab, &plan, 1, false)?,
+                    "tcp_crr" => tcp_loop(
+                        &lab,
+                        &plan,
+                        (1, plan.clients),
+                        Loop::ConnectClose { rst: false },
+                        7000,
+                    )?,
+                    "tcp_crr_rst" => tcp_loop(
+                        &lab,
+                        &plan,
+                        (plan.clients, 1),
+                        Loop::ConnectClose { rst: true },
+                        7001,
+                    )?,
+                    "tcp_rr" => tcp_loop(&lab, &plan, (plan.clients, 1), Loop::Transactions, 7002)?,
+                    "tcp_crr_1pod" => {
+                        tcp_loop(&lab, &plan, (1, 1), Loop::ConnectClose { rst: false }, 7003)?
+                    }
+                    "tcp_rr_1pod" => tcp_loop(&lab, &plan, (1, 1), Loop::Transactions, 7004)?,
                     _ => iperf3(&lab, plan.seconds)?,
                 };
                 samples
@@ -116,20 +155,28 @@ pub fn run(quick: bool) -> Result<()> {
                     .or_default()
                     .push(value);
             }
-            if mode == Mode::Plain {
+            if mode == Mode::Datapath {
+                exhausted.push(lab.counter("drop_port_exhausted")?);
+            }
+            if mode == Mode::Plain && with_floor {
                 step += 1;
                 eprintln!("[{step}/{total}] rep {} floor    pps", rep + 1);
                 floor.push(packet_rate(&lab, &lab.node, plan.seconds, true)?);
             }
         }
     }
-    eprintln!("micro-benchmarks (BPF_PROG_TEST_RUN) ...");
-    let micro = micro_benchmarks(&out_dir)?;
+    let micro = if selected("micro") {
+        eprintln!("micro-benchmarks (BPF_PROG_TEST_RUN) ...");
+        micro_benchmarks(&out_dir)?
+    } else {
+        serde_json::Value::Null
+    };
     let report = Report {
         plan: &plan,
         samples: &samples,
         floor: &floor,
         micro: &micro,
+        exhausted: &exhausted,
     };
     let json = report.json();
     let md = report.markdown();
@@ -228,12 +275,23 @@ fn packet_rate(lab: &Lab, ns: &str, seconds: f64, from_node: bool) -> Result<f64
     Ok(packets as f64 / seconds)
 }
 
-/// `clients` parallel clients, one per pod: new connections per second (`connect_close`) or
-/// request/response transactions per second on persistent connections.
-fn tcp_loop(lab: &Lab, plan: &Plan, clients: usize, connect_close: bool) -> Result<f64> {
-    // A fresh port per workload: the servers live until the process ends.
-    let port = 7000 + u16::from(connect_close) + 2 * u16::from(clients == 1);
+/// `clients` parallel clients, `per_pod` of them in each of the first `pods` pods: new
+/// connections per second or request/response transactions per second on persistent
+/// connections. The client closes first (it keeps TIME_WAIT) unless `rst`.
+fn tcp_loop(
+    lab: &Lab,
+    plan: &Plan,
+    (pods, per_pod): (usize, usize),
+    kind: Loop,
+    port: u16,
+) -> Result<f64> {
+    let clients = pods * per_pod;
     echo_server(&lab.server, port, clients)?;
+    if kind == (Loop::ConnectClose { rst: false }) {
+        for i in 0..pods {
+            datapath_tests::churn::churn_sysctls(&lab.pod(i).ns)?;
+        }
+    }
     let stop = Arc::new(AtomicBool::new(false));
     let count = Arc::new(AtomicU64::new(0));
     let addr = SocketAddrV4::new(SERVER_IP.parse::<Ipv4Addr>()?, port);
@@ -241,15 +299,16 @@ fn tcp_loop(lab: &Lab, plan: &Plan, clients: usize, connect_close: bool) -> Resu
     for i in 0..clients {
         let (stop, count) = (Arc::clone(&stop), Arc::clone(&count));
         handles.push(datapath_tests::netns::spawn_within(
-            &lab.pod(i).ns,
+            &lab.pod(i / per_pod).ns,
             move || -> Result<()> {
                 let mut buf = [0u8; 1];
                 let mut persistent: Option<TcpStream> = None;
+                let connect_close = kind != Loop::Transactions;
                 while !stop.load(Ordering::Relaxed) {
                     if connect_close || persistent.is_none() {
                         let s = TcpStream::connect(addr)?;
                         s.set_nodelay(true)?;
-                        if connect_close {
+                        if kind == (Loop::ConnectClose { rst: true }) {
                             abort_on_close(&s);
                         }
                         persistent = Some(s);
@@ -276,9 +335,7 @@ fn tcp_loop(lab: &Lab, plan: &Plan, clients: usize, connect_close: bool) -> Resu
     Ok(count.load(Ordering::Relaxed) as f64 / plan.seconds)
 }
 
-/// SO_LINGER 0: close sends RST and leaves no TIME_WAIT socket, so the client's port search
-/// in `connect()` does not slow down as the run goes on (it would, alike in every mode, and
-/// hide the node's cost).
+/// SO_LINGER 0: close sends RST and leaves no TIME_WAIT socket (the `tcp_crr_rst` variant).
 fn abort_on_close(stream: &TcpStream) {
     use std::os::fd::AsRawFd as _;
     let linger = libc::linger {
@@ -406,6 +463,8 @@ struct Report<'a> {
     samples: &'a BTreeMap<&'a str, BTreeMap<&'a str, Vec<f64>>>,
     floor: &'a [f64],
     micro: &'a serde_json::Value,
+    /// The datapath's `drop_port_exhausted` at the end of each repetition.
+    exhausted: &'a [u64],
 }
 
 impl Report<'_> {
@@ -447,7 +506,7 @@ impl Report<'_> {
         serde_json::json!({
             "repetitions": self.plan.reps, "seconds": self.plan.seconds, "clients": self.plan.clients,
             "floor_pps": { "samples": self.floor, "median": median(self.floor) },
-            "modes": modes, "micro": self.micro,
+            "modes": modes, "micro": self.micro, "datapath_drop_port_exhausted": self.exhausted,
         })
     }
 
@@ -470,6 +529,9 @@ impl Report<'_> {
                    unit: &str,
                    lower_is_better: bool| {
             let (p, i, d) = (f("plain"), f("iptables"), f("datapath"));
+            if p == 0.0 && i == 0.0 && d == 0.0 {
+                return; // not run (`--only`)
+            }
             let ratio = |a: f64, b: f64| if b == 0.0 { 0.0 } else { a / b };
             let _ =
                 writeln!(
@@ -496,8 +558,15 @@ impl Report<'_> {
         );
         row(
             &mut s,
-            "new TCP connections/s, 4 pods",
+            "new TCP connections/s, 4 clients in 1 pod, client closes first",
             &|m| self.med("tcp_crr", m) / 1e3,
+            "k/s",
+            false,
+        );
+        row(
+            &mut s,
+            "new TCP connections/s, 4 pods, closed by RST",
+            &|m| self.med("tcp_crr_rst", m) / 1e3,
             "k/s",
             false,
         );
@@ -510,7 +579,7 @@ impl Report<'_> {
         );
         row(
             &mut s,
-            "new TCP connections/s, 1 pod",
+            "new TCP connections/s, 1 client, client closes first",
             &|m| self.med("tcp_crr_1pod", m) / 1e3,
             "k/s",
             false,
@@ -534,8 +603,16 @@ impl Report<'_> {
             "\nfloor (sender on the uplink, no forwarding): {:.1} kpps",
             median(self.floor) / 1e3
         );
+        let _ = writeln!(
+            s,
+            "\ndatapath drop_port_exhausted after each repetition's workloads: {:?}",
+            self.exhausted
+        );
         let _ = writeln!(s, "\nspread per mode (%):\n");
-        for w in WORKLOADS {
+        for w in WORKLOADS
+            .into_iter()
+            .filter(|w| self.samples.contains_key(w))
+        {
             let _ = write!(s, "- {w}:");
             for mode in MODES.map(mode_name) {
                 let v = self.runs(w, mode);

@@ -47,6 +47,11 @@ enum Task {
         /// One short repetition (about a minute) instead of three.
         #[arg(long)]
         quick: bool,
+        /// Run only these workloads (comma-separated): pps, tcp_crr, tcp_crr_rst, tcp_rr,
+        /// tcp_crr_1pod, tcp_rr_1pod, tcp_bulk, micro (the BPF_PROG_TEST_RUN figures).
+        /// Example: `cargo xtask bench --only tcp_crr,tcp_crr_rst`.
+        #[arg(long, value_delimiter = ',', value_name = "WORKLOAD,...")]
+        only: Vec<String>,
     },
 }
 
@@ -57,7 +62,7 @@ fn main() {
         Task::Build { release } => setup::ensure().and_then(|()| build(release)),
         Task::Test { args } => test::run(&args),
         Task::Demo => demo::run(),
-        Task::Bench { quick } => bench::run(quick),
+        Task::Bench { quick, only } => bench::run(quick, &only),
     };
     if let Err(e) = result {
         eprintln!("xtask: error: {e:#}");

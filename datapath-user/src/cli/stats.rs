@@ -47,10 +47,11 @@ pub fn execute(args: &StatsArgs) -> anyhow::Result<()> {
     print_table(&header, &rows);
     println!();
     println!(
-        "flows: {} of {} ({:.2}%), NAT bindings: {}, pods: {}, NAT ports {}-{}",
+        "flows: {} of {} ({:.2}%, {} of them the node's own), NAT bindings: {}, pods: {}, NAT ports {}-{}",
         s.flows,
         s.flow_table_capacity,
         s.flow_table_fill_percent,
+        s.node_flows,
         s.nat_bindings,
         s.pods,
         s.port_range.0,
@@ -67,10 +68,36 @@ pub fn execute(args: &StatsArgs) -> anyhow::Result<()> {
                     format!("{}:{}", p.dst_ip, p.dst_port),
                     format!("{}/{}", p.ports_in_use, p.ports_available),
                     format!("{:.2}%", p.fill_percent),
+                    p.ports_closing.to_string(),
+                    p.ports_node.to_string(),
                 ]
             })
             .collect();
-        print_table(&["PROTO", "DESTINATION", "NAT PORTS", "FILL"], &rows);
+        print_table(
+            &[
+                "PROTO",
+                "DESTINATION",
+                "NAT PORTS",
+                "FILL",
+                "CLOSING",
+                "NODE",
+            ],
+            &rows,
+        );
     }
+    println!();
+    let rows: Vec<Vec<String>> = s
+        .port_allocation_probes
+        .iter()
+        .map(|b| {
+            let range = match b.max_probes {
+                Some(max) if max == b.min_probes => max.to_string(),
+                Some(max) => format!("{}-{max}", b.min_probes),
+                None => format!("{}+", b.min_probes),
+            };
+            vec![range, b.allocations.to_string()]
+        })
+        .collect();
+    print_table(&["PROBES PER PORT ALLOCATION", "ALLOCATIONS"], &rows);
     Ok(())
 }
