@@ -21,6 +21,23 @@ fn family(out: &mut String, name: &str, ty: &str, help: &str, samples: &[(String
     }
 }
 
+/// One labelled sample per busiest destination.
+fn per_destination(
+    s: &stats::Stats,
+    value: impl Fn(&stats::PortUsage) -> f64,
+) -> Vec<(String, f64)> {
+    s.busiest_destinations
+        .iter()
+        .map(|p| {
+            let labels = format!(
+                "{{proto=\"{}\",dst_ip=\"{}\",dst_port=\"{}\"}}",
+                p.proto, p.dst_ip, p.dst_port
+            );
+            (labels, value(p))
+        })
+        .collect()
+}
+
 /// Renders the metrics for the maps at `maps` plus the sweeper's figures.
 pub fn render(maps: &Maps, sweeper: &Sweeper) -> Result<String> {
     let s = stats::collect(maps, 10)?;
@@ -42,17 +59,7 @@ pub fn render(maps: &Maps, sweeper: &Sweeper) -> Result<String> {
         "Packets by verdict counter.",
         &counters,
     );
-    let usage: Vec<(String, f64)> = s
-        .busiest_destinations
-        .iter()
-        .map(|p| {
-            let labels = format!(
-                "{{proto=\"{}\",dst_ip=\"{}\",dst_port=\"{}\"}}",
-                p.proto, p.dst_ip, p.dst_port
-            );
-            (labels, p.fill_percent / 100.0)
-        })
-        .collect();
+    let usage = per_destination(&s, |p| p.fill_percent / 100.0);
     family(
         &mut out,
         "datapath_nat_port_usage_ratio",
@@ -60,17 +67,7 @@ pub fn render(maps: &Maps, sweeper: &Sweeper) -> Result<String> {
         "NAT ports in use / range size, busiest destinations.",
         &usage,
     );
-    let closing: Vec<(String, f64)> = s
-        .busiest_destinations
-        .iter()
-        .map(|p| {
-            let labels = format!(
-                "{{proto=\"{}\",dst_ip=\"{}\",dst_port=\"{}\"}}",
-                p.proto, p.dst_ip, p.dst_port
-            );
-            (labels, f64::from(p.ports_closing))
-        })
-        .collect();
+    let closing = per_destination(&s, |p| f64::from(p.ports_closing));
     family(
         &mut out,
         "datapath_nat_ports_closing",

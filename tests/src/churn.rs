@@ -152,6 +152,7 @@ pub fn start_clients(
 }
 
 /// Joins the clients and sums their reports.
+#[must_use]
 pub fn join_clients(handles: Vec<JoinHandle<ClientReport>>) -> ClientReport {
     let mut total = ClientReport::default();
     for h in handles {

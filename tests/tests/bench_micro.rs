@@ -1,6 +1,6 @@
 //! BPF_PROG_TEST_RUN micro-benchmarks, run by `cargo xtask bench` (ignored in `cargo test`):
 //! ns per packet for each path, lookup cost as the table grows to 1M flows, memory per flow,
-//! and new-flow cost with 90% of one destination's NAT ports taken. Writes JSON to
+//! and new-flow cost with 0/50/90/99% of one destination's NAT ports held. Writes JSON to
 //! `$DATAPATH_BENCH_OUT`.
 
 use datapath_common::{
@@ -111,31 +111,47 @@ fn micro_benchmarks() {
         let per_flow = (memlock_bytes(&pin.join("CONNTRACK")) + memlock_bytes(&pin.join("NAT_BINDINGS"))) / (1 << 20);
         scale.insert("memory per flow (bytes, CONNTRACK + NAT_BINDINGS, from memlock)".into(), json!(per_flow));
 
-        // New flows to one destination with 90% of its 10,000 NAT ports taken: each timed SYN
-        // creates a flow, which is removed again (untimed) so the fill stays at 90%.
+        // New flows to one destination with 0/50/90/99% of its 10,000 NAT ports held by live
+        // connections (established flows, not reclaimable), spread over the range: each timed
+        // SYN creates a flow, which is removed again (untimed) so the fill stays put.
         // Port 8443: a tuple space of its own (the flows above all went to port 80).
-        let owner = FlowKey::new(PROTO_TCP, addr(POD_IP), 9, addr(SERVER_IP), 8443);
-        for port in 20000u16..29000 {
-            let _ = h.maps.bindings.insert(owner.reply_tuple(addr(NODE_IP), port), owner, 0);
-        }
-        let mut times = Vec::with_capacity(2000);
-        for i in 0..2000u16 {
-            let sport = 30000 + i;
-            let syn = Ipv4Packet::new(POD_IP, SERVER_IP, PROTO_TCP, packet::tcp(POD_IP, SERVER_IP, sport, 8443, TCP_SYN, b""))
-                .frame(POD_MAC, GW_MAC);
-            let (verdict, out, took) = h.run_timed(from_pod, &syn, pod_if).unwrap();
-            times.push(took.as_nanos());
-            if verdict == datapath_tests::testrun::TC_ACT_REDIRECT {
-                let key = FlowKey::new(PROTO_TCP, addr(POD_IP), sport, addr(SERVER_IP), 8443);
-                let _ = h.maps.bindings.remove(&key.reply_tuple(addr(NODE_IP), Parsed::parse(&out).src_port()));
-                let _ = h.maps.conntrack.remove(&key);
+        let range = u32::from(h.config.port_max - h.config.port_min) + 1;
+        let mut held = 0u32;
+        let mut fill_costs = serde_json::Map::new();
+        for percent in [0u32, 50, 90, 99] {
+            let target = range * percent / 100;
+            for i in held..target {
+                // A permutation of the range (7919 is prime to 10,000): used ports spread out.
+                let port = h.config.port_min + ((u64::from(i) * 7919) % u64::from(range)) as u16;
+                let owner = FlowKey::new(PROTO_TCP, addr(OTHER_POD_IP), 1024 + (i as u16), addr(SERVER_IP), 8443);
+                let flow = Flow { created_ns: now, last_seen_ns: now, nat_ip: addr(NODE_IP), nat_port: port, state: FlowState::Established as u8, ..Flow::default() };
+                h.maps.conntrack.insert(owner, flow, 0).unwrap();
+                h.maps.bindings.insert(owner.reply_tuple(addr(NODE_IP), port), owner, 0).unwrap();
             }
+            held = target;
+            let before = h.counter(datapath_common::counters::Counter::DropPortExhausted);
+            let mut times = Vec::with_capacity(2000);
+            for i in 0..2000u16 {
+                let sport = 30000 + i;
+                let syn = Ipv4Packet::new(POD_IP, SERVER_IP, PROTO_TCP, packet::tcp(POD_IP, SERVER_IP, sport, 8443, TCP_SYN, b""))
+                    .frame(POD_MAC, GW_MAC);
+                let (verdict, out, took) = h.run_timed(from_pod, &syn, pod_if).unwrap();
+                times.push(took.as_nanos());
+                if verdict == datapath_tests::testrun::TC_ACT_REDIRECT {
+                    let key = FlowKey::new(PROTO_TCP, addr(POD_IP), sport, addr(SERVER_IP), 8443);
+                    let _ = h.maps.bindings.remove(&key.reply_tuple(addr(NODE_IP), Parsed::parse(&out).src_port()));
+                    let _ = h.maps.conntrack.remove(&key);
+                }
+            }
+            times.sort_unstable();
+            // Interquartile mean, as `run_cost` reports.
+            let mid = &times[times.len() / 4..times.len() * 3 / 4];
+            let iqm = mid.iter().sum::<u128>() as f64 / mid.len() as f64;
+            let exhausted = h.counter(datapath_common::counters::Counter::DropPortExhausted) - before;
+            fill_costs.insert(format!("{percent}%"), json!({ "ns": net(iqm), "exhaustion_drops": exhausted }));
         }
-        times.sort_unstable();
-        scale.insert("new flow with 90% of the destination's ports taken (ns)".into(), json!(net(times[times.len() / 2] as f64)));
+        scale.insert(format!("new flow to one destination by fill of its {range} NAT ports (ns, drops in 2,000 new flows)"), fill_costs.into());
         scale.insert("new flow, empty range (ns)".into(), json!(net(new_flow)));
-        let exhausted = h.counter(datapath_common::counters::Counter::DropPortExhausted);
-        scale.insert("port exhaustion drops in 2,000 new flows at 90% fill".into(), json!(exhausted));
         json!({ "runs_per_figure": RUNS, "paths": paths, "scale": scale })
     })
     .unwrap();

@@ -125,29 +125,7 @@ pub fn run(quick: bool, only: &[String]) -> Result<()> {
                     mode_name(mode),
                     started.elapsed().as_secs_f64()
                 );
-                let value = match workload {
-                    "pps" => packet_rate(&lab, &lab.pod(0).ns, plan.seconds, false)?,
-                    "tcp_crr" => tcp_loop(
-                        &lab,
-                        &plan,
-                        (1, plan.clients),
-                        Loop::ConnectClose { rst: false },
-                        7000,
-                    )?,
-                    "tcp_crr_rst" => tcp_loop(
-                        &lab,
-                        &plan,
-                        (plan.clients, 1),
-                        Loop::ConnectClose { rst: true },
-                        7001,
-                    )?,
-                    "tcp_rr" => tcp_loop(&lab, &plan, (plan.clients, 1), Loop::Transactions, 7002)?,
-                    "tcp_crr_1pod" => {
-                        tcp_loop(&lab, &plan, (1, 1), Loop::ConnectClose { rst: false }, 7003)?
-                    }
-                    "tcp_rr_1pod" => tcp_loop(&lab, &plan, (1, 1), Loop::Transactions, 7004)?,
-                    _ => iperf3(&lab, plan.seconds)?,
-                };
+                let value = run_workload(&lab, &plan, workload)?;
                 samples
                     .entry(workload)
                     .or_default()
@@ -186,6 +164,31 @@ pub fn run(quick: bool, only: &[String]) -> Result<()> {
     println!("{md}");
     println!("results in {}", out_dir.display());
     Ok(())
+}
+
+/// One workload's figure on `lab`.
+fn run_workload(lab: &Lab, plan: &Plan, workload: &str) -> Result<f64> {
+    Ok(match workload {
+        "pps" => packet_rate(lab, &lab.pod(0).ns, plan.seconds, false)?,
+        "tcp_crr" => tcp_loop(
+            lab,
+            plan,
+            (1, plan.clients),
+            Loop::ConnectClose { rst: false },
+            7000,
+        )?,
+        "tcp_crr_rst" => tcp_loop(
+            lab,
+            plan,
+            (plan.clients, 1),
+            Loop::ConnectClose { rst: true },
+            7001,
+        )?,
+        "tcp_rr" => tcp_loop(lab, plan, (plan.clients, 1), Loop::Transactions, 7002)?,
+        "tcp_crr_1pod" => tcp_loop(lab, plan, (1, 1), Loop::ConnectClose { rst: false }, 7003)?,
+        "tcp_rr_1pod" => tcp_loop(lab, plan, (1, 1), Loop::Transactions, 7004)?,
+        _ => iperf3(lab, plan.seconds)?,
+    })
 }
 
 fn serde_json_string(v: &serde_json::Value) -> String {
@@ -598,11 +601,13 @@ impl Report<'_> {
             "Gbit/s",
             false,
         );
-        let _ = writeln!(
-            s,
-            "\nfloor (sender on the uplink, no forwarding): {:.1} kpps",
-            median(self.floor) / 1e3
-        );
+        if !self.floor.is_empty() {
+            let _ = writeln!(
+                s,
+                "\nfloor (sender on the uplink, no forwarding): {:.1} kpps",
+                median(self.floor) / 1e3
+            );
+        }
         let _ = writeln!(
             s,
             "\ndatapath drop_port_exhausted after each repetition's workloads: {:?}",
@@ -619,6 +624,9 @@ impl Report<'_> {
                 let _ = write!(s, " {mode} {:.0}%", spread(v));
             }
             let _ = writeln!(s);
+        }
+        if self.micro.is_null() {
+            return s; // not run (`--only`)
         }
         let _ = writeln!(s, "\nBPF_PROG_TEST_RUN, ns per packet (interquartile mean of 5,000 single runs, minus the same for a frame passed at the first check):\n");
         let _ = writeln!(s, "| path | ns |\n| --- | --- |");
