@@ -28,4 +28,5 @@ mod user_pod {
     unsafe impl aya::Pod for crate::flow::FragKey {}
     unsafe impl aya::Pod for crate::pod::PodInfo {}
     unsafe impl aya::Pod for crate::maps::LayoutInfo {}
+    unsafe impl aya::Pod for crate::port::PortHint {}
 }

@@ -12,6 +12,8 @@ pub const CONFIG: &str = "CONFIG";
 pub const COUNTERS: &str = "COUNTERS";
 /// Inbound fragments of translated flows: (src, dst, id, proto) → pod-side tuple.
 pub const FRAGMENTS: &str = "FRAGMENTS";
+/// Per-destination hints of taken NAT ports ([`crate::port::PortHint`]).
+pub const PORT_HINTS: &str = "PORT_HINTS";
 /// Single-entry array describing the map layout, checked when re-using pinned maps.
 pub const LAYOUT: &str = "LAYOUT";
 

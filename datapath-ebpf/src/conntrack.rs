@@ -21,7 +21,8 @@ use datapath_common::{
 };
 
 use crate::maps::{
-    count, count_index, scratch_flow, CLOCK, CONFIG, CONNTRACK, NAT_BINDINGS, PODS, SCRATCH_PROBE,
+    count, count_index, scratch_flow, CLOCK, CONFIG, CONNTRACK, EMPTY_HINT, NAT_BINDINGS, PODS,
+    PORT_HINTS, SCRATCH_PROBE,
 };
 
 /// How often (ns) the outbound path re-checks a flow's NAT binding and route.
@@ -168,23 +169,100 @@ pub fn allocate(ctx: &TcContext, cfg: &Config, key: &FlowKey, now: u64) -> Resul
         found: 0,
         port: 0,
         probes: 0,
+        hint_probes: 0,
         now,
     };
-    // bpf_loop: the verifier checks the probe once instead of once per attempt.
-    // SAFETY: the callback matches bpf_loop's contract and only touches `search`.
+    // A destination with a hint (one whose range was once found busy) is searched through
+    // it first: its clear bits are ports that are free unless the hint is behind.
+    let hinted = PORT_HINTS.get_ptr_mut(port::hint_key(key)).is_some();
+    if let Some(w) = SCRATCH_PROBE.get_ptr_mut(0) {
+        // SAFETY: this CPU's slot, used only while this program runs on it.
+        unsafe { (*w).hint_words = 0 };
+    }
+    // bpf_loop: the verifier checks a probe once instead of once per attempt.
+    // SAFETY: the callbacks match bpf_loop's contract and only touch `search`.
     unsafe {
-        bpf_loop(
-            port::max_probes(port_count),
-            probe_port as *mut c_void,
-            (&raw mut search).cast(),
-            0,
-        );
+        if hinted {
+            bpf_loop(
+                port::HINT_ITERATIONS,
+                probe_hint as *mut c_void,
+                (&raw mut search).cast(),
+                0,
+            );
+        }
+        if search.found == 0 {
+            search.hint_probes = search.probes;
+            bpf_loop(
+                port::max_probes(port_count),
+                probe_port as *mut c_void,
+                (&raw mut search).cast(),
+                0,
+            );
+        }
     }
     if search.found == 0 {
         return Err(Counter::DropPortExhausted);
     }
     count_index(alloc_probe_index(search.probes));
     Ok(search.port)
+}
+
+/// One step of the hint phase: the next port whose hint bit is clear, claimed if it is free
+/// (the bit is set either way: it is taken now). Returns 1 to stop the loop.
+extern "C" fn probe_hint(attempt: u64, ctx: *mut c_void) -> i64 {
+    // SAFETY: bpf_loop passes back the PortSearch given to it.
+    let s = unsafe { &mut *ctx.cast::<PortSearch>() };
+    s.probes = s.hint_probes + attempt as u32 + 1;
+    if attempt == u64::from(port::RANDOM_PROBES) {
+        // The random candidates all failed: this destination is busy; give it a hint.
+        if let Some(empty) = EMPTY_HINT.get(0) {
+            let _ = PORT_HINTS.insert(port::hint_key(&s.key), empty, u64::from(BPF_NOEXIST));
+        }
+    }
+    let Some(scratch) = SCRATCH_PROBE.get_ptr_mut(0) else {
+        return 1;
+    };
+    // SAFETY: this CPU's slot, used only while this program runs on it.
+    let w = unsafe { &mut *scratch };
+    w.owner = port::hint_key(&s.key);
+    let Some(hint) = PORT_HINTS.get_ptr_mut(w.owner) else {
+        return 1;
+    };
+    let words = s.port_count.div_ceil(64);
+    if w.hint_words >= port::HINT_WORDS_TRIED || w.hint_words >= words {
+        return 1;
+    }
+    let index = ((port::mix32(s.seed ^ 0x27d4_eb2f) + w.hint_words) % words) as usize;
+    if index >= port::HINT_WORDS {
+        return 1;
+    }
+    // SAFETY: a map value pointer, index checked above. A racing CPU may lose a bit: it is
+    // only a hint.
+    let word = unsafe { &mut (*hint).words[index] };
+    if *word == u64::MAX {
+        w.hint_words += 1;
+        return 0;
+    }
+    let bit = port::lowest_clear_bit(*word);
+    *word |= 1 << bit;
+    let offset = index as u32 * 64 + bit;
+    if offset >= s.port_count {
+        return 0;
+    }
+    let candidate = s.port_min + offset as u16;
+    w.binding = s.key.reply_tuple(s.node_ip, candidate);
+    // SAFETY: map value read.
+    if unsafe { NAT_BINDINGS.get(w.binding) }.is_some()
+        || node_socket_owns(s.skb, &w.binding, &mut w.tuple)
+        || NAT_BINDINGS
+            .insert(w.binding, s.key, u64::from(BPF_NOEXIST))
+            .is_err()
+    {
+        return 0;
+    }
+    s.found = 1;
+    s.port = candidate;
+    1
 }
 
 /// State of a NAT port search, shared with the `bpf_loop` callback.
@@ -200,6 +278,8 @@ struct PortSearch {
     found: u8,
     port: u16,
     probes: u32,
+    /// Steps the hint phase took (the scan's candidates are numbered after them).
+    hint_probes: u32,
     now: u64,
 }
 
@@ -210,6 +290,9 @@ pub struct ProbeScratch {
     binding: FlowKey,
     owner: FlowKey,
     tuple: bpf_sock_tuple,
+    /// Full hint words passed over. Here rather than in `PortSearch`: a counter on the
+    /// stack compared with a constant makes the verifier walk the loop once per value.
+    hint_words: u32,
 }
 
 /// One probe: claims the candidate's reply tuple in NAT_BINDINGS unless it is taken (by
@@ -220,7 +303,13 @@ pub struct ProbeScratch {
 extern "C" fn probe_port(attempt: u64, ctx: *mut c_void) -> i64 {
     // SAFETY: bpf_loop passes back the PortSearch given to it.
     let s = unsafe { &mut *ctx.cast::<PortSearch>() };
-    s.probes = attempt as u32 + 1;
+    s.probes = s.hint_probes + attempt as u32 + 1;
+    if attempt == u64::from(port::RANDOM_PROBES) {
+        // The random candidates all failed: this destination is busy; give it a hint.
+        if let Some(empty) = EMPTY_HINT.get(0) {
+            let _ = PORT_HINTS.insert(port::hint_key(&s.key), empty, u64::from(BPF_NOEXIST));
+        }
+    }
     let candidate = port::candidate(
         PortRandomisation::from_u8(s.mode),
         s.seed,

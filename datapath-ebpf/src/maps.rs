@@ -11,6 +11,7 @@ use datapath_common::{
     flow::{Flow, FlowKey, FragKey},
     maps::{LayoutInfo, DEFAULT_FLOW_TABLE_SIZE, FRAGMENT_TABLE_SIZE, MAX_PODS},
     pod::PodInfo,
+    port::{PortHint, HINT_DESTINATIONS},
 };
 
 /// Pod-side tuple → flow. Userspace resizes it at load time (`--flow-table-size`).
@@ -23,6 +24,15 @@ pub static NAT_BINDINGS: LruHashMap<FlowKey, FlowKey> =
     LruHashMap::pinned(DEFAULT_FLOW_TABLE_SIZE, 0);
 
 /// Pod IPv4 → pod; written by `datapath-user pod add|del`.
+/// Per-destination hints of taken NAT ports (`conntrack::probe_port`'s hint phase); rebuilt
+/// by userspace on each sweep.
+#[map(name = "PORT_HINTS")]
+pub static PORT_HINTS: LruHashMap<FlowKey, PortHint> = LruHashMap::pinned(HINT_DESTINATIONS, 0);
+
+/// An all-clear hint, the source of new PORT_HINTS entries (never written).
+#[map(name = "EMPTY_HINT")]
+pub static EMPTY_HINT: Array<PortHint> = Array::with_max_entries(1, 0);
+
 #[map(name = "PODS")]
 pub static PODS: HashMap<u32, PodInfo> = HashMap::pinned(MAX_PODS, 0);
 

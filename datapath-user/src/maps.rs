@@ -12,6 +12,7 @@ use datapath_common::{
     flow::{Flow, FlowKey},
     maps::{self as names, LayoutInfo},
     pod::PodInfo,
+    port::PortHint,
 };
 
 use crate::error::{Error, Result};
@@ -24,6 +25,8 @@ pub struct Maps {
     pub pods: HashMap<MapData, u32, PodInfo>,
     pub config: Array<MapData, Config>,
     pub counters: PerCpuArray<MapData, u64>,
+    /// Per-destination hints of taken NAT ports, rebuilt by the sweep.
+    pub hints: HashMap<MapData, FlowKey, PortHint>,
     pub conntrack_capacity: u32,
     /// Second handles on CONNTRACK and NAT_BINDINGS for batch reads.
     conntrack_raw: MapData,
@@ -93,6 +96,7 @@ impl Maps {
             pods: typed(path, names::PODS)?,
             config: typed(path, names::CONFIG)?,
             counters: typed(path, names::COUNTERS)?,
+            hints: typed(path, names::PORT_HINTS)?,
             conntrack_capacity,
             conntrack_raw: MapData::from_pin(path.join(names::CONNTRACK))
                 .map_err(|e| Error::map("opening CONNTRACK", e))?,

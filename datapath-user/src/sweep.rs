@@ -1,9 +1,15 @@
 //! The expired-flow sweep: userspace reclaims flows whose state timed out (the LRU only
 //! evicts under pressure), and NAT bindings whose flow is gone.
 
-use std::{collections::HashSet, time::Instant};
+use std::{
+    collections::{HashMap, HashSet},
+    time::Instant,
+};
 
-use datapath_common::flow::{Flow, FlowKey};
+use datapath_common::{
+    flow::{Flow, FlowKey},
+    port::PortHint,
+};
 
 use crate::{
     error::Result,
@@ -60,9 +66,24 @@ impl Sweeper {
             let _ = maps.conntrack.remove(key);
         }
 
+        // Port hints are rebuilt from the bindings: ports freed since the last pass (flows
+        // expired, evicted, their pod removed) become clear again.
+        let config = maps.config()?;
+        let mut hints: HashMap<FlowKey, Box<PortHint>> = maps
+            .hints
+            .keys()
+            .filter_map(std::result::Result::ok)
+            .map(|k| (k, Box::new(PortHint::EMPTY)))
+            .collect();
         let mut suspects = HashSet::new();
         let mut orphans = Vec::new();
         maps.for_each_binding(|binding, owner| {
+            let dest = FlowKey::new(binding.proto, 0, 0, binding.src_ip, binding.src_port);
+            if let Some(hint) = hints.get_mut(&dest) {
+                if config.port_in_range(binding.dst_port) {
+                    hint.set(u32::from(binding.dst_port - config.port_min));
+                }
+            }
             if !live.contains(owner) {
                 if self.suspects.contains(binding) {
                     orphans.push(*binding);
@@ -73,6 +94,10 @@ impl Sweeper {
         })?;
         for binding in &orphans {
             let _ = maps.bindings.remove(binding);
+        }
+        for (dest, mut hint) in hints {
+            hint.close_tail(config.port_count());
+            let _ = maps.hints.insert(dest, *hint, 0);
         }
         self.suspects = suspects;
 
