@@ -98,38 +98,42 @@ counters! {
     DropNotConfigured = 25, "drop_not_configured", Dropped;
     /// Packets a redirect helper refused.
     DropRedirectFailed = 26, "drop_redirect_failed", Dropped;
-    /// NAT ports taken over from TCP connections that were over (both FINs or a RST) and idle for a second.
+    /// NAT ports taken over from TCP connections that were over (both FINs or a RST) and idle long enough to be safe for the remote (a second; a minute when the remote closed first and holds TIME_WAIT).
     PortReclaimed = 27, "port_reclaimed", Event;
+    /// Replies, ICMP errors and fragments for a pod that arrived with TTL 1 or less: a router does not forward them, and the instance metadata service's hop limit of 1 relies on it.
+    DropTtlExceeded = 28, "drop_ttl_exceeded", Dropped;
+    /// Flows the sweep removed while a packet was using them, put back with their NAT port.
+    FlowRestored = 29, "flow_restored", Event;
     /// A new SYN from a pod on a tuple whose connection was over: the flow and its NAT port were reused (as nf_conntrack re-opens a TIME_WAIT entry).
-    FlowReused = 28, "flow_reused", Event;
+    FlowReused = 30, "flow_reused", Event;
     /// Connections the node itself opened from its NAT address (seen at uplink egress), tracked so pod flows avoid their ports.
-    NodeFlowTracked = 29, "node_flow_tracked", Event;
+    NodeFlowTracked = 31, "node_flow_tracked", Event;
     /// Node connections whose port a pod flow already held towards the same destination: the node's packets were given another port, as the kernel's NAT does.
-    NodePortTranslated = 30, "node_port_translated", Event;
+    NodePortTranslated = 32, "node_port_translated", Event;
     /// NAT port allocations that succeeded at the first candidate.
-    AllocProbes1 = 31, "alloc_probes_1", Event;
+    AllocProbes1 = 33, "alloc_probes_1", Event;
     /// NAT port allocations that succeeded with 2 candidates.
-    AllocProbes2 = 32, "alloc_probes_2", Event;
+    AllocProbes2 = 34, "alloc_probes_2", Event;
     /// NAT port allocations that succeeded with 3 to 4 candidates.
-    AllocProbes3To4 = 33, "alloc_probes_3_4", Event;
+    AllocProbes3To4 = 35, "alloc_probes_3_4", Event;
     /// NAT port allocations that succeeded with 5 to 8 candidates.
-    AllocProbes5To8 = 34, "alloc_probes_5_8", Event;
+    AllocProbes5To8 = 36, "alloc_probes_5_8", Event;
     /// NAT port allocations that succeeded with 9 to 16 candidates.
-    AllocProbes9To16 = 35, "alloc_probes_9_16", Event;
+    AllocProbes9To16 = 37, "alloc_probes_9_16", Event;
     /// NAT port allocations that succeeded with 17 to 32 candidates.
-    AllocProbes17To32 = 36, "alloc_probes_17_32", Event;
+    AllocProbes17To32 = 38, "alloc_probes_17_32", Event;
     /// NAT port allocations that succeeded with 33 to 64 candidates.
-    AllocProbes33To64 = 37, "alloc_probes_33_64", Event;
+    AllocProbes33To64 = 39, "alloc_probes_33_64", Event;
     /// NAT port allocations that succeeded with 65 to 128 candidates.
-    AllocProbes65To128 = 38, "alloc_probes_65_128", Event;
+    AllocProbes65To128 = 40, "alloc_probes_65_128", Event;
     /// NAT port allocations that succeeded with 129 to 256 candidates.
-    AllocProbes129To256 = 39, "alloc_probes_129_256", Event;
+    AllocProbes129To256 = 41, "alloc_probes_129_256", Event;
     /// NAT port allocations that succeeded with 257 to 512 candidates.
-    AllocProbes257To512 = 40, "alloc_probes_257_512", Event;
+    AllocProbes257To512 = 42, "alloc_probes_257_512", Event;
     /// NAT port allocations that succeeded with 513 to 1024 candidates.
-    AllocProbes513To1024 = 41, "alloc_probes_513_1024", Event;
+    AllocProbes513To1024 = 43, "alloc_probes_513_1024", Event;
     /// NAT port allocations that succeeded with more than 1024 candidates.
-    AllocProbesOver1024 = 42, "alloc_probes_over_1024", Event;
+    AllocProbesOver1024 = 44, "alloc_probes_over_1024", Event;
 }
 
 /// The first bucket of the probe-count histogram of NAT port allocations: bucket `i` counts

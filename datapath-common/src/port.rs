@@ -43,9 +43,10 @@ pub const HINT_WORDS_TRIED: u32 = 16;
 
 /// Ports of one destination that are probably taken (bit set), so a search in a nearly full
 /// range skips them without a look-up. Only a hint: a clear bit is always checked against the
-/// binding table before it is used, the programs set bits as they learn, and userspace
-/// rebuilds it from the bindings on each sweep (ports freed since then look taken until
-/// the next one; the random candidates and the scan still find them).
+/// binding table before it is used, the programs set bits as they learn, and the sweep clears
+/// the bits of the bindings it removes and rebuilds the whole map from the flow table on each
+/// full scan (ports freed otherwise look taken until then; the random candidates and the
+/// scan still find them).
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct PortHint {
@@ -61,6 +62,13 @@ impl PortHint {
     pub fn set(&mut self, offset: u32) {
         if let Some(w) = self.words.get_mut((offset / 64) as usize) {
             *w |= 1 << (offset % 64);
+        }
+    }
+
+    /// Marks port offset `offset` as free.
+    pub fn clear(&mut self, offset: u32) {
+        if let Some(w) = self.words.get_mut((offset / 64) as usize) {
+            *w &= !(1 << (offset % 64));
         }
     }
 
@@ -214,6 +222,8 @@ mod tests {
         assert_eq!(lowest_clear_bit(u64::MAX >> 1), 63);
         let mut h = PortHint::EMPTY;
         h.set(65);
+        h.set(66);
+        h.clear(66);
         assert_eq!(h.words[1], 2);
         h.close_tail(64512);
         assert_eq!(h.words[1007], 0);
