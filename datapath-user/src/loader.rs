@@ -292,8 +292,7 @@ pub fn pinned_from_pod_program(pin_path: &Path) -> Option<SchedClassifier> {
 
 /// Attaches the pod-side program to a pod's host veth.
 pub fn attach_pod(prog: &mut SchedClassifier, pin_path: &Path, ifindex: u32) -> Result<()> {
-    let ifname = netdev::ifname(ifindex)
-        .ok_or_else(|| Error::UnknownInterface(format!("ifindex {ifindex}")))?;
+    let ifname = netdev::ifname(ifindex).ok_or(Error::UnknownIfindex(ifindex))?;
     attach(
         prog,
         &ifname,
@@ -301,6 +300,12 @@ pub fn attach_pod(prog: &mut SchedClassifier, pin_path: &Path, ifindex: u32) -> 
         pin_path,
         &pod_link_name(ifindex),
     )
+}
+
+/// True when the pod-side program is attached to `ifindex` through a pinned link.
+#[must_use]
+pub fn pod_attached(pin_path: &Path, ifindex: u32) -> bool {
+    link_pin(pin_path, &pod_link_name(ifindex)).exists()
 }
 
 pub fn detach_pod(pin_path: &Path, ifindex: u32) -> Result<bool> {
@@ -314,7 +319,14 @@ pub fn attach_registered_pods(prog: &mut SchedClassifier, maps: &Maps) -> Result
     for (ip, pod) in maps.pods()? {
         match attach_pod(prog, &maps.path, pod.host_ifindex) {
             Ok(()) => attached += 1,
-            Err(e) => warn!("pod {ip} ({}): {e}", pod.name()),
+            Err(e) => warn!(
+                "pod {ip} ({}) not attached: {e}; `datapath-user pod del --ip {ip}` removes it",
+                if pod.name().is_empty() {
+                    "no name"
+                } else {
+                    pod.name()
+                }
+            ),
         }
     }
     Ok(attached)
@@ -335,40 +347,115 @@ pub fn detach_all(pin_path: &Path) -> Result<usize> {
     Ok(detached)
 }
 
-/// An exclusive lock per pin path, so two daemons never drive the same maps.
+/// Where daemon locks live (outside bpffs, which holds no regular files).
+const LOCK_DIR: &str = "/run/datapath-user";
+
+/// Exclusive locks keyed by the pin directory's identity (its device and inode, whatever its
+/// spelling) and by the pinned flow table's map id (the same maps pinned elsewhere), so two
+/// daemons never drive the same maps. The lock files are removed when the daemon exits.
 pub struct DaemonLock {
-    _file: File,
+    _locks: Vec<LockFile>,
 }
 
 impl DaemonLock {
+    /// Takes the locks for `pin_path` (creating it on a bpffs first) or says which pid holds
+    /// them.
     pub fn acquire(pin_path: &Path) -> Result<Self> {
-        let dir = Path::new("/run/datapath-user");
-        std::fs::create_dir_all(dir).map_err(|e| Error::io("creating /run/datapath-user", e))?;
-        let escaped: String = pin_path
-            .to_string_lossy()
-            .chars()
-            .map(|c| if c.is_ascii_alphanumeric() { c } else { '_' })
-            .collect();
-        let path = dir.join(format!("{escaped}.lock"));
-        let mut file = std::fs::OpenOptions::new()
-            .read(true)
-            .write(true)
-            .create(true)
-            .truncate(false)
-            .open(&path)
-            .map_err(|e| Error::io(format!("opening {}", path.display()), e))?;
-        // SAFETY: valid descriptor.
-        if unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } != 0 {
-            let pid = std::fs::read_to_string(&path).unwrap_or_default();
-            return Err(Error::AlreadyRunning {
-                path: pin_path.to_path_buf(),
-                pid: pid.trim().to_string(),
+        bpffs::ensure_pin_dir(pin_path)?;
+        let pin = bpffs::canonical(pin_path)?;
+        std::fs::create_dir_all(LOCK_DIR)
+            .map_err(|e| Error::io(format!("creating {LOCK_DIR}"), e))?;
+        let mut locks = Vec::new();
+        for key in lock_keys(&pin)? {
+            locks.push(LockFile::acquire(&Path::new(LOCK_DIR).join(key), &pin)?);
+        }
+        info!("lock on {} held", pin.display());
+        Ok(Self { _locks: locks })
+    }
+
+    /// The pid of the daemon serving `pin_path`, if one runs.
+    #[must_use]
+    pub fn holder(pin_path: &Path) -> Option<String> {
+        let pin = bpffs::canonical(pin_path).ok()?;
+        lock_keys(&pin)
+            .ok()?
+            .into_iter()
+            .find_map(|key| LockFile::holder(&Path::new(LOCK_DIR).join(key)))
+    }
+}
+
+/// Lock file names for the pin directory `pin` (canonical, existing).
+fn lock_keys(pin: &Path) -> Result<Vec<String>> {
+    use std::os::unix::fs::MetadataExt as _;
+    let meta =
+        std::fs::metadata(pin).map_err(|e| Error::io(format!("reading {}", pin.display()), e))?;
+    let mut keys = vec![format!("pin-{}-{}.lock", meta.dev(), meta.ino())];
+    if let Some(id) = maps::pinned_map_id(pin, names::CONNTRACK) {
+        keys.push(format!("map-{id}.lock"));
+    }
+    Ok(keys)
+}
+
+/// A flock'ed file holding the owner's pid and pin path; unlinked by its owner on drop.
+struct LockFile {
+    path: PathBuf,
+    _file: File,
+}
+
+impl LockFile {
+    fn acquire(path: &Path, pin: &Path) -> Result<Self> {
+        use std::os::unix::fs::MetadataExt as _;
+        loop {
+            let mut file = std::fs::OpenOptions::new()
+                .read(true)
+                .write(true)
+                .create(true)
+                .truncate(false)
+                .open(path)
+                .map_err(|e| Error::io(format!("opening {}", path.display()), e))?;
+            // SAFETY: valid descriptor.
+            if unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } != 0 {
+                let owner = std::fs::read_to_string(path).unwrap_or_default();
+                return Err(Error::AlreadyRunning {
+                    path: pin.to_path_buf(),
+                    pid: owner.lines().next().unwrap_or("unknown").trim().to_string(),
+                });
+            }
+            // The previous owner may have unlinked the file between our open and our lock:
+            // then we hold a lock nobody else will see; start again on the new file.
+            let same = match (file.metadata(), std::fs::metadata(path)) {
+                (Ok(held), Ok(named)) => held.ino() == named.ino() && held.dev() == named.dev(),
+                _ => false,
+            };
+            if !same {
+                continue;
+            }
+            file.set_len(0)
+                .map_err(|e| Error::io("truncating lock file", e))?;
+            writeln!(file, "{}\n{}", std::process::id(), pin.display())
+                .map_err(|e| Error::io("writing lock file", e))?;
+            return Ok(Self {
+                path: path.to_path_buf(),
+                _file: file,
             });
         }
-        file.set_len(0)
-            .map_err(|e| Error::io("truncating lock file", e))?;
-        write!(file, "{}", std::process::id()).map_err(|e| Error::io("writing lock file", e))?;
-        info!("lock {} held", path.display());
-        Ok(Self { _file: file })
+    }
+
+    /// The pid written in the lock file at `path` while a live process holds it.
+    fn holder(path: &Path) -> Option<String> {
+        let file = File::open(path).ok()?;
+        // SAFETY: valid descriptor.
+        if unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_SH | libc::LOCK_NB) } == 0 {
+            return None;
+        }
+        let owner = std::fs::read_to_string(path).ok()?;
+        Some(owner.lines().next()?.trim().to_string())
+    }
+}
+
+impl Drop for LockFile {
+    fn drop(&mut self) {
+        // Unlinked while still locked: a waiting process re-checks the name (see acquire).
+        let _ = std::fs::remove_file(&self.path);
     }
 }

@@ -3,12 +3,17 @@
 
 use std::{net::Ipv4Addr, path::Path};
 
-use datapath_common::{config::DEFAULT_POD_CIDR, maps::DEFAULT_FLOW_TABLE_SIZE, pod::PodInfo};
+use datapath_common::{
+    config::{DEFAULT_GATEWAY, DEFAULT_POD_CIDR},
+    maps::DEFAULT_FLOW_TABLE_SIZE,
+    pod::PodInfo,
+};
 
 use crate::{
     error::{Error, Result},
     loader::{self, LoadOptions},
     maps::Maps,
+    netdev,
 };
 
 /// Opens the maps at `pin_path`, creating them (by loading the object) when no daemon has run
@@ -28,18 +33,57 @@ pub fn open_or_create(pin_path: &Path) -> Result<Maps> {
 }
 
 /// Registers pod `ip` on host veth `ifindex`. Returns whether the pod-side program was
-/// attached now (a daemon runs) or will be when one starts.
+/// attached now (a daemon runs) or will be when one starts. Registering the same address on
+/// the same veth again is a no-op; an address registered on another veth, the pod range's
+/// network, gateway or broadcast address, the loopback interface and the uplink are refused.
 pub fn register(pin_path: &Path, ip: Ipv4Addr, ifindex: u32, name: &str) -> Result<bool> {
+    let ifname = netdev::ifname(ifindex).ok_or(Error::UnknownIfindex(ifindex))?;
+    if netdev::is_loopback(&ifname)? {
+        return Err(Error::NotAHostVeth {
+            iface: ifname,
+            reason: "it is the loopback interface".into(),
+        });
+    }
     let mut maps = open_or_create(pin_path)?;
-    let cidr = match maps.config() {
-        Ok(cfg) if cfg.node_ip != 0 => cfg.pod_cidr,
-        _ => DEFAULT_POD_CIDR,
+    let (cidr, gateway, node_ip) = match maps.config() {
+        Ok(cfg) if cfg.node_ip != 0 => (cfg.pod_cidr, cfg.gateway_ip, Some(cfg.node_ip)),
+        _ => (DEFAULT_POD_CIDR, DEFAULT_GATEWAY, None),
     };
+    let show_cidr = format!("{}/{}", Ipv4Addr::from(cidr.network), cidr.prefix_len);
     if !cidr.contains(u32::from(ip)) {
         return Err(Error::OutsidePodRange {
             ip,
-            cidr: format!("{}/{}", Ipv4Addr::from(cidr.network), cidr.prefix_len),
+            cidr: show_cidr,
         });
+    }
+    if let Some(problem) = cidr.pod_address_problem(gateway, u32::from(ip)) {
+        return Err(Error::NotAPodAddress {
+            ip,
+            problem,
+            cidr: show_cidr,
+        });
+    }
+    if let Some(node_ip) = node_ip.map(Ipv4Addr::from) {
+        if netdev::ipv4_addrs(&ifname)?.contains(&node_ip) {
+            return Err(Error::NotAHostVeth {
+                iface: ifname,
+                reason: format!("it carries the node IP {node_ip} (the uplink)"),
+            });
+        }
+    }
+    if let Ok(existing) = maps.pods.get(&u32::from(ip), 0) {
+        if existing.host_ifindex != ifindex {
+            return Err(Error::PodAddressTaken {
+                ip,
+                iface: netdev::ifname(existing.host_ifindex)
+                    .unwrap_or_else(|| format!("ifindex {} (gone)", existing.host_ifindex)),
+                name: if existing.name().is_empty() {
+                    "no name".into()
+                } else {
+                    existing.name().to_string()
+                },
+            });
+        }
     }
     maps.pods
         .insert(u32::from(ip), PodInfo::new(ifindex, name), 0)

@@ -394,6 +394,12 @@ impl Lab {
         }
     }
 
+    /// The daemon's pid (`ip netns exec` execs it, so the child's pid is the daemon's).
+    #[must_use]
+    pub fn daemon_pid(&self) -> Option<u32> {
+        self.daemon.as_ref().map(Child::id)
+    }
+
     pub fn daemon_running(&mut self) -> bool {
         self.daemon
             .as_mut()
