@@ -354,7 +354,8 @@ const LOCK_DIR: &str = "/run/datapath-user";
 /// spelling) and by the pinned flow table's map id (the same maps pinned elsewhere), so two
 /// daemons never drive the same maps. The lock files are removed when the daemon exits.
 pub struct DaemonLock {
-    _locks: Vec<LockFile>,
+    locks: Vec<LockFile>,
+    pin: PathBuf,
 }
 
 impl DaemonLock {
@@ -370,7 +371,21 @@ impl DaemonLock {
             locks.push(LockFile::acquire(&Path::new(LOCK_DIR).join(key), &pin)?);
         }
         info!("lock on {} held", pin.display());
-        Ok(Self { _locks: locks })
+        Ok(Self { locks, pin })
+    }
+
+    /// Also locks the maps `load` has just created (maps pinned before `acquire` are locked
+    /// already), so the same maps pinned elsewhere later are refused too.
+    pub fn hold_new_maps(&mut self) -> Result<()> {
+        let Some(id) = maps::pinned_map_id(&self.pin, names::CONNTRACK) else {
+            return Ok(());
+        };
+        let path = Path::new(LOCK_DIR).join(map_lock_name(id));
+        if self.locks.iter().any(|l| l.path == path) {
+            return Ok(());
+        }
+        self.locks.push(LockFile::acquire(&path, &self.pin)?);
+        Ok(())
     }
 
     /// The pid of the daemon serving `pin_path`, if one runs.
@@ -391,9 +406,13 @@ fn lock_keys(pin: &Path) -> Result<Vec<String>> {
         std::fs::metadata(pin).map_err(|e| Error::io(format!("reading {}", pin.display()), e))?;
     let mut keys = vec![format!("pin-{}-{}.lock", meta.dev(), meta.ino())];
     if let Some(id) = maps::pinned_map_id(pin, names::CONNTRACK) {
-        keys.push(format!("map-{id}.lock"));
+        keys.push(map_lock_name(id));
     }
     Ok(keys)
+}
+
+fn map_lock_name(conntrack_id: u32) -> String {
+    format!("map-{conntrack_id}.lock")
 }
 
 /// A flock'ed file holding the owner's pid and pin path; unlinked by its owner on drop.

@@ -31,7 +31,7 @@ pub fn is_loopback(name: &str) -> Result<bool> {
     // SAFETY: zeroed ifreq is valid; the name fits with its terminating zero.
     let mut req: libc::ifreq = unsafe { std::mem::zeroed() };
     for (dst, src) in req.ifr_name.iter_mut().zip(bytes) {
-        *dst = *src as libc::c_char;
+        *dst = (*src).cast_signed();
     }
     // SAFETY: SIOCGIFFLAGS fills the ifreq we pass.
     if unsafe { libc::ioctl(sock.as_raw_fd(), libc::SIOCGIFFLAGS, &raw mut req) } < 0 {

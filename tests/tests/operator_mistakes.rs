@@ -220,7 +220,10 @@ struct Cleanup(PathBuf);
 
 impl Drop for Cleanup {
     fn drop(&mut self) {
-        let _ = Command::new("umount").arg(&self.0).status();
+        let _ = Command::new("umount")
+            .arg(&self.0)
+            .stderr(Stdio::null())
+            .status();
         let _ = std::fs::remove_dir_all(&self.0);
     }
 }
@@ -425,8 +428,8 @@ fn pod_add_refuses_another_pods_address_and_what_is_not_a_pod() {
 }
 
 #[test]
-fn flows_and_stats_options_say_what_they_do() {
-    let mut lab = lab(LabOptions::default());
+fn flows_options_say_what_they_do() {
+    let lab = lab(LabOptions::default());
     let _udp = Server::udp_echo(&lab.server, 5353).unwrap();
     let p0 = lab.pod(0).clone();
     traffic::udp_request(&p0.ns, SERVER_IP, 5353, 41000, b"q").unwrap();
@@ -518,6 +521,25 @@ fn flows_and_stats_options_say_what_they_do() {
         close["time"].as_str().is_some_and(|t| t.ends_with('Z')),
         "{close}"
     );
+}
+
+#[test]
+fn stats_and_flows_errors_are_one_line_with_a_hint() {
+    let mut lab = lab(LabOptions::default());
+    let pin = lab.pin_path.to_string_lossy().into_owned();
+    let with_pin = |args: &[&str]| {
+        let mut v: Vec<&str> = args.to_vec();
+        v.extend(["--pin-path", &pin]);
+        v.iter().map(ToString::to_string).collect::<Vec<_>>()
+    };
+    let quick = |lab: &Lab, args: &[&str]| {
+        let args = with_pin(args);
+        run_for(
+            lab,
+            &args.iter().map(String::as_str).collect::<Vec<_>>(),
+            Duration::from_secs(10),
+        )
+    };
 
     // Without privileges: one permission error with a hint, not the syscall twice.
     let bin = datapath_tests::datapath_user_bin();

@@ -172,12 +172,13 @@ fn parse_timeout(s: &str) -> Result<u32, String> {
 pub fn execute(args: &RunArgs) -> anyhow::Result<()> {
     let config = build_config(args)?;
     let pin_path = args.pin.pin_path.clone();
-    let _lock = DaemonLock::acquire(&pin_path)?;
+    let mut lock = DaemonLock::acquire(&pin_path)?;
     let mut ebpf = loader::load(&LoadOptions {
         pin_path: pin_path.clone(),
         flow_table_size: args.flow_table_size,
         kernel_checksum_helpers: false,
     })?;
+    lock.hold_new_maps()?;
     loader::write_config(&mut ebpf, &config)?;
     loader::pin_from_pod_program(&mut ebpf, &pin_path)?;
     loader::attach(
