@@ -34,3 +34,17 @@ fn one_line(e: &anyhow::Error) -> String {
     }
     line
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn causes_are_printed_once() {
+        let io = std::io::Error::from(std::io::ErrorKind::AddrInUse);
+        let e = anyhow::Error::from(datapath_user::Error::io("binding 127.0.0.1:9465", io));
+        let line = one_line(&e);
+        assert_eq!(line.matches("in use").count(), 1, "{line}");
+        assert!(line.starts_with("binding 127.0.0.1:9465: "), "{line}");
+    }
+}
