@@ -10,7 +10,7 @@ use std::{
 
 use datapath_tests::{
     lab::SERVER_IP,
-    netns::{exec_output, ping},
+    netns::{exec, exec_output, ping, within},
     traffic::{self, Server},
     Lab, LabOptions,
 };
@@ -314,6 +314,11 @@ fn run_checks_every_flag_before_touching_the_kernel() {
     let pod = lab.pod(0).clone();
     lab.register_pod(&pod).unwrap();
     let pin = lab.pin_path.to_string_lossy().into_owned();
+    // A busy metrics port, in the node's namespace.
+    let busy = within(&lab.node, || std::net::TcpListener::bind("127.0.0.1:0"))
+        .unwrap()
+        .unwrap();
+    let busy_addr = busy.local_addr().unwrap().to_string();
     let cases: &[(&[&str], &str)] = &[
         (&["--sweep-interval", "inf"], "out of range"),
         (&["--sweep-interval", "NaN"], "out of range"),
@@ -331,6 +336,7 @@ fn run_checks_every_flag_before_touching_the_kernel() {
         (&["--gateway", "169.254.175.255"], "broadcast address"),
         (&["--gateway", pod.ip.as_str()], "registered pod"),
         (&["--pod-cidr", "169.254.176.0/22"], "registered pod"),
+        (&["--metrics-addr", busy_addr.as_str()], "in use"),
     ];
     for (extra, expected) in cases {
         let mut args = vec!["run", "--uplink", "eth0", "--pin-path", &pin];
@@ -350,11 +356,29 @@ fn run_checks_every_flag_before_touching_the_kernel() {
                 .is_none(),
         "a refused start attached programs"
     );
-    // Pinned maps of another size are kept, with a word.
+    // Pinned maps of another size are kept, with a word; a pod whose veth is gone is named
+    // by its address and ifindex.
+    let gone = lab.pod(1).clone();
+    lab.register_pod(&gone).unwrap();
+    let ifindex = exec(
+        &lab.node,
+        &["cat", &format!("/sys/class/net/{}/ifindex", gone.host_veth)],
+    )
+    .unwrap()
+    .trim()
+    .to_string();
+    exec(&lab.node, &["ip", "link", "del", &gone.host_veth]).unwrap();
     lab.opts.run_args = s(&["--flow-table-size", "1024"]);
     lab.start_daemon().unwrap();
     let log = std::fs::read_to_string(&lab.daemon_log).unwrap();
     assert!(log.contains("holds 524288 flows"), "{log}");
+    assert!(
+        log.contains(&format!(
+            "pod {} (default/pod-1) not attached: no interface has ifindex {ifindex}",
+            gone.ip
+        )),
+        "{log}"
+    );
 }
 
 #[test]

@@ -298,6 +298,11 @@ fn build_config(args: &RunArgs) -> anyhow::Result<Config> {
         );
     }
     check_pinned_maps(args, cidr, gateway)?;
+    if let Some(addr) = args.metrics_addr {
+        // A trial bind, so a busy port fails the start before anything is attached.
+        std::net::TcpListener::bind(addr)
+            .map_err(|e| Error::io(format!("--metrics-addr {addr}"), e))?;
+    }
     let local = netdev::local_port_range()?;
     let (port_min, port_max) = match args.port_range {
         Some(range) => {
