@@ -366,6 +366,7 @@ impl DaemonLock {
         let pin = bpffs::canonical(pin_path)?;
         std::fs::create_dir_all(LOCK_DIR)
             .map_err(|e| Error::io(format!("creating {LOCK_DIR}"), e))?;
+        remove_stale_locks();
         let mut locks = Vec::new();
         for key in lock_keys(&pin)? {
             locks.push(LockFile::acquire(&Path::new(LOCK_DIR).join(key), &pin)?);
@@ -409,6 +410,26 @@ fn lock_keys(pin: &Path) -> Result<Vec<String>> {
         keys.push(map_lock_name(id));
     }
     Ok(keys)
+}
+
+/// Removes lock files nobody holds (left by a daemon that crashed). Safe against a daemon
+/// taking one meanwhile: `LockFile::acquire` re-checks the name after locking.
+fn remove_stale_locks() {
+    let Ok(entries) = std::fs::read_dir(LOCK_DIR) else {
+        return;
+    };
+    for path in entries.flatten().map(|e| e.path()) {
+        if path.extension().is_none_or(|ext| ext != "lock") {
+            continue;
+        }
+        let Ok(file) = File::open(&path) else {
+            continue;
+        };
+        // SAFETY: valid descriptor.
+        if unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } == 0 {
+            let _ = std::fs::remove_file(&path);
+        }
+    }
 }
 
 fn map_lock_name(conntrack_id: u32) -> String {

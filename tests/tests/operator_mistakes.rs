@@ -148,6 +148,10 @@ fn a_second_daemon_on_the_same_pin_directory_or_maps_is_refused_with_the_first_p
         format!("{pin}/."),
         format!("{mount}/../{mount_name}/pin"),
     ];
+    // A lock file a crashed daemon left behind: the next start removes it.
+    let stale = PathBuf::from(format!("/run/datapath-user/stale-{}.lock", lab.id));
+    std::fs::create_dir_all("/run/datapath-user").unwrap();
+    std::fs::write(&stale, format!("999999\n{pin}-crashed\n")).unwrap();
     for spelling in &spellings {
         let err = refused(
             &lab,
@@ -164,6 +168,7 @@ fn a_second_daemon_on_the_same_pin_directory_or_maps_is_refused_with_the_first_p
         );
         assert!(err.contains(&format!("pid {pid}")), "{err}");
     }
+    assert!(!stale.exists(), "stale lock file kept");
     // The same maps pinned at a second bpffs directory.
     let alias = PathBuf::from(format!("{mount}-alias"));
     std::fs::create_dir_all(&alias).unwrap();
