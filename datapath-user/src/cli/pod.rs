@@ -85,7 +85,10 @@ pub fn execute(cmd: PodCommand) -> anyhow::Result<()> {
             );
         }
         PodCommand::Del { ip, pin } => match pods::unregister(&pin.pin_path, ip)? {
-            Some(flows) => println!("pod {ip}: removed with {flows} flows"),
+            Some(flows) => println!(
+                "pod {ip}: removed with {flows} {}",
+                if flows == 1 { "flow" } else { "flows" }
+            ),
             None => println!("pod {ip}: not registered"),
         },
         PodCommand::List { format, pin } => {
