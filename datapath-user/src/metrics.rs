@@ -29,8 +29,9 @@ fn family(out: &mut String, name: &str, ty: &str, help: &str, samples: &[(String
 pub fn render(maps: &Maps, sweeper: &Sweeper) -> Result<String> {
     let s = stats::collect(maps, 10)?;
     let mut out = String::new();
-    let counters: Vec<(String, f64)> = s
-        .counters
+    // Packets by verdict; events (flows created, ports reclaimed, repairs) are not packets.
+    let (events, packets): (Vec<_>, Vec<_>) = s.counters.iter().partition(|c| c.kind == "event");
+    let packets: Vec<(String, f64)> = packets
         .iter()
         .map(|c| {
             (
@@ -44,7 +45,18 @@ pub fn render(maps: &Maps, sweeper: &Sweeper) -> Result<String> {
         "datapath_packets_total",
         "counter",
         "Packets by verdict counter.",
-        &counters,
+        &packets,
+    );
+    let events: Vec<(String, f64)> = events
+        .iter()
+        .map(|c| (format!("{{event=\"{}\"}}", c.name), c.value as f64))
+        .collect();
+    family(
+        &mut out,
+        "datapath_events_total",
+        "counter",
+        "Datapath events: flows created, NAT ports reclaimed, entries repaired or restored.",
+        &events,
     );
     let usage: Vec<(String, f64)> = s
         .busiest_destinations
