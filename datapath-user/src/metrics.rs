@@ -25,12 +25,9 @@ fn family(out: &mut String, name: &str, ty: &str, help: &str, samples: &[(String
     }
 }
 
-/// Renders the metrics for the maps at `maps` plus the sweeper's figures.
-pub fn render(maps: &Maps, sweeper: &Sweeper) -> Result<String> {
-    let s = stats::collect(maps, 10)?;
-    let mut out = String::new();
-    // Packets by verdict; events (flows created, ports reclaimed, repairs) are not packets.
-    let (events, packets): (Vec<_>, Vec<_>) = s.counters.iter().partition(|c| c.kind == "event");
+/// Packets by verdict; events (flows created, ports reclaimed, repairs) are not packets.
+fn counter_families(out: &mut String, counters: &[stats::CounterValue]) {
+    let (events, packets): (Vec<_>, Vec<_>) = counters.iter().partition(|c| c.kind == "event");
     let packets: Vec<(String, f64)> = packets
         .iter()
         .map(|c| {
@@ -41,7 +38,7 @@ pub fn render(maps: &Maps, sweeper: &Sweeper) -> Result<String> {
         })
         .collect();
     family(
-        &mut out,
+        out,
         "datapath_packets_total",
         "counter",
         "Packets by verdict counter.",
@@ -52,12 +49,19 @@ pub fn render(maps: &Maps, sweeper: &Sweeper) -> Result<String> {
         .map(|c| (format!("{{event=\"{}\"}}", c.name), c.value as f64))
         .collect();
     family(
-        &mut out,
+        out,
         "datapath_events_total",
         "counter",
         "Datapath events: flows created, NAT ports reclaimed, entries repaired or restored.",
         &events,
     );
+}
+
+/// Renders the metrics for the maps at `maps` plus the sweeper's figures.
+pub fn render(maps: &Maps, sweeper: &Sweeper) -> Result<String> {
+    let s = stats::collect(maps, 10)?;
+    let mut out = String::new();
+    counter_families(&mut out, &s.counters);
     let usage: Vec<(String, f64)> = s
         .busiest_destinations
         .iter()
