@@ -25,6 +25,38 @@ fn family(out: &mut String, name: &str, ty: &str, help: &str, samples: &[(String
     }
 }
 
+/// Packets by verdict; events (flows created, ports reclaimed, repairs) are not packets.
+fn counter_families(out: &mut String, counters: &[stats::CounterValue]) {
+    let (events, packets): (Vec<_>, Vec<_>) = counters.iter().partition(|c| c.kind == "event");
+    let packets: Vec<(String, f64)> = packets
+        .iter()
+        .map(|c| {
+            (
+                format!("{{counter=\"{}\",kind=\"{}\"}}", c.name, c.kind),
+                c.value as f64,
+            )
+        })
+        .collect();
+    family(
+        out,
+        "datapath_packets_total",
+        "counter",
+        "Packets by verdict counter.",
+        &packets,
+    );
+    let events: Vec<(String, f64)> = events
+        .iter()
+        .map(|c| (format!("{{event=\"{}\"}}", c.name), c.value as f64))
+        .collect();
+    family(
+        out,
+        "datapath_events_total",
+        "counter",
+        "Datapath events: flows created, NAT ports reclaimed, entries repaired or restored.",
+        &events,
+    );
+}
+
 /// One labelled sample per busiest destination.
 fn per_destination(
     s: &stats::Stats,
@@ -46,23 +78,7 @@ fn per_destination(
 pub fn render(maps: &Maps, sweeper: &Sweeper) -> Result<String> {
     let s = stats::collect(maps, 10)?;
     let mut out = String::new();
-    let counters: Vec<(String, f64)> = s
-        .counters
-        .iter()
-        .map(|c| {
-            (
-                format!("{{counter=\"{}\",kind=\"{}\"}}", c.name, c.kind),
-                c.value as f64,
-            )
-        })
-        .collect();
-    family(
-        &mut out,
-        "datapath_packets_total",
-        "counter",
-        "Packets by verdict counter.",
-        &counters,
-    );
+    counter_families(&mut out, &s.counters);
     let usage = per_destination(&s, |p| p.fill_percent / 100.0);
     family(
         &mut out,
