@@ -71,8 +71,9 @@ done
 # --- the daemon ------------------------------------------------------------------------------
 started=$(date +%s.%N)
 if ! start_daemon; then
-    fail daemon-start "datapath-user run did not print ready on $(uname -r); its log:"
-    show_log
+    fail daemon-start "datapath-user run did not print ready on $(uname -r): $(grep -m1 -o 'datapath-user: error: [^:]*:[^:]*' "$LOG")"
+    grep -E "processed [0-9]+ insns|too large|R[0-9]+ .*invalid|invalid|unknown func|not supported|error" "$LOG" | sed 's/^/vmlab: LOG /' | head -20
+    show_log 40
     echo "vmlab: done"
     exit 0
 fi
