@@ -120,7 +120,7 @@ blob_sum=$(cat /vmlab/blob.sha256)
 tcp_both_ways() {
     local tag=$1 up down
     inpod ip route flush cache >/dev/null 2>&1
-    up=$(inpod timeout 120 socat -t 60 - "TCP:$SRV:7000" </vmlab/blob 2>&1)
+    up=$(inpod timeout 120 socat -t 60 - "TCP:$SRV:7000" </vmlab/blob 2>&1 | cut -d' ' -f1)
     [ "$up" = "$blob_sum" ] && pass "tcp-upload-$tag" "4 MiB, SHA-256 matches at the server" ||
         fail "tcp-upload-$tag" "server saw '${up:0:64}', expected $blob_sum"
     down=$(inpod timeout 120 socat -u "TCP:$SRV:7001" - 2>/dev/null | sha256sum | cut -d' ' -f1)
@@ -164,7 +164,7 @@ inpod ping -q -i 0.1 -c 120 -W 1 "$SRV" >/tmp/ping.out 2>&1 &
 pinger=$!
 sleep 4
 stop_daemon
-still=$(tc filter show dev eth0 ingress | grep -c "pref 17488 bpf")
+still=$(tc filter show dev eth0 ingress | grep -c "handle 0xd47a")
 bpftool link 2>/dev/null | grep -q tcx && still=tcx
 sleep 2
 start_daemon || { fail restart "the second start did not print ready"; show_log 20; }
@@ -223,8 +223,10 @@ if "$DP" detach >/dev/null 2>>"$LOG"; then
         fail detach "a filter of ours is left: $(echo "$left" | tr '\n' ' ')"
     elif [ "$attach" = clsact ] && ! echo "$left" | grep -q "pref 7 u32"; then
         fail detach "another tool's filter (prio 7 u32) was removed"
-    elif inpod ping -c 1 -W 1 "$SRV" >/dev/null 2>&1; then
-        fail detach "the pod still reaches the server with nothing attached"
+    elif echo "$left" | grep -q " bpf "; then
+        # (No traffic check: this lab's router routes the pod range back to the node, so
+        # the pod reaches the server by plain routing once nothing translates.)
+        fail detach "a BPF filter is left: $(echo "$left" | tr '\n' ' ')"
     else
         pass detach "ours removed, another tool's filter kept"
     fi

@@ -6,7 +6,7 @@
 #   7003/udp  echo with replies sent at TTL 2 (they reach the node with TTL 1)
 #   7004/udp  echo with replies sent at TTL 3 (the control for 7003)
 #   5201/tcp  iperf3
-socat TCP-LISTEN:7000,fork,reuseaddr SYSTEM:'sha256sum | cut -d" " -f1' &
+socat TCP-LISTEN:7000,fork,reuseaddr SYSTEM:sha256sum &
 socat -U TCP-LISTEN:7001,fork,reuseaddr OPEN:/vmlab/blob,rdonly &
 socat UDP-LISTEN:7002,fork,reuseaddr PIPE &
 socat UDP-LISTEN:7003,fork,reuseaddr,ip-ttl=2 PIPE &
