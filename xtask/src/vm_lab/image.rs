@@ -139,10 +139,10 @@ fn unpack(cache: &Path, package: &str, into: &Path) -> Result<()> {
             .flatten()
             .map(|e| e.path())
             .find(|p| {
-                p.file_name().and_then(|n| n.to_str()).is_some_and(|n| {
-                    (n.starts_with(&format!("{package}_")) || n.starts_with(&prefix))
-                        && n.ends_with(".deb")
-                })
+                p.extension().is_some_and(|e| e == "deb")
+                    && p.file_name().and_then(|n| n.to_str()).is_some_and(|n| {
+                        n.starts_with(&format!("{package}_")) || n.starts_with(&prefix)
+                    })
             })
     };
     if find().is_none() {
