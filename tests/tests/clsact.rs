@@ -36,9 +36,20 @@ fn prog_id(line: &str) -> String {
 fn clsact_filters_survive_exit_are_replaced_in_place_and_detach_removes_only_ours() {
     // SAFETY: the only test in this binary; set before any thread or child starts.
     unsafe { std::env::set_var(FORCE_CLSACT_ENV, "1") };
+    // Builds where exiting detaches unless told otherwise need --keep-attached; where the
+    // programs always stay attached the flag may be gone.
+    let help = Command::new(datapath_tests::datapath_user_bin())
+        .args(["run", "--help"])
+        .output()
+        .unwrap();
+    let run_args = if String::from_utf8_lossy(&help.stdout).contains("--keep-attached") {
+        vec!["--keep-attached".into()]
+    } else {
+        Vec::new()
+    };
     let mut lab = Lab::new(LabOptions {
         pods: 1,
-        run_args: vec!["--keep-attached".into()],
+        run_args,
         ..LabOptions::default()
     })
     .expect("lab");

@@ -150,7 +150,8 @@ fn unpack(cache: &Path, package: &str, into: &Path) -> Result<()> {
         run(
             &format!("apt-get download {package}"),
             Command::new("apt-get")
-                .args(["download", "-qq", package])
+                // Root downloads into target/ (which apt's sandbox user may not write).
+                .args(["download", "-qq", "-o", "APT::Sandbox::User=root", package])
                 .current_dir(&debs),
         )?;
     }
