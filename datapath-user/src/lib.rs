@@ -7,6 +7,7 @@ pub mod btf;
 pub mod cni;
 pub mod error;
 pub mod flows;
+pub mod health;
 pub mod loader;
 pub mod maps;
 pub mod metrics;
