@@ -97,6 +97,12 @@ else
     fail pod-add "datapath-user pod add failed"
 fi
 
+if out=$("$DP" status 2>&1); then
+    pass status "a live daemon with everything attached"
+else
+    fail status "$(echo "$out" | tail -3 | tr '\n' ' ')"
+fi
+
 # --- traffic ---------------------------------------------------------------------------------
 out=$(inpod ping -c 3 -i 0.3 -W 2 "$SRV" 2>&1) && pass ping "3 echoes" ||
     fail ping "$(echo "$out" | tail -2 | tr '\n' ' ')"
