@@ -14,6 +14,21 @@ use std::{
 
 use anyhow::{bail, Context as _, Result};
 
+/// Set by SIGINT/SIGTERM: the run stops following the console and cleans up (VMs, namespace).
+static INTERRUPTED: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+
+extern "C" fn on_signal(_: libc::c_int) {
+    INTERRUPTED.store(true, std::sync::atomic::Ordering::Relaxed);
+}
+
+/// Routes SIGINT and SIGTERM to [`INTERRUPTED`] so that drops run and nothing is left behind.
+pub fn catch_signals() {
+    for sig in [libc::SIGINT, libc::SIGTERM] {
+        // SAFETY: the handler only stores to an atomic.
+        unsafe { libc::signal(sig, on_signal as *const () as libc::sighandler_t) };
+    }
+}
+
 use super::{image::Artifacts, report::Outcome, Accel};
 
 /// A VM: its role (the guest's `vmlab.role`), memory, and NICs (tap, bridge, extra device
@@ -202,8 +217,11 @@ impl Lab {
             if node_exited && !partial.is_empty() {
                 outcome.feed(&partial);
             }
-            if node_exited || Instant::now() > deadline {
-                let why = if node_exited {
+            let interrupted = INTERRUPTED.load(std::sync::atomic::Ordering::Relaxed);
+            if node_exited || interrupted || Instant::now() > deadline {
+                let why = if interrupted {
+                    "interrupted"
+                } else if node_exited {
                     "the node VM stopped before the suite ended"
                 } else {
                     "the suite did not finish in time"

@@ -101,6 +101,7 @@ pub fn run(args: &Args) -> Result<()> {
         prepared.as_secs_f64()
     );
     let boot = Instant::now();
+    lab::catch_signals();
     let outcome = {
         let mut lab = lab::Lab::new(&dir)?;
         println!(
