@@ -1,7 +1,9 @@
 //! Loading the eBPF object with pinned maps, writing the configuration, and attaching the
 //! programs. Attachments are TCX links pinned under `<pin>/links`, so `pod add` (another
 //! process) can attach pods, a crashed daemon leaves translation running, and a new daemon
-//! swaps its programs into the existing links atomically.
+//! swaps its programs into the existing links atomically. Before 6.6 (no TCX) they are clsact
+//! filters in a slot of ours (fixed priority and handle), recorded under `<pin>/links`, with
+//! the same semantics: replaced in place by the next daemon, removed only by `detach`.
 
 use std::{
     fs::File,
@@ -13,7 +15,7 @@ use std::{
 use aya::{
     maps::{Array, ProgramArray},
     programs::{
-        links::{FdLink, PinnedLink},
+        links::{FdLink, Link as _, PinnedLink},
         tc::{self, SchedClassifierLink, TcAttachOptions},
         SchedClassifier, TcAttachType,
     },
@@ -185,6 +187,10 @@ pub fn program<'a>(ebpf: &'a mut Ebpf, name: &str) -> Result<&'a mut SchedClassi
         .map_err(|e| Error::program(name.to_string(), e))
 }
 
+/// Set (to anything) in the environment of every `datapath-user` process to attach with clsact
+/// filters even where TCX exists: how tests exercise the pre-6.6 path on a newer kernel.
+pub const FORCE_CLSACT_ENV: &str = "DATAPATH_FORCE_CLSACT";
+
 /// Which TCP/UDP checksum path the programs take on this kernel: `kfunc` (they read the
 /// skb's checksum state and fix checksums themselves) or `helpers` (the kernel's helpers).
 #[must_use]
@@ -207,7 +213,216 @@ pub fn attach_mode() -> &'static str {
 }
 
 fn tcx_supported() -> bool {
-    KernelVersion::current().is_ok_and(|v| v >= KernelVersion::new(6, 6, 0))
+    std::env::var_os(FORCE_CLSACT_ENV).is_none()
+        && KernelVersion::current().is_ok_and(|v| v >= KernelVersion::new(6, 6, 0))
+}
+
+/// The clsact filter slot we own on every hook we use (tc priority, filter handle): a fixed
+/// slot is what lets the next daemon replace our program in place, atomically, and `detach`
+/// remove exactly ours.
+pub const TC_PRIORITY: u16 = 0x4450;
+pub const TC_HANDLE: u32 = 0xd47a;
+
+/// Which way a clsact record attaches (its name ends in this).
+fn direction(attach_type: TcAttachType) -> &'static str {
+    match attach_type {
+        TcAttachType::Egress => "egress",
+        _ => "ingress",
+    }
+}
+
+/// A clsact attachment of ours, recorded under `<pin>/links` as the program pinned at
+/// `<what>@clsact@<ifindex>@<ingress|egress>` (bpffs holds only BPF objects, and no dots).
+struct ClsactRecord {
+    path: PathBuf,
+    what: String,
+    ifindex: u32,
+    attach_type: TcAttachType,
+}
+
+impl ClsactRecord {
+    fn name(what: &str, ifindex: u32, attach_type: TcAttachType) -> String {
+        format!("{what}@clsact@{ifindex}@{}", direction(attach_type))
+    }
+
+    fn parse(path: PathBuf) -> Option<Self> {
+        let name = path.file_name()?.to_str()?.to_string();
+        let mut parts = name.rsplitn(4, '@');
+        let attach_type = match parts.next()? {
+            "ingress" => TcAttachType::Ingress,
+            "egress" => TcAttachType::Egress,
+            _ => return None,
+        };
+        let ifindex = parts.next()?.parse().ok()?;
+        if parts.next()? != "clsact" {
+            return None;
+        }
+        let what = parts.next()?.to_string();
+        Some(Self {
+            path,
+            what,
+            ifindex,
+            attach_type,
+        })
+    }
+
+    /// Every clsact record under the pin path.
+    fn all(pin_path: &Path) -> Vec<Self> {
+        std::fs::read_dir(pin_path.join(LINKS_DIR))
+            .into_iter()
+            .flatten()
+            .flatten()
+            .filter_map(|e| Self::parse(e.path()))
+            .collect()
+    }
+
+    /// Removes our filter (the one in our slot on the recorded hook) and the record. A hook
+    /// whose device is gone took the filter with it.
+    fn detach(self) -> Result<()> {
+        if let Some(ifname) = netdev::ifname(self.ifindex) {
+            let link = SchedClassifierLink::attached(
+                &ifname,
+                self.attach_type,
+                TC_PRIORITY,
+                TC_HANDLE.into(),
+                None,
+            )
+            .map_err(|e| Error::io(format!("looking up {ifname}"), e))?;
+            match link.detach() {
+                Ok(()) => info!(
+                    "detached {} from {ifname} {} (clsact)",
+                    self.what,
+                    direction(self.attach_type)
+                ),
+                // Already gone (removed by hand, or the qdisc with it): nothing of ours left.
+                Err(e) => warn!(
+                    "{}: no filter of ours on {ifname} {} ({e})",
+                    self.what,
+                    direction(self.attach_type)
+                ),
+            }
+        }
+        std::fs::remove_file(&self.path)
+            .map_err(|e| Error::io(format!("removing {}", self.path.display()), e))
+    }
+}
+
+/// clsact (kernels before 6.6): the same take-over semantics as the TCX links. Our filter sits
+/// in a fixed slot (priority, handle) that the next daemon replaces in place, so translation
+/// never stops across a restart; the record under the pin path says which hooks are ours.
+fn attach_clsact(
+    prog: &mut SchedClassifier,
+    ifname: &str,
+    attach_type: TcAttachType,
+    pin_path: &Path,
+    what: &str,
+) -> Result<Attached> {
+    let context = || format!("attaching to {ifname} (clsact)");
+    let ifindex = netdev::ifindex(ifname)?;
+    std::fs::create_dir_all(pin_path.join(LINKS_DIR))
+        .map_err(|e| Error::io("creating the links directory", e))?;
+    let mut previous = None;
+    for record in ClsactRecord::all(pin_path) {
+        if record.what != what {
+            continue;
+        }
+        if record.ifindex == ifindex && record.attach_type == attach_type {
+            previous = Some(record);
+        } else {
+            // Ours on a hook this attachment no longer uses (another uplink): remove it.
+            record.detach()?;
+        }
+    }
+    // The qdisc may exist already (ours, or another tool's); either is fine.
+    let _ = tc::qdisc_add_clsact(ifname);
+    let mut replaced = false;
+    if previous.is_some() {
+        let link =
+            SchedClassifierLink::attached(ifname, attach_type, TC_PRIORITY, TC_HANDLE.into(), None)
+                .map_err(|e| Error::io(context(), e))?;
+        // Replace in place: the kernel swaps the program of the existing filter.
+        match prog.attach_to_link(link) {
+            Ok(id) => {
+                std::mem::forget(
+                    prog.take_link(id)
+                        .map_err(|e| Error::program(context(), e))?,
+                );
+                replaced = true;
+            }
+            Err(e) => warn!("{what}: recorded filter not found on {ifname} ({e}); attaching anew"),
+        }
+    }
+    if !replaced {
+        let id = match prog.attach_with_options(
+            ifname,
+            attach_type,
+            TcAttachOptions::Netlink(tc::NlOptions {
+                priority: TC_PRIORITY,
+                handle: TC_HANDLE.into(),
+                ..Default::default()
+            }),
+        ) {
+            Ok(id) => id,
+            // Our slot is taken: another process of ours (a `pod add` racing the daemon's
+            // start) attached a moment ago and is about to record it; or another tool uses it.
+            Err(e) if is_already_attached(&e) => {
+                return wait_for_record(pin_path, what, ifindex, attach_type).ok_or_else(|| {
+                    Error::program(
+                        format!(
+                            "{} (tc priority {TC_PRIORITY} handle {TC_HANDLE:#x} is taken by another tool)",
+                            context()
+                        ),
+                        e,
+                    )
+                });
+            }
+            Err(e) => return Err(Error::program(context(), e)),
+        };
+        // The filter stays when this process exits: only `detach` removes it.
+        std::mem::forget(
+            prog.take_link(id)
+                .map_err(|e| Error::program(context(), e))?,
+        );
+    }
+    let path = pin_path
+        .join(LINKS_DIR)
+        .join(ClsactRecord::name(what, ifindex, attach_type));
+    let _ = std::fs::remove_file(&path);
+    prog.pin(&path).map_err(|e| {
+        Error::io(
+            format!("recording {}", path.display()),
+            std::io::Error::other(e.to_string()),
+        )
+    })?;
+    info!(
+        "attached {what} to {ifname} {}: clsact filter priority {TC_PRIORITY} handle {TC_HANDLE:#x} ({})",
+        direction(attach_type),
+        if replaced { "replaced in place" } else { "new" }
+    );
+    Ok(if replaced {
+        Attached::Swapped
+    } else {
+        Attached::Created
+    })
+}
+
+/// Waits (briefly) for another process of ours to record its clsact attachment.
+fn wait_for_record(
+    pin_path: &Path,
+    what: &str,
+    ifindex: u32,
+    attach_type: TcAttachType,
+) -> Option<Attached> {
+    let path = pin_path
+        .join(LINKS_DIR)
+        .join(ClsactRecord::name(what, ifindex, attach_type));
+    for _ in 0..100 {
+        if path.exists() {
+            return Some(Attached::Swapped);
+        }
+        std::thread::sleep(std::time::Duration::from_millis(10));
+    }
+    None
 }
 
 fn link_pin(pin_path: &Path, what: &str) -> PathBuf {
@@ -238,20 +453,7 @@ pub fn attach(
 ) -> Result<Attached> {
     let context = || format!("attaching to {ifname}");
     if !tcx_supported() {
-        // Older kernels: a clsact filter, which stays until it is detached explicitly.
-        let _ = tc::qdisc_add_clsact(ifname);
-        let id = prog
-            .attach_with_options(
-                ifname,
-                attach_type,
-                TcAttachOptions::Netlink(tc::NlOptions::default()),
-            )
-            .map_err(|e| Error::program(context(), e))?;
-        std::mem::forget(
-            prog.take_link(id)
-                .map_err(|e| Error::program(context(), e))?,
-        );
-        return Ok(Attached::Created);
+        return attach_clsact(prog, ifname, attach_type, pin_path, what);
     }
     let path = link_pin(pin_path, what);
     std::fs::create_dir_all(path.parent().unwrap_or(pin_path))
@@ -298,6 +500,15 @@ pub fn attach(
         .map_err(|e| Error::program(context(), e))?
         .try_into()
         .map_err(|e: aya::programs::links::LinkError| Error::link(context(), e))?;
+    info!(
+        "attached {what} to {ifname} {}: TCX link ({})",
+        direction(attach_type),
+        if path.exists() {
+            "program swapped in"
+        } else {
+            "new"
+        }
+    );
     if path.exists() {
         // The pin keeps the link; dropping our handle only closes the descriptor.
         return Ok(outcome);
@@ -333,8 +544,16 @@ fn wait_for_pinned(path: &Path, target: u32) -> Option<Attached> {
     None
 }
 
-/// Detaches what is pinned at `<pin>/links/<what>`; false when nothing was.
+/// Detaches what is pinned at `<pin>/links/<what>` (a TCX link, or our clsact filters);
+/// false when nothing was.
 pub fn detach(pin_path: &Path, what: &str) -> Result<bool> {
+    let mut found = false;
+    for record in ClsactRecord::all(pin_path) {
+        if record.what == what {
+            record.detach()?;
+            found = true;
+        }
+    }
     let path = link_pin(pin_path, what);
     match PinnedLink::from_pin(&path) {
         Ok(pinned) => {
@@ -346,7 +565,7 @@ pub fn detach(pin_path: &Path, what: &str) -> Result<bool> {
             Ok(true)
         }
         Err(e) => match syscall_errno(&e) {
-            Some(libc::ENOENT) => Ok(false),
+            Some(libc::ENOENT) => Ok(found),
             Some(libc::EPERM | libc::EACCES) => {
                 Err(Error::Permission(format!("detaching {}", path.display())))
             }
@@ -365,6 +584,15 @@ fn syscall_errno(e: &aya::programs::links::LinkError) -> Option<i32> {
 /// The interface a pinned TCX link at `<pin>/links/<what>` is attached to: `None` when no link
 /// is pinned there, `Some(0)` when the link outlived its interface (or was detached).
 pub fn link_ifindex(pin_path: &Path, what: &str) -> Result<Option<u32>> {
+    // clsact (no TCX): the record says where our filter is; a device that is gone took it
+    // with it. (A filter deleted by hand from a live device is not noticed here.)
+    if let Some(record) = ClsactRecord::all(pin_path)
+        .into_iter()
+        .find(|r| r.what == what)
+    {
+        let present = netdev::ifname(record.ifindex).is_some();
+        return Ok(Some(if present { record.ifindex } else { 0 }));
+    }
     let path = link_pin(pin_path, what);
     pinned_tcx_ifindex(&path).map_err(|e| match e.raw_os_error() {
         Some(libc::EPERM | libc::EACCES) => {
@@ -540,6 +768,10 @@ pub fn attach_registered_pods(prog: &mut SchedClassifier, maps: &Maps) -> Result
 /// Removes every pinned link (detaching the programs) and the pinned program; the maps stay.
 pub fn detach_all(pin_path: &Path) -> Result<usize> {
     let mut detached = 0;
+    for record in ClsactRecord::all(pin_path) {
+        record.detach()?;
+        detached += 1;
+    }
     let links = pin_path.join(LINKS_DIR);
     match std::fs::read_dir(&links) {
         Ok(entries) => {

@@ -4,6 +4,7 @@ mod bench;
 mod demo;
 mod setup;
 mod test;
+mod vm_lab;
 
 use std::{path::PathBuf, process::Command};
 
@@ -53,6 +54,10 @@ enum Task {
         #[arg(long, value_delimiter = ',', value_name = "WORKLOAD,...")]
         only: Vec<String>,
     },
+    /// The behaviour suite on Debian's 6.1 (or 6.12) cloud kernel: node, router (1280-byte
+    /// link) and server VMs in QEMU on bridges in a namespace of this run. Builds and caches
+    /// the rootfs, kernel and initramfs under target/vm-lab/. Emulated: behaviour only.
+    VmLab(vm_lab::Args),
 }
 
 fn main() {
@@ -63,6 +68,7 @@ fn main() {
         Task::Test { args } => test::run(&args),
         Task::Demo => demo::run(),
         Task::Bench { quick, only } => bench::run(quick, &only),
+        Task::VmLab(args) => vm_lab::run(&args),
     };
     if let Err(e) = result {
         eprintln!("xtask: error: {e:#}");

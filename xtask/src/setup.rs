@@ -52,7 +52,7 @@ fn quiet(cmd: &mut Command) -> Option<String> {
         .then(|| String::from_utf8_lossy(&out.stdout).into_owned())
 }
 
-fn package_installed(name: &str) -> bool {
+pub(crate) fn package_installed(name: &str) -> bool {
     quiet(Command::new("dpkg-query").args(["-W", "-f=${Status}", name]))
         .is_some_and(|s| s.contains("install ok installed"))
 }
