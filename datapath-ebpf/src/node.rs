@@ -78,10 +78,10 @@ fn track(
     let nat_port = if claimed {
         key.src_port
     } else {
-        // SAFETY: FlowKey is plain data, copied out.
-        match unsafe { NAT_BINDINGS.get(reply) }.copied() {
-            Some(owner) if owner == *key => key.src_port,
-            Some(owner) if !owner_is_live(&owner, now) => {
+        // SAFETY: map value read (not copied out: a struct copy here becomes a `memmove`).
+        match unsafe { NAT_BINDINGS.get(reply) } {
+            Some(owner) if owner == key => key.src_port,
+            Some(owner) if !owner_is_live(owner, now) => {
                 // A finished (or vanished) pod flow: the node's connection takes the tuple.
                 let _ = CONNTRACK.remove(owner);
                 let _ = NAT_BINDINGS.insert(reply, key, 0);
