@@ -30,7 +30,22 @@ pub fn open_or_create(pin_path: &Path) -> Result<Maps> {
 /// Registers pod `ip` on host veth `ifindex`. Returns whether the pod-side program was
 /// attached now (a daemon runs) or will be when one starts.
 pub fn register(pin_path: &Path, ip: Ipv4Addr, ifindex: u32, name: &str) -> Result<bool> {
-    let mut maps = open_or_create(pin_path)?;
+    register_in(open_or_create(pin_path)?, pin_path, ip, ifindex, name)
+}
+
+/// As [`register`], for callers that need a datapath already there (the CNI plugin): never
+/// creates maps, so the daemon's `--flow-table-size` is what applies.
+pub fn register_running(pin_path: &Path, ip: Ipv4Addr, ifindex: u32, name: &str) -> Result<bool> {
+    register_in(Maps::open(pin_path)?, pin_path, ip, ifindex, name)
+}
+
+fn register_in(
+    mut maps: Maps,
+    pin_path: &Path,
+    ip: Ipv4Addr,
+    ifindex: u32,
+    name: &str,
+) -> Result<bool> {
     let cidr = match maps.config() {
         Ok(cfg) if cfg.node_ip != 0 => cfg.pod_cidr,
         _ => DEFAULT_POD_CIDR,
