@@ -6,6 +6,8 @@ use std::path::PathBuf;
 pub enum Error {
     #[error("interface {0:?} does not exist")]
     UnknownInterface(String),
+    #[error("no default IPv4 route to take the uplink from; pass --uplink IFACE")]
+    NoDefaultRoute,
     #[error("interface {0:?} has no IPv4 address; pass --node-ip")]
     NoIpv4(String),
     #[error("node IP {ip} is not an address of {iface:?} (it has: {have})")]

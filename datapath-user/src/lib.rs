@@ -5,6 +5,7 @@ pub mod batch;
 pub mod bpffs;
 pub mod btf;
 pub mod cni;
+pub mod conflist;
 pub mod error;
 pub mod flows;
 pub mod loader;

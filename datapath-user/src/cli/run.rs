@@ -17,6 +17,7 @@ use datapath_common::{
     maps::{self as names, DEFAULT_FLOW_TABLE_SIZE},
 };
 use datapath_user::{
+    conflist,
     loader::{self, DaemonLock, LoadOptions},
     maps::Maps,
     metrics, netdev,
@@ -38,9 +39,10 @@ use super::{parse_cidr, PinArgs};
 #[derive(clap::Args)]
 #[command(verbatim_doc_comment)]
 pub struct RunArgs {
-    /// The node's uplink (primary ENI) interface.
+    /// The node's uplink (primary ENI) interface. Default: the interface of the default
+    /// IPv4 route.
     #[arg(long, value_name = "IFACE")]
-    uplink: String,
+    uplink: Option<String>,
     /// Address pods are translated to. Default: the uplink's primary IPv4.
     #[arg(long, value_name = "A.B.C.D")]
     node_ip: Option<Ipv4Addr>,
@@ -72,6 +74,10 @@ pub struct RunArgs {
     /// swaps its programs into the pinned links).
     #[arg(long)]
     keep_attached: bool,
+    /// Once ready, derive DIR/05-datapath.conflist from the VPC CNI's conflist in DIR (its
+    /// egress-cni entry replaced by datapath-cni) and keep it in step with it.
+    #[arg(long, value_name = "DIR")]
+    cni_conf_dir: Option<std::path::PathBuf>,
     #[command(flatten)]
     timeouts: TimeoutArgs,
 }
@@ -122,7 +128,14 @@ fn parse_port_range(s: &str) -> Result<(u16, u16), String> {
 }
 
 pub fn execute(args: &RunArgs) -> anyhow::Result<()> {
-    let config = build_config(args)?;
+    let uplink = match &args.uplink {
+        Some(name) => name.clone(),
+        None => netdev::default_route_interface()?,
+    };
+    let config = build_config(args, &uplink)?;
+    if let Some(dir) = &args.cni_conf_dir {
+        conflist::check_dir(dir)?;
+    }
     let pin_path = args.pin.pin_path.clone();
     let _lock = DaemonLock::acquire(&pin_path)?;
     let mut ebpf = loader::load(&LoadOptions {
@@ -134,14 +147,14 @@ pub fn execute(args: &RunArgs) -> anyhow::Result<()> {
     loader::pin_from_pod_program(&mut ebpf, &pin_path)?;
     loader::attach(
         loader::program(&mut ebpf, names::PROG_UPLINK_INGRESS)?,
-        &args.uplink,
+        &uplink,
         TcAttachType::Ingress,
         &pin_path,
         "uplink_ingress",
     )?;
     loader::attach(
         loader::program(&mut ebpf, names::PROG_UPLINK_EGRESS)?,
-        &args.uplink,
+        &uplink,
         TcAttachType::Egress,
         &pin_path,
         "uplink_egress",
@@ -157,7 +170,7 @@ pub fn execute(args: &RunArgs) -> anyhow::Result<()> {
     }
     info!(
         "running: uplink {} node ip {} pods {}/{} ports {}-{} ({:?}); {pods} pods attached, {flows} flows carried over; maps at {}",
-        args.uplink,
+        uplink,
         Ipv4Addr::from(config.node_ip),
         Ipv4Addr::from(config.pod_cidr.network),
         config.pod_cidr.prefix_len,
@@ -168,6 +181,16 @@ pub fn execute(args: &RunArgs) -> anyhow::Result<()> {
     );
     println!("ready");
     let _ = std::io::stdout().flush();
+    // The chain goes in only now that the datapath is attached.
+    let chain = match &args.cni_conf_dir {
+        Some(dir) => Some(conflist::Watcher::start(
+            dir,
+            conflist::DeriveOptions {
+                pin_path: pin_path.clone(),
+            },
+        )?),
+        None => None,
+    };
 
     let interval = Duration::from_secs_f64(args.sweep_interval.max(0.05));
     let mut previous = maps.counters().unwrap_or_default();
@@ -188,6 +211,9 @@ pub fn execute(args: &RunArgs) -> anyhow::Result<()> {
             previous = current;
         }
     })?;
+    if let Some(chain) = chain {
+        chain.stop();
+    }
     if args.keep_attached {
         info!("{signal}: exiting with the programs left attached (--keep-attached)");
     } else {
@@ -200,15 +226,15 @@ pub fn execute(args: &RunArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
-fn build_config(args: &RunArgs) -> anyhow::Result<Config> {
-    netdev::ifindex(&args.uplink)?;
-    let addrs = netdev::ipv4_addrs(&args.uplink)?;
+fn build_config(args: &RunArgs, uplink: &str) -> anyhow::Result<Config> {
+    netdev::ifindex(uplink)?;
+    let addrs = netdev::ipv4_addrs(uplink)?;
     let node_ip = match args.node_ip {
         Some(ip) if addrs.contains(&ip) => ip,
         Some(ip) => {
             return Err(Error::NodeIpNotOnUplink {
                 ip,
-                iface: args.uplink.clone(),
+                iface: uplink.to_string(),
                 have: if addrs.is_empty() {
                     "no IPv4".into()
                 } else {
@@ -223,7 +249,7 @@ fn build_config(args: &RunArgs) -> anyhow::Result<Config> {
         }
         None => *addrs
             .first()
-            .ok_or_else(|| Error::NoIpv4(args.uplink.clone()))?,
+            .ok_or_else(|| Error::NoIpv4(uplink.to_string()))?,
     };
     let cidr = args.pod_cidr;
     if cidr.contains(u32::from(node_ip)) {

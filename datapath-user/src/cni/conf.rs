@@ -307,10 +307,13 @@ pub fn convert_result(result: &mut Value, version: &str) {
     let legacy = version.starts_with("0.");
     if let Some(ips) = result.get_mut("ips").and_then(Value::as_array_mut) {
         for ip in ips.iter_mut().filter_map(Value::as_object_mut) {
-            let family = ip
-                .get("address")
-                .and_then(Value::as_str)
-                .map(|a| if a.contains(':') { "6" } else { "4" });
+            let family = ip.get("address").and_then(Value::as_str).map(|a| {
+                if a.contains(':') {
+                    "6"
+                } else {
+                    "4"
+                }
+            });
             match (legacy, family) {
                 (true, Some(f)) => {
                     ip.insert("version".into(), json!(f));

@@ -21,8 +21,8 @@ use std::{
 use serde::{Deserialize, Serialize};
 use serde_json::{json, Value};
 
-pub use conf::{convert_result, CniError, Env, NetConf, SUPPORTED_VERSIONS};
 use conf::Result;
+pub use conf::{convert_result, CniError, Env, NetConf, SUPPORTED_VERSIONS};
 
 use crate::pods;
 
@@ -284,7 +284,10 @@ pub fn check(conf: &NetConf, env: &Env) -> Result<()> {
         return Err(CniError::new(
             1,
             "incompatible CNI version",
-            format!("CHECK exists from CNI 0.4.0; the config says {}", conf.cni_version),
+            format!(
+                "CHECK exists from CNI 0.4.0; the config says {}",
+                conf.cni_version
+            ),
         ));
     }
     env.require_container()?;
@@ -309,7 +312,10 @@ pub fn check(conf: &NetConf, env: &Env) -> Result<()> {
     if let Some(netns) = &env.netns {
         let pod_if = record.pod_ifname.as_deref().unwrap_or(conf.pod_ifname());
         if !wire::has_address(netns, pod_if, record.ip, record.prefix_len)? {
-            return Err(CniError::io(format!("{pod_if} does not have {}", record.ip)));
+            return Err(CniError::io(format!(
+                "{pod_if} does not have {}",
+                record.ip
+            )));
         }
     }
     Ok(())

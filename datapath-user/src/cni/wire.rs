@@ -79,8 +79,7 @@ pub fn create_pair(host_veth: &str, tmp: &str, mtu: u32) -> Result<()> {
     run(
         "ip",
         &[
-            "link", "add", host_veth, "mtu", &mtu, "type", "veth", "peer", "name", tmp, "mtu",
-            &mtu,
+            "link", "add", host_veth, "mtu", &mtu, "type", "veth", "peer", "name", tmp, "mtu", &mtu,
         ],
     )
     .map(drop)
@@ -112,7 +111,10 @@ pub fn configure(
     )?;
     let net = format!("{network}/{prefix_len}");
     ip_in(netns, &["route", "add", &net, "via", &gw, "dev", pod_if])?;
-    ip_in(netns, &["route", "add", "default", "via", &gw, "dev", pod_if])?;
+    ip_in(
+        netns,
+        &["route", "add", "default", "via", &gw, "dev", pod_if],
+    )?;
     run(
         "ip",
         &["addr", "add", &gw32, "dev", host_veth, "scope", "link"],
