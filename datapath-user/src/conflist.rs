@@ -110,11 +110,11 @@ pub fn find_source(dir: &Path) -> Result<(PathBuf, Value)> {
         .map(|e| e.path())
         .filter(|p| {
             let name = p.file_name().and_then(|n| n.to_str()).unwrap_or("");
+            // The extensions container runtimes load.
+            let ext = p.extension().and_then(|e| e.to_str()).unwrap_or("");
             name != DERIVED_NAME
                 && !name.starts_with('.')
-                && (name.ends_with(".conflist")
-                    || name.ends_with(".conf")
-                    || name.ends_with(".json"))
+                && ["conflist", "conf", "json"].contains(&ext)
         })
         .collect();
     names.sort_by_key(|p| (p.file_name().is_none_or(|n| n != AWS_NAME), p.clone()));

@@ -11,6 +11,7 @@ pub mod flows;
 pub mod loader;
 pub mod maps;
 pub mod metrics;
+pub mod migration;
 pub mod netdev;
 pub mod pods;
 pub mod stats;

@@ -20,7 +20,7 @@ use datapath_user::{
     conflist,
     loader::{self, DaemonLock, LoadOptions},
     maps::Maps,
-    metrics, netdev,
+    metrics, migration, netdev,
     sweep::Sweeper,
     Error,
 };
@@ -143,6 +143,8 @@ pub fn execute(args: &RunArgs) -> anyhow::Result<()> {
         flow_table_size: args.flow_table_size,
         kernel_checksum_helpers: false,
     })?;
+    // Before attaching: what the kernel still translates (iptables pods) stays the kernel's.
+    let config = migration::at_start(config, Maps::open(&pin_path).ok().as_ref());
     loader::write_config(&mut ebpf, &config)?;
     loader::pin_from_pod_program(&mut ebpf, &pin_path)?;
     loader::attach(
@@ -194,6 +196,7 @@ pub fn execute(args: &RunArgs) -> anyhow::Result<()> {
 
     let interval = Duration::from_secs_f64(args.sweep_interval.max(0.05));
     let mut previous = maps.counters().unwrap_or_default();
+    let mut migration = migration::Migration::default();
     let signal = wait_for_signal(interval, || {
         let mut sweeper = sweeper
             .lock()
@@ -205,6 +208,9 @@ pub fn execute(args: &RunArgs) -> anyhow::Result<()> {
             ),
             Ok(_) => {}
             Err(e) => warn!("sweep: {e}"),
+        }
+        if let Err(e) = migration.update(&mut maps) {
+            warn!("migration: {e}");
         }
         if let Ok(current) = maps.counters() {
             log_datapath_events(&previous, &current);
@@ -278,7 +284,8 @@ fn build_config(args: &RunArgs, uplink: &str) -> anyhow::Result<Config> {
             Randomisation::Hashrandom => PortRandomisation::HashRandom,
             Randomisation::None => PortRandomisation::None,
         } as u8,
-        _pad: [0; 3],
+        flags: 0,
+        _pad: [0; 2],
         timeouts: Timeouts {
             tcp_syn: t.timeout_tcp_syn,
             tcp_established: t.timeout_tcp_established,

@@ -28,6 +28,7 @@ pub struct CniError {
 }
 
 impl CniError {
+    #[must_use]
     pub fn new(code: u32, msg: impl Into<String>, details: impl Into<String>) -> Self {
         Self {
             code,
@@ -35,19 +36,24 @@ impl CniError {
             details: details.into(),
         }
     }
+    #[must_use]
     pub fn config(details: impl Into<String>) -> Self {
         Self::new(7, "invalid network config", details)
     }
+    #[must_use]
     pub fn env(details: impl Into<String>) -> Self {
         Self::new(4, "invalid environment variables", details)
     }
+    #[must_use]
     pub fn io(details: impl Into<String>) -> Self {
         Self::new(5, "I/O failure", details)
     }
     /// Code 11 ("try again later"): the runtime retries the ADD.
+    #[must_use]
     pub fn try_again(details: impl Into<String>) -> Self {
         Self::new(11, "datapath not running on this node", details)
     }
+    #[must_use]
     pub fn datapath(e: &crate::Error) -> Self {
         Self::new(100, "datapath registration failed", e.to_string())
     }
