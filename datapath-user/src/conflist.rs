@@ -164,6 +164,22 @@ pub fn write_atomically(dir: &Path, bytes: &[u8]) -> Result<bool> {
     Ok(true)
 }
 
+/// Installs the `datapath-cni` binary that sits beside this executable into `bin_dir`
+/// (temporary file, then rename: a runtime never runs half a binary). Returns its path.
+pub fn install_plugin(bin_dir: &Path) -> Result<PathBuf> {
+    use std::os::unix::fs::PermissionsExt as _;
+    let source = std::env::current_exe()
+        .map_err(|e| ConflistError::Io(PathBuf::from("/proc/self/exe"), e))?
+        .with_file_name("datapath-cni");
+    let target = bin_dir.join("datapath-cni");
+    let tmp = bin_dir.join(".datapath-cni.tmp");
+    let io = |e| ConflistError::Io(target.clone(), e);
+    std::fs::copy(&source, &tmp).map_err(|e| ConflistError::Io(source.clone(), e))?;
+    std::fs::set_permissions(&tmp, std::fs::Permissions::from_mode(0o755)).map_err(io)?;
+    std::fs::rename(&tmp, &target).map_err(io)?;
+    Ok(target)
+}
+
 /// Removes the derived conflist from `dir`; false when there was none.
 pub fn remove(dir: &Path) -> Result<bool> {
     let path = dir.join(DERIVED_NAME);

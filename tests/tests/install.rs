@@ -62,6 +62,7 @@ fn derived(dir: &Path) -> Option<Value> {
 #[test]
 fn the_daemon_owns_the_chain_and_keeps_it_in_step() {
     let conf = TempDir::new("cni-conf");
+    let bin = TempDir::new("cni-bin");
     aws_node_writes(&conf.0, AWS_CONFLIST);
     let dir = conf.0.to_str().unwrap().to_string();
 
@@ -69,7 +70,12 @@ fn the_daemon_owns_the_chain_and_keeps_it_in_step() {
     let mut lab = Lab::new(LabOptions {
         pods: 0,
         start_daemon: false,
-        run_args: vec!["--cni-conf-dir".into(), dir.clone()],
+        run_args: vec![
+            "--cni-conf-dir".into(),
+            dir.clone(),
+            "--cni-bin-dir".into(),
+            bin.0.to_str().unwrap().into(),
+        ],
         ..LabOptions::default()
     })
     .unwrap();
@@ -108,6 +114,10 @@ fn the_daemon_owns_the_chain_and_keeps_it_in_step() {
         "/run/cni/v6pd/egress-v4-ipam"
     );
     assert_eq!(chain["name"], "aws-cni");
+    // The plugin the chain names is installed.
+    let plugin = bin.0.join("datapath-cni");
+    let version = Command::new(&plugin).arg("--version").output().unwrap();
+    assert!(String::from_utf8_lossy(&version.stdout).starts_with("datapath-cni "));
 
     // aws-node restarts with POD_MTU=1500: the chain follows within 2 s.
     aws_node_writes(&conf.0, &AWS_CONFLIST.replace("\"9001\"", "\"1500\""));

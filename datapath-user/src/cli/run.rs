@@ -78,6 +78,9 @@ pub struct RunArgs {
     /// egress-cni entry replaced by datapath-cni) and keep it in step with it.
     #[arg(long, value_name = "DIR")]
     cni_conf_dir: Option<std::path::PathBuf>,
+    /// With --cni-conf-dir: first install the datapath-cni binary (beside this one) into DIR.
+    #[arg(long, value_name = "DIR", requires = "cni_conf_dir")]
+    cni_bin_dir: Option<std::path::PathBuf>,
     #[command(flatten)]
     timeouts: TimeoutArgs,
 }
@@ -133,7 +136,10 @@ pub fn execute(args: &RunArgs) -> anyhow::Result<()> {
         None => netdev::default_route_interface()?,
     };
     let config = build_config(args, &uplink)?;
-    if let Some(dir) = &args.cni_conf_dir {
+    for dir in [&args.cni_conf_dir, &args.cni_bin_dir]
+        .into_iter()
+        .flatten()
+    {
         conflist::check_dir(dir)?;
     }
     let pin_path = args.pin.pin_path.clone();
@@ -184,6 +190,9 @@ pub fn execute(args: &RunArgs) -> anyhow::Result<()> {
     println!("ready");
     let _ = std::io::stdout().flush();
     // The chain goes in only now that the datapath is attached.
+    if let Some(dir) = &args.cni_bin_dir {
+        info!("installed {}", conflist::install_plugin(dir)?.display());
+    }
     let chain = match &args.cni_conf_dir {
         Some(dir) => Some(conflist::Watcher::start(
             dir,
