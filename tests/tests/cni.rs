@@ -47,9 +47,11 @@ impl Chain<'_> {
         } else {
             PathBuf::from(CNI_PATH).join(plugin)
         };
-        let mut child = Command::new("ip")
+        // No PATH: the plugin must not run `ip` or `nsenter` (it does its own netlink).
+        let mut child = Command::new("/usr/sbin/ip")
             .args(["netns", "exec", &self.lab.node])
             .arg(&binary)
+            .env("PATH", "/nonexistent")
             .env("CNI_COMMAND", command)
             .env("CNI_CONTAINERID", &self.container)
             .env("CNI_NETNS", self.netns_path())

@@ -190,18 +190,7 @@ pub fn execute(args: &RunArgs) -> anyhow::Result<()> {
     println!("ready");
     let _ = std::io::stdout().flush();
     // The chain goes in only now that the datapath is attached.
-    if let Some(dir) = &args.cni_bin_dir {
-        info!("installed {}", conflist::install_plugin(dir)?.display());
-    }
-    let chain = match &args.cni_conf_dir {
-        Some(dir) => Some(conflist::Watcher::start(
-            dir,
-            conflist::DeriveOptions {
-                pin_path: pin_path.clone(),
-            },
-        )?),
-        None => None,
-    };
+    let chain = start_chain(args, &pin_path)?;
 
     let interval = Duration::from_secs_f64(args.sweep_interval.max(0.05));
     let mut previous = maps.counters().unwrap_or_default();
@@ -239,6 +228,23 @@ pub fn execute(args: &RunArgs) -> anyhow::Result<()> {
         );
     }
     Ok(())
+}
+
+/// `--cni-bin-dir`, `--cni-conf-dir`: the plugin installed, then the chain kept in step.
+fn start_chain(
+    args: &RunArgs,
+    pin_path: &std::path::Path,
+) -> anyhow::Result<Option<conflist::Watcher>> {
+    if let Some(dir) = &args.cni_bin_dir {
+        info!("installed {}", conflist::install_plugin(dir)?.display());
+    }
+    let Some(dir) = &args.cni_conf_dir else {
+        return Ok(None);
+    };
+    let opts = conflist::DeriveOptions {
+        pin_path: pin_path.to_path_buf(),
+    };
+    Ok(Some(conflist::Watcher::start(dir, opts)?))
 }
 
 fn build_config(args: &RunArgs, uplink: &str) -> anyhow::Result<Config> {

@@ -11,6 +11,7 @@
 
 pub mod conf;
 pub mod ipam;
+pub mod netlink;
 pub mod wire;
 
 use std::{
@@ -223,10 +224,9 @@ fn add_steps(
     let allocated = ipam::exec(conf, env, "ADD")?;
     created.address = true;
     let (ip, prefix_len) = ipam::address(&allocated)?;
-    let tmp = format!("dpt{}", &host_veth[4..]);
-    wire::create_pair(host_veth, &tmp, conf.mtu())?;
+    wire::create_pair(netns, host_veth, pod_if, conf.mtu())?;
     created.veth = Some(host_veth.to_string());
-    wire::configure(netns, host_veth, &tmp, pod_if, ip, prefix_len)?;
+    wire::configure(netns, host_veth, pod_if, ip, prefix_len)?;
     let pin_path = conf.pin_path();
     let ifindex = crate::netdev::ifindex(host_veth).map_err(|e| CniError::datapath(&e))?;
     pods::register_running(&pin_path, ip, ifindex, &env.pod_name())
