@@ -25,10 +25,20 @@ cp deploy/docker/Dockerfile "$stage/"
 podman build --network=none --pull=never -t "$image" "$stage"
 
 echo "==> smoke test of $image"
-podman run --rm --network=none "$image" --version
-podman run --rm --network=none "$image" run --help | grep -q -- '--cni-conf-dir'
-podman run --rm --network=none --entrypoint /usr/local/bin/datapath-cni "$image" --version
-if podman run --rm --network=none --entrypoint /bin/sh "$image" -c true 2>/dev/null; then
+# Runs the image with no network. In a private mount namespace with cgroup2 at
+# /sys/fs/cgroup (crun refuses a hybrid v1/v2 layout), no cgroup of its own and rlimits at
+# most this shell's (CI machines may not allow raising them).
+prun() {
+    unshare -m sh -ec '
+        mount --make-rprivate /
+        [ "$(stat -f -c %T /sys/fs/cgroup)" = cgroup2fs ] || mount -t cgroup2 none /sys/fs/cgroup
+        exec podman run --rm --network=none --cgroups=disabled \
+            --ulimit "nofile=$(ulimit -Hn):$(ulimit -Hn)" --ulimit nproc=4096:4096 "$@"' prun "$@"
+}
+prun "$image" --version
+prun "$image" run --help | grep -q -- '--cni-conf-dir'
+prun --entrypoint /usr/local/bin/datapath-cni "$image" --version
+if prun --entrypoint /bin/sh "$image" -c true 2>/dev/null; then
     echo "image: has a shell" >&2
     exit 1
 fi
