@@ -217,6 +217,10 @@ pub fn execute(args: &RunArgs) -> anyhow::Result<()> {
     })?;
     if let Some(chain) = chain {
         chain.stop();
+        // The programs are about to go: hand new pods back to the VPC CNI's chain first.
+        if let (false, Some(dir)) = (args.keep_attached, &args.cni_conf_dir) {
+            conflist::remove(dir)?;
+        }
     }
     if args.keep_attached {
         info!("{signal}: exiting with the programs left attached (--keep-attached)");
