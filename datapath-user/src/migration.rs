@@ -40,8 +40,19 @@ pub fn observe(config: &Config, registered: &[Ipv4Addr]) -> Result<KernelNat> {
         .into_iter()
         .filter(|ip| !registered.contains(ip))
         .collect();
-    let nat_flows = conntrack_nat_flows(Ipv4Addr::from(config.node_ip))
-        .map_err(|e| Error::io("reading the kernel's conntrack table", e))?;
+    let nat_flows = match conntrack_nat_flows(Ipv4Addr::from(config.node_ip)) {
+        Ok(n) => n,
+        // No conntrack in this kernel (module not loaded): nothing the kernel translates.
+        Err(e)
+            if matches!(
+                e.raw_os_error(),
+                Some(libc::EOPNOTSUPP | libc::EPROTONOSUPPORT | libc::ENOENT)
+            ) =>
+        {
+            0
+        }
+        Err(e) => return Err(Error::io("reading the kernel's conntrack table", e)),
+    };
     Ok(KernelNat {
         unmanaged_pods,
         nat_flows,

@@ -71,19 +71,11 @@ fn leases(dir: &Path) -> usize {
     })
 }
 
-#[test]
-fn podman_runs_a_container_through_the_chain() {
-    let lab = Lab::new(LabOptions {
-        pods: 0,
-        ..LabOptions::default()
-    })
-    .unwrap();
-    let echo = Server::tcp(&lab.server, 8080, TcpService::Echo).unwrap();
+/// podman's configuration for the lab: CNI backend, its own network config directory with
+/// a `dpnet` chain (ptp for IPv6, then datapath-cni), datapath-cni and a static busybox as
+/// the container's whole root filesystem (no image, no registry).
+fn podman_for(lab: &Lab) -> Podman<'_> {
     let dir = PathBuf::from(format!("/tmp/dp-podman-{}", lab.id));
-    let podman = Podman {
-        lab: &lab,
-        dir: dir.clone(),
-    };
     for sub in ["bin", "net", "rootfs/bin"] {
         std::fs::create_dir_all(dir.join(sub)).unwrap();
     }
@@ -119,6 +111,19 @@ fn podman_runs_a_container_through_the_chain() {
     });
     std::fs::write(dir.join("net/dpnet.conflist"), conflist.to_string()).unwrap();
 
+    Podman { lab, dir }
+}
+
+#[test]
+fn podman_runs_a_container_through_the_chain() {
+    let lab = Lab::new(LabOptions {
+        pods: 0,
+        ..LabOptions::default()
+    })
+    .unwrap();
+    let echo = Server::tcp(&lab.server, 8080, TcpService::Echo).unwrap();
+    let podman = podman_for(&lab);
+    let dir = podman.dir.clone();
     let rootfs = dir.join("rootfs");
     let go = dir.join("remove-now");
     // Start the container, wait for the test's go, then `podman rm` it.
