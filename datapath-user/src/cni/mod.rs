@@ -248,11 +248,13 @@ fn add_steps(
 /// IPAM binary does not stop the rest (it is reported on stderr).
 pub fn del(conf: &NetConf, env: &Env) -> Result<()> {
     env.require_container()?;
-    if !conf.enabled {
-        return Ok(());
-    }
     let path = record_path(conf, env);
     let record = read_record(conf, env);
+    // Disabled and never wired: nothing of ours to undo (a pod wired before the entry was
+    // disabled still is, below).
+    if !conf.enabled && record.is_none() {
+        return Ok(());
+    }
     let host_veth = record.as_ref().map_or_else(
         || host_veth_name(&env.container_id),
         |r| r.host_veth.clone(),
