@@ -51,7 +51,7 @@ def check_daemonset(doc, values):
     spec = doc["spec"]["template"]["spec"]
     container = spec["containers"][0]
     args = container["args"]
-    for want in ("--cni-conf-dir=/host/etc/cni/net.d", "--keep-attached"):
+    for want in ("--cni-conf-dir=/host/etc/cni/net.d", "--cni-bin-dir=/host/opt/cni/bin"):
         if want not in args:
             fail(f"DaemonSet: {want} missing from {args}")
     if values.get("uplink") and f"--uplink={values['uplink']}" not in args:

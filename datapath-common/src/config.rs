@@ -52,7 +52,50 @@ impl Timeouts {
         icmp: 30,
         _pad: 0,
     };
+
+    /// The shortest timeout, in seconds: no flow's expiry moves closer than this to the
+    /// packet (or state change) that set it.
+    #[must_use]
+    pub const fn shortest(&self) -> u32 {
+        let all = [
+            self.tcp_syn,
+            self.tcp_established,
+            self.tcp_closing,
+            self.tcp_rst,
+            self.udp_one_way,
+            self.udp_replied,
+            self.icmp,
+        ];
+        let mut min = u32::MAX;
+        let mut i = 0;
+        while i < all.len() {
+            if all[i] < min {
+                min = all[i];
+            }
+            i += 1;
+        }
+        min
+    }
+
+    /// How often the sweep must read the whole flow table so that no flow expires unseen:
+    /// every flow's expiry lies at least the shortest timeout after its last change, so a
+    /// full scan that often, which lists the flows due before the next one, catches every
+    /// expiry in time. Capped at `MAX_SCAN_INTERVAL_S`, at least one second.
+    #[must_use]
+    pub const fn full_scan_interval_s(&self) -> u32 {
+        let shortest = self.shortest();
+        if shortest < 1 {
+            1
+        } else if shortest > MAX_SCAN_INTERVAL_S {
+            MAX_SCAN_INTERVAL_S
+        } else {
+            shortest
+        }
+    }
 }
+
+/// The longest interval between full scans of the flow table (seconds).
+pub const MAX_SCAN_INTERVAL_S: u32 = 10;
 
 impl Default for Timeouts {
     fn default() -> Self {
@@ -125,6 +168,33 @@ impl Config {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn full_scans_come_as_often_as_the_shortest_timeout_within_bounds() {
+        assert_eq!(Timeouts::DEFAULT.shortest(), 10);
+        assert_eq!(Timeouts::DEFAULT.full_scan_interval_s(), 10);
+        let short = Timeouts {
+            udp_one_way: 1,
+            ..Timeouts::DEFAULT
+        };
+        assert_eq!(short.full_scan_interval_s(), 1);
+        let zero = Timeouts {
+            icmp: 0,
+            ..Timeouts::DEFAULT
+        };
+        assert_eq!(zero.full_scan_interval_s(), 1);
+        let long = Timeouts {
+            tcp_rst: 600,
+            tcp_syn: 600,
+            udp_one_way: 600,
+            icmp: 600,
+            tcp_closing: 600,
+            udp_replied: 600,
+            tcp_established: 600,
+            _pad: 0,
+        };
+        assert_eq!(long.full_scan_interval_s(), MAX_SCAN_INTERVAL_S);
+    }
 
     fn config(min: u16, max: u16) -> Config {
         Config {

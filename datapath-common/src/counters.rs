@@ -100,6 +100,10 @@ counters! {
     DropRedirectFailed = 26, "drop_redirect_failed", Dropped;
     /// NAT ports taken over from TCP connections that were over (both FINs or a RST) and idle for a second.
     PortReclaimed = 27, "port_reclaimed", Event;
+    /// Replies, ICMP errors and fragments for a pod that arrived with TTL 1 or less: a router does not forward them, and the instance metadata service's hop limit of 1 relies on it.
+    DropTtlExceeded = 28, "drop_ttl_exceeded", Dropped;
+    /// Flows the sweep removed while a packet was using them, put back with their NAT port.
+    FlowRestored = 29, "flow_restored", Event;
 }
 
 #[cfg(test)]

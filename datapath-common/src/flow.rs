@@ -123,6 +123,10 @@ pub const FLAG_HAS_MACS: u8 = 1 << 2;
 /// Created by the uplink-egress safety net rather than the pod-side program.
 pub const FLAG_FROM_EGRESS: u8 = 1 << 3;
 
+/// How often (ns) the outbound path re-checks a flow's NAT binding and route. A flow idle for
+/// longer takes the full path, which confirms the flow is still in the table.
+pub const REVALIDATE_INTERVAL_NS: u64 = 1_000_000_000;
+
 /// The flow-table entry, keyed by the pod-side [`FlowKey`].
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -173,6 +177,28 @@ impl Flow {
         // Saturating: entries are read back from maps any process may have written.
         self.last_seen_ns
             .saturating_add(timeout as u64 * 1_000_000_000)
+    }
+}
+
+impl Flow {
+    /// Whether the sweep may remove this flow at `now`: its state's timeout has passed and it
+    /// has been idle for longer than the revalidation interval (so a packet that finds it
+    /// again takes the full path, which notices a removal racing with it).
+    #[must_use]
+    pub const fn is_expired(&self, proto: u8, timeouts: &Timeouts, now_ns: u64) -> bool {
+        now_ns >= self.removable_at_ns(proto, timeouts)
+    }
+
+    /// When the sweep may remove this flow, if no packet comes first (see [`Flow::is_expired`]).
+    #[must_use]
+    pub const fn removable_at_ns(&self, proto: u8, timeouts: &Timeouts) -> u64 {
+        let expires = self.expires_at_ns(proto, timeouts);
+        let idle = self.last_seen_ns.saturating_add(REVALIDATE_INTERVAL_NS);
+        if expires > idle {
+            expires
+        } else {
+            idle
+        }
     }
 }
 
@@ -255,6 +281,28 @@ mod tests {
             ..Flow::default()
         };
         assert_eq!(flow.expires_at_ns(PROTO_UDP, &t), 35_000_000_000);
+    }
+
+    #[test]
+    fn a_flow_seen_within_the_revalidation_interval_never_expires() {
+        let t = Timeouts {
+            udp_one_way: 0,
+            ..Timeouts::DEFAULT
+        };
+        let flow = Flow {
+            last_seen_ns: 5_000_000_000,
+            state: FlowState::Unreplied as u8,
+            ..Flow::default()
+        };
+        // Timed out at once (timeout 0), yet kept until idle for the interval.
+        assert!(!flow.is_expired(PROTO_UDP, &t, 5_000_000_000));
+        assert!(!flow.is_expired(PROTO_UDP, &t, 5_999_999_999));
+        assert!(flow.is_expired(PROTO_UDP, &t, 6_000_000_000));
+        // The state's timeout still rules when it is longer.
+        assert!(!flow.is_expired(PROTO_UDP, &Timeouts::DEFAULT, 34_999_999_999));
+        assert!(flow.is_expired(PROTO_UDP, &Timeouts::DEFAULT, 35_000_000_000));
+        // A clock behind the flow (another CPU's tick) is not idleness.
+        assert!(!flow.is_expired(PROTO_UDP, &t, 1));
     }
 
     #[test]

@@ -51,6 +51,12 @@ pub const fn is_multicast_or_broadcast(addr: u32) -> bool {
     addr >> 28 == 0xe || addr == u32::MAX
 }
 
+/// 169.254.0.0/16 (RFC 3927): never routed, so never a legitimate source on the uplink.
+#[must_use]
+pub const fn is_link_local(addr: u32) -> bool {
+    addr >> 16 == 0xa9fe
+}
+
 /// Builds a host-order address from its four octets.
 #[must_use]
 pub const fn addr(a: u8, b: u8, c: u8, d: u8) -> u32 {
@@ -70,6 +76,14 @@ mod tests {
         assert!(!cidr.contains(addr(192, 0, 2, 10)));
         assert!(Cidr::new(0, 33).is_none());
         assert!(Cidr::new(0, 0).unwrap().contains(addr(203, 0, 113, 1)));
+    }
+
+    #[test]
+    fn link_local_is_169_254_slash_16() {
+        assert!(is_link_local(addr(169, 254, 172, 2)));
+        assert!(is_link_local(addr(169, 254, 0, 0)));
+        assert!(!is_link_local(addr(169, 255, 0, 1)));
+        assert!(!is_link_local(addr(192, 0, 2, 10)));
     }
 
     #[test]

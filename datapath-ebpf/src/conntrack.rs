@@ -16,6 +16,7 @@ use datapath_common::{
     counters::Counter,
     flow::{
         Flow, FlowKey, FlowState, FLAG_FIN_IN, FLAG_FIN_OUT, FLAG_HAS_MACS, PROTO_TCP, PROTO_UDP,
+        REVALIDATE_INTERVAL_NS,
     },
     pod::PodInfo,
     port::{self, MAX_PORT_PROBES},
@@ -25,9 +26,6 @@ use datapath_common::{
 use crate::maps::{
     count, scratch_flow, CLOCK, CONFIG, CONNTRACK, NAT_BINDINGS, PODS, SCRATCH_PROBE,
 };
-
-/// How often (ns) the outbound path re-checks a flow's NAT binding and route.
-pub const REVALIDATE_INTERVAL_NS: u64 = 1_000_000_000;
 
 /// CLOCK_MONOTONIC (coarse) nanoseconds. The coarse clock only moves when the tick advances
 /// jiffies, and the verifier inlines `bpf_jiffies64` into one load, so the clock's value for
@@ -318,6 +316,27 @@ pub fn account(flow: *mut Flow, proto: u8, dir: Direction, l3_len: u32, tcp_flag
 #[inline(always)]
 pub fn is_fresh(flow: &Flow, now: u64) -> bool {
     now.wrapping_sub(flow.revalidated_ns) < REVALIDATE_INTERVAL_NS
+}
+
+/// Puts `flow` back if the sweep removed it while this packet was using it. The sweep only
+/// removes flows idle for over the revalidation interval, and such a flow's next packet comes
+/// through here, so the flow keeps its NAT port whatever the interleaving.
+#[inline(always)]
+#[allow(
+    clippy::needless_borrows_for_generic_args,
+    reason = "a reference hands the helper the map value itself; a copy would take 96 bytes of stack"
+)]
+pub fn restore_if_swept(key: &FlowKey, flow: *mut Flow) {
+    if CONNTRACK.get_ptr(key).is_none() {
+        // SAFETY: `flow` still points at the unlinked value, which the kernel frees only
+        // after this program returns.
+        if CONNTRACK
+            .insert(key, unsafe { &*flow }, u64::from(BPF_NOEXIST))
+            .is_ok()
+        {
+            count(Counter::FlowRestored);
+        }
+    }
 }
 
 /// Re-inserts a flow's NAT binding if LRU pressure evicted it, at most once per interval.

@@ -123,6 +123,17 @@ pub fn decrement_ttl(ctx: &TcContext, ip: &Ipv4) -> Result<bool, Counter> {
     Ok(true)
 }
 
+/// The hop limit of a packet the datapath hands to a pod: one that a router would not forward
+/// (TTL 1 or less) is dropped and counted. The pod must never see it: the instance metadata
+/// service answers with TTL 1 precisely so that its tokens do not travel past the node.
+#[inline(always)]
+pub fn check_hop_limit(ip: &Ipv4) -> Result<(), Counter> {
+    if ip.ttl <= 1 {
+        return Err(Counter::DropTtlExceeded);
+    }
+    Ok(())
+}
+
 /// Writes TTL - 1 (the caller checked `ip.ttl > 1`) and returns what the header checksum must
 /// take for it, so a caller rewriting more of the header can apply all changes at once.
 #[inline(always)]

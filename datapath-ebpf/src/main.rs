@@ -29,7 +29,7 @@ use datapath_common::{
     config::Config,
     counters::Counter,
     flow::{Flow, FlowKey, FlowState, FragKey, FLAG_FROM_EGRESS, PROTO_ICMP, PROTO_TCP},
-    ipv4::is_multicast_or_broadcast,
+    ipv4::{is_link_local, is_multicast_or_broadcast},
     tcp::Direction,
 };
 use network_types::eth::EthHdr;
@@ -158,7 +158,7 @@ fn established_from_pod(ctx: &TcContext, ip: &Ipv4, ifindex: u32) -> Result<Opti
     conntrack::account(flow, ip.proto, Direction::Out, ip.l3_len, l4.tcp_flags, now);
     // SAFETY: map value pointer.
     let (nat_ip, nat_port) = unsafe { ((*flow).nat_ip, (*flow).nat_port) };
-    nat::rewrite_forwarded(ctx, ip, &l4, Side::Source, nat_ip, nat_port)?;
+    nat::rewrite_forwarded(ctx, ip, Some(&l4), Side::Source, nat_ip, nat_port)?;
     count(Counter::TranslatedOut);
     forward::send(ctx, &hop).map(Some)
 }
@@ -290,6 +290,9 @@ fn snat_flow(
         flow = create()?;
     }
     conntrack::account(flow, ip.proto, Direction::Out, ip.l3_len, l4.tcp_flags, now);
+    if existing.is_some() {
+        conntrack::restore_if_swept(key, flow);
+    }
     Ok(flow)
 }
 
@@ -382,6 +385,7 @@ fn try_uplink_ingress(ctx: &TcContext) -> Result<i32, Counter> {
         }
         return pass(Counter::PassNode);
     };
+    forward::check_hop_limit(&ip)?;
     let flow = flow_for_binding(&pod_key, &tuple)?;
     let now = conntrack::now_ns();
     conntrack::account(flow, ip.proto, Direction::In, ip.l3_len, l4.tcp_flags, now);
@@ -389,7 +393,7 @@ fn try_uplink_ingress(ctx: &TcContext) -> Result<i32, Counter> {
         let frag = FragKey::new(ip.src, ip.dst, ip.id, ip.proto);
         let _ = FRAGMENTS.insert(frag, pod_key, 0);
     }
-    nat::rewrite(
+    nat::rewrite_forwarded(
         ctx,
         &ip,
         Some(&l4),
@@ -442,6 +446,7 @@ fn fragment_to_pod(ctx: &TcContext, ip: &Ipv4) -> Result<i32, Counter> {
     let Some(flow) = CONNTRACK.get_ptr_mut(pod_key) else {
         return pass(Counter::PassFragmentUntracked);
     };
+    forward::check_hop_limit(ip)?;
     conntrack::account(
         flow,
         ip.proto,
@@ -450,7 +455,7 @@ fn fragment_to_pod(ctx: &TcContext, ip: &Ipv4) -> Result<i32, Counter> {
         0,
         conntrack::now_ns(),
     );
-    nat::rewrite(ctx, ip, None, Side::Destination, pod_key.src_ip, 0)?;
+    nat::rewrite_forwarded(ctx, ip, None, Side::Destination, pod_key.src_ip, 0)?;
     count(Counter::FragmentIn);
     // SAFETY: map value pointer.
     forward::to_pod(ctx, unsafe { &*flow })
@@ -472,6 +477,7 @@ fn icmp_error_to_pod(ctx: &TcContext, ip: &Ipv4) -> Result<i32, Counter> {
     let Some(flow) = CONNTRACK.get_ptr_mut(pod_key) else {
         return pass(Counter::PassNode);
     };
+    forward::check_hop_limit(ip)?;
     conntrack::account(
         flow,
         PROTO_ICMP,
@@ -490,6 +496,7 @@ fn icmp_error_to_pod(ctx: &TcContext, ip: &Ipv4) -> Result<i32, Counter> {
         pod_key.src_ip,
         pod_key.src_port,
     )?;
+    forward::decrement_ttl(ctx, ip)?;
     count(Counter::IcmpErrorIn);
     // SAFETY: map value pointer.
     forward::to_pod(ctx, unsafe { &*flow })
@@ -507,6 +514,11 @@ fn try_uplink_egress(ctx: &TcContext) -> Result<i32, Counter> {
         return Ok(PASS);
     };
     let Ok(cfg) = conntrack::config() else {
+        // Without a configuration nothing can be translated; a link-local source (every pod
+        // range is one) must not leave the node as it is.
+        if is_link_local(ip.src) {
+            return Err(Counter::DropNotConfigured);
+        }
         return Ok(PASS);
     };
     // The node's own traffic: the common case, kept free of map lookups.

@@ -40,17 +40,18 @@ pub fn rewrite(
 }
 
 /// [`rewrite`] of a packet the datapath forwards without the kernel's forwarding code: the TTL
-/// is decremented too, with the same header-checksum update. The caller checked `ip.ttl > 1`.
+/// is decremented too, with the same header-checksum update. The caller checked `ip.ttl > 1`
+/// ([`forward::check_hop_limit`]).
 #[inline(always)]
 pub fn rewrite_forwarded(
     ctx: &TcContext,
     ip: &Ipv4,
-    l4: &L4,
+    l4: Option<&L4>,
     side: Side,
     addr: u32,
     port: u16,
 ) -> Result<(), Counter> {
-    rewrite_header(ctx, ip, Some(l4), side, (addr, port), Ttl::Decrement)
+    rewrite_header(ctx, ip, l4, side, (addr, port), Ttl::Decrement)
 }
 
 #[derive(Clone, Copy, PartialEq, Eq)]

@@ -70,3 +70,46 @@ pub fn for_each<K: Pod + Default, V: Pod + Default>(
         first = false;
     }
 }
+
+const BPF_MAP_LOOKUP_AND_DELETE_ELEM: libc::c_long = 21;
+
+/// The element member of `union bpf_attr`.
+#[repr(C)]
+struct ElemAttr {
+    map_fd: u32,
+    _pad: u32,
+    key: u64,
+    value: u64,
+    flags: u64,
+}
+
+/// Removes `key` from the hash map `map` and returns the value it held at that moment
+/// (`None` when it was absent): the kernel copies and unlinks under one bucket lock, so what
+/// was removed is known exactly (kernels from 5.14).
+pub fn take<K: Pod, V: Pod + Default>(map: &MapData, key: &K) -> std::io::Result<Option<V>> {
+    let mut value = V::default();
+    let mut attr = ElemAttr {
+        map_fd: map.fd().as_fd().as_raw_fd() as u32,
+        _pad: 0,
+        key: std::ptr::from_ref(key) as u64,
+        value: (&raw mut value) as u64,
+        flags: 0,
+    };
+    // SAFETY: the attr points at a key and a value buffer of the map's sizes.
+    let rc = unsafe {
+        libc::syscall(
+            libc::SYS_bpf,
+            BPF_MAP_LOOKUP_AND_DELETE_ELEM,
+            &raw mut attr,
+            size_of::<ElemAttr>() as u32,
+        )
+    };
+    if rc == 0 {
+        return Ok(Some(value));
+    }
+    let err = std::io::Error::last_os_error();
+    match err.raw_os_error() {
+        Some(libc::ENOENT) => Ok(None),
+        _ => Err(err),
+    }
+}

@@ -30,6 +30,12 @@ pub enum Error {
         found: datapath_common::maps::LayoutInfo,
         expected: datapath_common::maps::LayoutInfo,
     },
+    #[error("the datapath is not attached at {0}: start `datapath-user run` first (a pod registered now would send its IPv4 untranslated)")]
+    NotAttached(PathBuf),
+    #[error(
+        "a daemon (pid {pid}) serves {path}: stop it first, or pass --force to detach under it"
+    )]
+    DaemonRunning { path: PathBuf, pid: u32 },
     #[error("another datapath-user run already uses {path} (pid {pid})")]
     AlreadyRunning { path: PathBuf, pid: String },
     #[error("{ip} is outside the pod range {cidr}")]

@@ -8,6 +8,7 @@ pub mod cni;
 pub mod conflist;
 pub mod error;
 pub mod flows;
+pub mod health;
 pub mod loader;
 pub mod maps;
 pub mod metrics;

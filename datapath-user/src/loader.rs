@@ -185,6 +185,27 @@ pub fn program<'a>(ebpf: &'a mut Ebpf, name: &str) -> Result<&'a mut SchedClassi
         .map_err(|e| Error::program(name.to_string(), e))
 }
 
+/// Which TCP/UDP checksum path the programs take on this kernel: `kfunc` (they read the
+/// skb's checksum state and fix checksums themselves) or `helpers` (the kernel's helpers).
+#[must_use]
+pub fn checksum_path() -> &'static str {
+    if csum_state_sequence().is_ok() {
+        "kfunc"
+    } else {
+        "helpers"
+    }
+}
+
+/// How programs attach on this kernel: `tcx` links (6.6 and later) or `clsact` filters.
+#[must_use]
+pub fn attach_mode() -> &'static str {
+    if tcx_supported() {
+        "tcx"
+    } else {
+        "clsact"
+    }
+}
+
 fn tcx_supported() -> bool {
     KernelVersion::current().is_ok_and(|v| v >= KernelVersion::new(6, 6, 0))
 }
@@ -197,6 +218,15 @@ fn pod_link_name(ifindex: u32) -> String {
     format!("pod_{ifindex}")
 }
 
+/// What [`attach`] did.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Attached {
+    /// A new attachment (undone by [`detach`]).
+    Created,
+    /// The program was swapped into an attachment a previous daemon left.
+    Swapped,
+}
+
 /// Attaches `prog` to `ifname`, keeping the attachment pinned at `<pin>/links/<what>`. An
 /// existing pinned link gets the new program atomically (no gap in translation).
 pub fn attach(
@@ -205,7 +235,7 @@ pub fn attach(
     attach_type: TcAttachType,
     pin_path: &Path,
     what: &str,
-) -> Result<()> {
+) -> Result<Attached> {
     let context = || format!("attaching to {ifname}");
     if !tcx_supported() {
         // Older kernels: a clsact filter, which stays until it is detached explicitly.
@@ -221,21 +251,48 @@ pub fn attach(
             prog.take_link(id)
                 .map_err(|e| Error::program(context(), e))?,
         );
-        return Ok(());
+        return Ok(Attached::Created);
     }
     let path = link_pin(pin_path, what);
     std::fs::create_dir_all(path.parent().unwrap_or(pin_path))
         .map_err(|e| Error::io("creating the links directory", e))?;
-    let id = match PinnedLink::from_pin(&path) {
+    let target = netdev::ifindex(ifname)?;
+    let pinned_at = pinned_tcx_ifindex(&path).ok().flatten();
+    let existing = match PinnedLink::from_pin(&path).map(FdLink::from) {
+        Ok(link) if pinned_at == Some(target) => Some(link),
+        // A link that outlived its interface, or sits on another one (a new --uplink), is
+        // replaced rather than re-used.
+        Ok(stale) => {
+            std::fs::remove_file(&path)
+                .map_err(|e| Error::io(format!("unpinning {}", path.display()), e))?;
+            drop(stale);
+            None
+        }
+        Err(_) => None,
+    };
+    let outcome = if existing.is_some() {
+        Attached::Swapped
+    } else {
+        Attached::Created
+    };
+    let id = match existing {
         // Already attached (a previous daemon): swap the program in, atomically.
-        Ok(pinned) => {
-            let link = SchedClassifierLink::try_from(FdLink::from(pinned))
-                .map_err(|e| Error::link(context(), e))?;
+        Some(link) => {
+            let link =
+                SchedClassifierLink::try_from(link).map_err(|e| Error::link(context(), e))?;
             prog.attach_to_link(link)
         }
-        Err(_) => prog.attach(ifname, attach_type),
-    }
-    .map_err(|e| Error::program(context(), e))?;
+        None => prog.attach(ifname, attach_type),
+    };
+    let id = match id {
+        Ok(id) => id,
+        // The same program is already on the hook: another process (a `pod add` racing the
+        // daemon's start) attached it a moment ago and is about to pin its link.
+        Err(e) if is_already_attached(&e) => {
+            return wait_for_pinned(&path, target).ok_or_else(|| Error::program(context(), e));
+        }
+        Err(e) => return Err(Error::program(context(), e)),
+    };
     let link: FdLink = prog
         .take_link(id)
         .map_err(|e| Error::program(context(), e))?
@@ -243,7 +300,7 @@ pub fn attach(
         .map_err(|e: aya::programs::links::LinkError| Error::link(context(), e))?;
     if path.exists() {
         // The pin keeps the link; dropping our handle only closes the descriptor.
-        return Ok(());
+        return Ok(outcome);
     }
     link.pin(&path).map_err(|e| {
         Error::io(
@@ -251,7 +308,29 @@ pub fn attach(
             std::io::Error::other(e.to_string()),
         )
     })?;
-    Ok(())
+    Ok(outcome)
+}
+
+fn is_already_attached(e: &aya::programs::ProgramError) -> bool {
+    let mut source: Option<&dyn std::error::Error> = Some(e);
+    while let Some(err) = source {
+        if let Some(io) = err.downcast_ref::<std::io::Error>() {
+            return io.raw_os_error() == Some(libc::EEXIST);
+        }
+        source = err.source();
+    }
+    false
+}
+
+/// Waits (briefly) for a link on `target` to be pinned at `path` by another process.
+fn wait_for_pinned(path: &Path, target: u32) -> Option<Attached> {
+    for _ in 0..100 {
+        if pinned_tcx_ifindex(path).ok().flatten() == Some(target) {
+            return Some(Attached::Swapped);
+        }
+        std::thread::sleep(std::time::Duration::from_millis(10));
+    }
+    None
 }
 
 /// Detaches what is pinned at `<pin>/links/<what>`; false when nothing was.
@@ -266,22 +345,142 @@ pub fn detach(pin_path: &Path, what: &str) -> Result<bool> {
             drop(link);
             Ok(true)
         }
-        Err(_) => Ok(false),
+        Err(e) => match syscall_errno(&e) {
+            Some(libc::ENOENT) => Ok(false),
+            Some(libc::EPERM | libc::EACCES) => {
+                Err(Error::Permission(format!("detaching {}", path.display())))
+            }
+            _ => Err(Error::link(format!("opening {}", path.display()), e)),
+        },
     }
 }
 
-/// Pins the pod-side program so `pod add` in another process can attach it.
+fn syscall_errno(e: &aya::programs::links::LinkError) -> Option<i32> {
+    match e {
+        aya::programs::links::LinkError::SyscallError(s) => s.io_error.raw_os_error(),
+        _ => None,
+    }
+}
+
+/// The interface a pinned TCX link at `<pin>/links/<what>` is attached to: `None` when no link
+/// is pinned there, `Some(0)` when the link outlived its interface (or was detached).
+pub fn link_ifindex(pin_path: &Path, what: &str) -> Result<Option<u32>> {
+    let path = link_pin(pin_path, what);
+    pinned_tcx_ifindex(&path).map_err(|e| match e.raw_os_error() {
+        Some(libc::EPERM | libc::EACCES) => {
+            Error::Permission(format!("reading link {}", path.display()))
+        }
+        _ => Error::io(format!("reading link {}", path.display()), e),
+    })
+}
+
+/// `bpf_link_info.tcx.ifindex` of the link pinned at `path` (aya's `LinkInfo` does not expose
+/// the link-type part); `None` when nothing is pinned there.
+fn pinned_tcx_ifindex(path: &Path) -> std::io::Result<Option<u32>> {
+    use std::os::{
+        fd::{FromRawFd as _, OwnedFd},
+        unix::ffi::OsStrExt as _,
+    };
+    // struct bpf_link_info: type, id, prog_id, then an 8-byte aligned union whose tcx member
+    // starts with the ifindex.
+    const TCX_IFINDEX_WORD: usize = 2;
+    #[repr(C)]
+    struct ObjGetAttr {
+        pathname: u64,
+        bpf_fd: u32,
+        file_flags: u32,
+    }
+    #[repr(C)]
+    struct InfoAttr {
+        bpf_fd: u32,
+        info_len: u32,
+        info: u64,
+    }
+    let c_path = std::ffi::CString::new(path.as_os_str().as_bytes())
+        .map_err(|_| std::io::Error::from(std::io::ErrorKind::InvalidInput))?;
+    let mut get = ObjGetAttr {
+        pathname: c_path.as_ptr() as u64,
+        bpf_fd: 0,
+        file_flags: 0,
+    };
+    // SAFETY: BPF_OBJ_GET with a valid C string; the result is a new descriptor we own.
+    let fd = unsafe {
+        libc::syscall(
+            libc::SYS_bpf,
+            BPF_OBJ_GET,
+            &raw mut get,
+            size_of::<ObjGetAttr>(),
+        )
+    };
+    if fd < 0 {
+        let err = std::io::Error::last_os_error();
+        return match err.raw_os_error() {
+            Some(libc::ENOENT) => Ok(None),
+            _ => Err(err),
+        };
+    }
+    // SAFETY: the kernel just returned this descriptor.
+    let fd = unsafe { OwnedFd::from_raw_fd(fd as i32) };
+    let mut info = [0u64; 16];
+    let mut attr = InfoAttr {
+        bpf_fd: std::os::fd::AsRawFd::as_raw_fd(&fd) as u32,
+        info_len: size_of_val(&info) as u32,
+        info: info.as_mut_ptr() as u64,
+    };
+    // SAFETY: BPF_OBJ_GET_INFO_BY_FD with a valid descriptor and an output buffer of the
+    // stated length.
+    let rc = unsafe {
+        libc::syscall(
+            libc::SYS_bpf,
+            BPF_OBJ_GET_INFO_BY_FD,
+            &raw mut attr,
+            size_of::<InfoAttr>(),
+        )
+    };
+    if rc != 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    // Little- or big-endian, the first u32 of the union's word is the ifindex.
+    let word = info[TCX_IFINDEX_WORD].to_ne_bytes();
+    Ok(Some(u32::from_ne_bytes([
+        word[0], word[1], word[2], word[3],
+    ])))
+}
+
+const BPF_OBJ_GET: libc::c_long = 7;
+const BPF_OBJ_GET_INFO_BY_FD: libc::c_long = 15;
+
+/// Whether the datapath can protect a pod: the uplink programs are attached and the pod-side
+/// program is pinned for `pod add` to attach. The programs run without a daemon.
+#[must_use]
+pub fn datapath_attached(pin_path: &Path) -> bool {
+    pin_path.join(FROM_POD_PIN).exists()
+        && [UPLINK_INGRESS, UPLINK_EGRESS]
+            .iter()
+            .all(|what| matches!(link_ifindex(pin_path, what), Ok(Some(i)) if i != 0))
+}
+
+/// Link names of the uplink attachments under `<pin>/links`.
+pub const UPLINK_INGRESS: &str = "uplink_ingress";
+pub const UPLINK_EGRESS: &str = "uplink_egress";
+
+/// Pins the pod-side program so `pod add` in another process can attach it. The pin is
+/// replaced by a rename, so a concurrent `pod add` always finds one.
 pub fn pin_from_pod_program(ebpf: &mut Ebpf, pin_path: &Path) -> Result<()> {
     let path = pin_path.join(FROM_POD_PIN);
-    let _ = std::fs::remove_file(&path);
+    // bpffs names cannot contain a dot.
+    let staged = pin_path.join(format!("{FROM_POD_PIN}_{}", std::process::id()));
+    let _ = std::fs::remove_file(&staged);
     program(ebpf, names::PROG_FROM_POD)?
-        .pin(&path)
+        .pin(&staged)
         .map_err(|e| {
             Error::io(
-                format!("pinning {}", path.display()),
+                format!("pinning {}", staged.display()),
                 std::io::Error::other(e.to_string()),
             )
-        })
+        })?;
+    std::fs::rename(&staged, &path)
+        .map_err(|e| Error::io(format!("renaming the pin to {}", path.display()), e))
 }
 
 /// The pinned pod-side program, when a daemon is running.
@@ -291,7 +490,7 @@ pub fn pinned_from_pod_program(pin_path: &Path) -> Option<SchedClassifier> {
 }
 
 /// Attaches the pod-side program to a pod's host veth.
-pub fn attach_pod(prog: &mut SchedClassifier, pin_path: &Path, ifindex: u32) -> Result<()> {
+pub fn attach_pod(prog: &mut SchedClassifier, pin_path: &Path, ifindex: u32) -> Result<Attached> {
     let ifname = netdev::ifname(ifindex)
         .ok_or_else(|| Error::UnknownInterface(format!("ifindex {ifindex}")))?;
     attach(
@@ -307,13 +506,19 @@ pub fn detach_pod(pin_path: &Path, ifindex: u32) -> Result<bool> {
     detach(pin_path, &pod_link_name(ifindex))
 }
 
+/// The interface the pod-side program is attached to for the pod on `ifindex`, as
+/// [`link_ifindex`].
+pub fn pod_link_ifindex(pin_path: &Path, ifindex: u32) -> Result<Option<u32>> {
+    link_ifindex(pin_path, &pod_link_name(ifindex))
+}
+
 /// Attaches the pod-side program to every registered pod's veth (pods added while no daemon
 /// ran). Returns how many were attached.
 pub fn attach_registered_pods(prog: &mut SchedClassifier, maps: &Maps) -> Result<usize> {
     let mut attached = 0;
     for (ip, pod) in maps.pods()? {
         match attach_pod(prog, &maps.path, pod.host_ifindex) {
-            Ok(()) => attached += 1,
+            Ok(_) => attached += 1,
             Err(e) => warn!("pod {ip} ({}): {e}", pod.name()),
         }
     }
@@ -323,16 +528,39 @@ pub fn attach_registered_pods(prog: &mut SchedClassifier, maps: &Maps) -> Result
 /// Removes every pinned link (detaching the programs) and the pinned program; the maps stay.
 pub fn detach_all(pin_path: &Path) -> Result<usize> {
     let mut detached = 0;
-    if let Ok(entries) = std::fs::read_dir(pin_path.join(LINKS_DIR)) {
-        for entry in entries.flatten() {
-            let name = entry.file_name().to_string_lossy().into_owned();
-            if detach(pin_path, &name)? {
-                detached += 1;
+    let links = pin_path.join(LINKS_DIR);
+    match std::fs::read_dir(&links) {
+        Ok(entries) => {
+            for entry in entries.flatten() {
+                let name = entry.file_name().to_string_lossy().into_owned();
+                if detach(pin_path, &name)? {
+                    detached += 1;
+                }
             }
         }
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+        Err(e) => return Err(Error::io(format!("reading {}", links.display()), e)),
     }
-    let _ = std::fs::remove_file(pin_path.join(FROM_POD_PIN));
+    match std::fs::remove_file(pin_path.join(FROM_POD_PIN)) {
+        Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
+            return Err(Error::io("removing the pinned pod-side program", e));
+        }
+        _ => {}
+    }
     Ok(detached)
+}
+
+/// Names of the links pinned under `<pin>/links`.
+#[must_use]
+pub fn pinned_link_names(pin_path: &Path) -> Vec<String> {
+    std::fs::read_dir(pin_path.join(LINKS_DIR))
+        .map(|entries| {
+            entries
+                .flatten()
+                .map(|e| e.file_name().to_string_lossy().into_owned())
+                .collect()
+        })
+        .unwrap_or_default()
 }
 
 /// An exclusive lock per pin path, so two daemons never drive the same maps.
@@ -340,16 +568,53 @@ pub struct DaemonLock {
     _file: File,
 }
 
+/// Where daemons keep their lock and state files.
+pub const RUN_DIR: &str = "/run/datapath-user";
+
+/// The lock file of the daemon serving `pin_path` (`<stem>.lock`; its state file is
+/// `<stem>.state.json`).
+#[must_use]
+pub fn lock_file(pin_path: &Path) -> PathBuf {
+    Path::new(RUN_DIR).join(format!("{}.lock", run_file_stem(pin_path)))
+}
+
+fn run_file_stem(pin_path: &Path) -> String {
+    pin_path
+        .to_string_lossy()
+        .chars()
+        .map(|c| if c.is_ascii_alphanumeric() { c } else { '_' })
+        .collect()
+}
+
+/// The pid of the live daemon serving `pin_path`: the process holding the flock on its lock
+/// file, read from /proc/locks so that asking never takes the lock from a starting daemon.
+#[must_use]
+pub fn daemon_pid(pin_path: &Path) -> Option<u32> {
+    use std::os::unix::fs::MetadataExt as _;
+    let meta = std::fs::metadata(lock_file(pin_path)).ok()?;
+    let locks = std::fs::read_to_string("/proc/locks").ok()?;
+    flock_holder(&locks, meta.dev(), meta.ino())
+}
+
+/// The pid holding an flock on the file (`dev`, `ino`) in /proc/locks' text.
+fn flock_holder(locks: &str, dev: u64, ino: u64) -> Option<u32> {
+    // "1: FLOCK  ADVISORY  WRITE 1234 00:1a:5678 0 EOF"; dev as hex major:minor.
+    let (major, minor) = (libc::major(dev), libc::minor(dev));
+    let want = format!("{major:02x}:{minor:02x}:{ino}");
+    locks.lines().find_map(|line| {
+        let fields: Vec<&str> = line.split_whitespace().collect();
+        match fields.as_slice() {
+            [_, "FLOCK", _, _, pid, file, ..] if *file == want => pid.parse().ok(),
+            _ => None,
+        }
+    })
+}
+
 impl DaemonLock {
     pub fn acquire(pin_path: &Path) -> Result<Self> {
-        let dir = Path::new("/run/datapath-user");
-        std::fs::create_dir_all(dir).map_err(|e| Error::io("creating /run/datapath-user", e))?;
-        let escaped: String = pin_path
-            .to_string_lossy()
-            .chars()
-            .map(|c| if c.is_ascii_alphanumeric() { c } else { '_' })
-            .collect();
-        let path = dir.join(format!("{escaped}.lock"));
+        let dir = Path::new(RUN_DIR);
+        std::fs::create_dir_all(dir).map_err(|e| Error::io(format!("creating {RUN_DIR}"), e))?;
+        let path = lock_file(pin_path);
         let mut file = std::fs::OpenOptions::new()
             .read(true)
             .write(true)

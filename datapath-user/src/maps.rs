@@ -130,6 +130,20 @@ impl Maps {
         }
     }
 
+    /// Removes the flow `key`, returning the value it held when it was unlinked.
+    pub fn take_flow(&mut self, key: &FlowKey) -> Result<Option<Flow>> {
+        match crate::batch::take(&self.conntrack_raw, key) {
+            Ok(flow) => Ok(flow),
+            // Kernels without lookup-and-delete for this map type: read, then delete.
+            Err(e) if matches!(e.raw_os_error(), Some(libc::EINVAL | libc::ENOTSUP | 524)) => {
+                let flow = self.conntrack.get(key, 0).ok();
+                let _ = self.conntrack.remove(key);
+                Ok(flow)
+            }
+            Err(e) => Err(Error::io("removing a flow", e)),
+        }
+    }
+
     pub fn config(&self) -> Result<Config> {
         self.config
             .get(&0, 0)

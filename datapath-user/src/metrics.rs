@@ -4,14 +4,18 @@
 use std::{
     fmt::Write as _,
     io::{Read as _, Write as _},
-    net::{SocketAddr, TcpListener},
-    path::PathBuf,
-    sync::{Arc, Mutex},
+    net::{SocketAddr, TcpListener, TcpStream},
+    path::{Path, PathBuf},
+    sync::{
+        atomic::{AtomicUsize, Ordering},
+        Arc, Mutex,
+    },
+    time::Duration,
 };
 
 use log::warn;
 
-use crate::{error::Result, maps::Maps, stats, sweep::Sweeper};
+use crate::{error::Result, health, maps::Maps, stats, sweep::Sweeper};
 
 /// Writes one metric family: its HELP and TYPE lines, then a sample per (labels, value).
 fn family(out: &mut String, name: &str, ty: &str, help: &str, samples: &[(String, f64)]) {
@@ -117,40 +121,104 @@ pub fn render(maps: &Maps, sweeper: &Sweeper) -> Result<String> {
     Ok(out)
 }
 
-/// Serves `GET /metrics` on `addr` from a background thread.
-pub fn serve(addr: SocketAddr, pin_path: PathBuf, sweeper: Arc<Mutex<Sweeper>>) -> Result<()> {
-    let listener = TcpListener::bind(addr)
-        .map_err(|e| crate::Error::io(format!("binding the metrics address {addr}"), e))?;
+/// Binds the metrics address (before anything is attached, so a busy port fails the start
+/// cleanly).
+pub fn bind(addr: SocketAddr) -> Result<TcpListener> {
+    TcpListener::bind(addr)
+        .map_err(|e| crate::Error::io(format!("binding the metrics address {addr}"), e))
+}
+
+/// Requests served at once; more wait in the listen backlog.
+const MAX_CONCURRENT: usize = 8;
+/// A client that sends no request line (or reads no answer) within this is dropped.
+const IO_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// Serves `/metrics`, `/healthz` and `/readyz` on `listener` from background threads: one per
+/// connection (at most [`MAX_CONCURRENT`]), each with read and write timeouts, so an idle
+/// client cannot hold a scrape up.
+pub fn serve(listener: TcpListener, pin_path: PathBuf, sweeper: Arc<Mutex<Sweeper>>) {
+    let busy = Arc::new(AtomicUsize::new(0));
     std::thread::spawn(move || {
         for stream in listener.incoming() {
-            let Ok(mut stream) = stream else { continue };
-            let mut request = [0u8; 1024];
-            let n = stream.read(&mut request).unwrap_or(0);
-            let first = String::from_utf8_lossy(&request[..n]);
-            let (status, body) = if first.starts_with("GET /metrics") || first.starts_with("GET / ")
-            {
-                let body = Maps::open(&pin_path).and_then(|maps| {
-                    let sweeper = sweeper
-                        .lock()
-                        .unwrap_or_else(std::sync::PoisonError::into_inner);
-                    render(&maps, &sweeper)
-                });
-                match body {
-                    Ok(body) => ("200 OK", body),
-                    Err(e) => {
-                        warn!("metrics: {e}");
-                        ("500 Internal Server Error", format!("{e}\n"))
-                    }
-                }
-            } else {
-                ("404 Not Found", "try /metrics\n".to_string())
-            };
-            let _ = write!(
-                stream,
-                "HTTP/1.1 {status}\r\nContent-Type: text/plain; version=0.0.4\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
-                body.len()
-            );
+            let Ok(stream) = stream else { continue };
+            if busy.fetch_add(1, Ordering::SeqCst) >= MAX_CONCURRENT {
+                busy.fetch_sub(1, Ordering::SeqCst);
+                let _ = respond(stream, "503 Service Unavailable", "busy\n");
+                continue;
+            }
+            let (busy, pin_path, sweeper) =
+                (Arc::clone(&busy), pin_path.clone(), Arc::clone(&sweeper));
+            std::thread::spawn(move || {
+                handle(stream, &pin_path, &sweeper);
+                busy.fetch_sub(1, Ordering::SeqCst);
+            });
         }
     });
-    Ok(())
+}
+
+fn handle(mut stream: TcpStream, pin_path: &Path, sweeper: &Mutex<Sweeper>) {
+    let _ = stream.set_read_timeout(Some(IO_TIMEOUT));
+    let _ = stream.set_write_timeout(Some(IO_TIMEOUT));
+    // The request line may arrive in pieces: read until its end (or 1 KiB, or the timeout).
+    let mut request = [0u8; 1024];
+    let mut n = 0;
+    while n < request.len() && !request[..n].contains(&b'\n') {
+        match stream.read(&mut request[n..]) {
+            Ok(0) | Err(_) => break,
+            Ok(more) => n += more,
+        }
+    }
+    let first = String::from_utf8_lossy(&request[..n]);
+    let path = first
+        .strip_prefix("GET ")
+        .and_then(|rest| rest.split_whitespace().next())
+        .unwrap_or("");
+    let (status, body) = match path {
+        "/metrics" | "/" => {
+            let body = Maps::open(pin_path).and_then(|maps| {
+                let sweeper = sweeper
+                    .lock()
+                    .unwrap_or_else(std::sync::PoisonError::into_inner);
+                render(&maps, &sweeper)
+            });
+            match body {
+                Ok(body) => ("200 OK", body),
+                Err(e) => {
+                    warn!("metrics: {e}");
+                    ("500 Internal Server Error", format!("{e}\n"))
+                }
+            }
+        }
+        "/healthz" => {
+            let sweeper = sweeper
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner);
+            match sweeper.last_pass_age() {
+                Some(age) if age <= sweeper.stall_limit() => ("200 OK", "ok\n".to_string()),
+                Some(age) => (
+                    "503 Service Unavailable",
+                    format!("no sweep for {} s\n", age.as_secs()),
+                ),
+                None => ("503 Service Unavailable", "not swept yet\n".to_string()),
+            }
+        }
+        "/readyz" => match health::check(pin_path, Some(std::process::id())) {
+            Ok(status) if status.ready => ("200 OK", "ready\n".to_string()),
+            Ok(status) => ("503 Service Unavailable", format!("{}\n", status.summary())),
+            Err(e) => ("503 Service Unavailable", format!("{e}\n")),
+        },
+        _ => (
+            "404 Not Found",
+            "not found: try /metrics, /healthz or /readyz\n".to_string(),
+        ),
+    };
+    let _ = respond(stream, status, &body);
+}
+
+fn respond(mut stream: TcpStream, status: &str, body: &str) -> std::io::Result<()> {
+    write!(
+        stream,
+        "HTTP/1.1 {status}\r\nContent-Type: text/plain; version=0.0.4\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+        body.len()
+    )
 }

@@ -3,49 +3,24 @@
 
 use std::{net::Ipv4Addr, path::Path};
 
-use datapath_common::{config::DEFAULT_POD_CIDR, maps::DEFAULT_FLOW_TABLE_SIZE, pod::PodInfo};
+use datapath_common::{config::DEFAULT_POD_CIDR, pod::PodInfo};
 
 use crate::{
     error::{Error, Result},
-    loader::{self, LoadOptions},
+    loader,
     maps::Maps,
 };
 
-/// Opens the maps at `pin_path`, creating them (by loading the object) when no daemon has run
-/// yet: a pod registered then is attached when `datapath-user run` starts.
-pub fn open_or_create(pin_path: &Path) -> Result<Maps> {
-    match Maps::open(pin_path) {
-        Err(Error::NotRunning(_)) => {
-            drop(loader::load(&LoadOptions {
-                pin_path: pin_path.to_path_buf(),
-                flow_table_size: DEFAULT_FLOW_TABLE_SIZE,
-                kernel_checksum_helpers: false,
-            })?);
-            Maps::open(pin_path)
-        }
-        other => other,
+/// Registers pod `ip` on host veth `ifindex` and attaches the pod-side program there.
+///
+/// Refused while the datapath is not attached at `pin_path`: the pod's IPv4 would leave the
+/// node untranslated. On success every packet of the pod is translated or dropped (a packet
+/// that reaches the uplink through the host stack meets the egress safety net).
+pub fn register(pin_path: &Path, ip: Ipv4Addr, ifindex: u32, name: &str) -> Result<()> {
+    if !loader::datapath_attached(pin_path) {
+        return Err(Error::NotAttached(pin_path.to_path_buf()));
     }
-}
-
-/// Registers pod `ip` on host veth `ifindex`. Returns whether the pod-side program was
-/// attached now (a daemon runs) or will be when one starts.
-pub fn register(pin_path: &Path, ip: Ipv4Addr, ifindex: u32, name: &str) -> Result<bool> {
-    register_in(open_or_create(pin_path)?, pin_path, ip, ifindex, name)
-}
-
-/// As [`register`], for callers that need a datapath already there (the CNI plugin): never
-/// creates maps, so the daemon's `--flow-table-size` is what applies.
-pub fn register_running(pin_path: &Path, ip: Ipv4Addr, ifindex: u32, name: &str) -> Result<bool> {
-    register_in(Maps::open(pin_path)?, pin_path, ip, ifindex, name)
-}
-
-fn register_in(
-    mut maps: Maps,
-    pin_path: &Path,
-    ip: Ipv4Addr,
-    ifindex: u32,
-    name: &str,
-) -> Result<bool> {
+    let mut maps = Maps::open(pin_path)?;
     let cidr = match maps.config() {
         Ok(cfg) if cfg.node_ip != 0 => cfg.pod_cidr,
         _ => DEFAULT_POD_CIDR,
@@ -59,13 +34,15 @@ fn register_in(
     maps.pods
         .insert(u32::from(ip), PodInfo::new(ifindex, name), 0)
         .map_err(|e| Error::map("writing PODS", e))?;
-    match loader::pinned_from_pod_program(pin_path) {
-        Some(mut prog) => {
-            loader::attach_pod(&mut prog, pin_path, ifindex)?;
-            Ok(true)
-        }
-        None => Ok(false),
+    let attached = loader::pinned_from_pod_program(pin_path)
+        .ok_or_else(|| Error::NotAttached(pin_path.to_path_buf()))
+        .and_then(|mut prog| loader::attach_pod(&mut prog, pin_path, ifindex));
+    if let Err(e) = attached {
+        // Not protected: undo the registration so the caller's failure leaves nothing behind.
+        let _ = maps.pods.remove(&u32::from(ip));
+        return Err(e);
     }
+    Ok(())
 }
 
 /// Removes pod `ip` and its flows, detaching the pod-side program from its veth unless

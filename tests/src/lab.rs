@@ -330,6 +330,13 @@ impl Lab {
 
     /// Starts `datapath-user run` in the node and waits for it to report ready.
     pub fn start_daemon(&mut self) -> Result<()> {
+        let ready = self.spawn_daemon()?;
+        self.wait_ready(&ready, Duration::from_mins(1))
+    }
+
+    /// Starts `datapath-user run` in the node without waiting; the receiver gets a message
+    /// when the daemon prints `ready`.
+    pub fn spawn_daemon(&mut self) -> Result<std::sync::mpsc::Receiver<()>> {
         let bin = crate::datapath_user_bin();
         if !bin.exists() {
             bail!(
@@ -362,7 +369,16 @@ impl Lab {
             }
         });
         self.daemon = Some(child);
-        if rx.recv_timeout(Duration::from_mins(1)).is_err() {
+        Ok(rx)
+    }
+
+    /// Waits for the `ready` line of a daemon started with [`Lab::spawn_daemon`].
+    pub fn wait_ready(
+        &self,
+        ready: &std::sync::mpsc::Receiver<()>,
+        timeout: Duration,
+    ) -> Result<()> {
+        if ready.recv_timeout(timeout).is_err() {
             let log = std::fs::read_to_string(&self.daemon_log).unwrap_or_default();
             let tail: Vec<&str> = log.lines().rev().take(15).collect();
             bail!(
@@ -371,6 +387,12 @@ impl Lab {
             );
         }
         Ok(())
+    }
+
+    /// The daemon's pid, while it runs.
+    #[must_use]
+    pub fn daemon_pid(&self) -> Option<u32> {
+        self.daemon.as_ref().map(Child::id)
     }
 
     /// Sends `signal` to the daemon and waits for it to exit; returns its exit status.

@@ -128,35 +128,11 @@ fn the_daemon_owns_the_chain_and_keeps_it_in_step() {
     );
     eprintln!("derived conflist followed aws-node's rewrite in {took:?}");
 
-    // A daemon that detaches on exit takes the chain away first; one that exits with
-    // --keep-attached leaves it (its programs stay); detach removes it.
+    // The daemon's exit leaves the chain, as it leaves the programs; detach removes both.
     lab.stop_daemon(libc::SIGTERM).unwrap();
     assert!(
-        derived(&conf.0).is_none(),
-        "exit without --keep-attached left the chain"
-    );
-    let mut keep = run_daemon(
-        &lab,
-        &[
-            "--uplink",
-            "eth0",
-            "--pin-path",
-            &pin,
-            "--cni-conf-dir",
-            &dir,
-            "--keep-attached",
-        ],
-    )
-    .expect("run --keep-attached");
-    wait_for("derived conflist", Duration::from_secs(2), || {
-        derived(&conf.0).is_some()
-    });
-    // SAFETY: signalling our own child.
-    unsafe { libc::kill(keep.id().cast_signed(), libc::SIGTERM) };
-    keep.wait().unwrap();
-    assert!(
         derived(&conf.0).is_some(),
-        "--keep-attached exit removed the chain"
+        "the daemon's exit removed the chain"
     );
     let out = lab
         .cli_output(&["detach", "--pin-path", &pin, "--cni-conf-dir", &dir])

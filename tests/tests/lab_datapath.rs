@@ -363,56 +363,6 @@ fn bad_input_gets_one_clear_line() {
 }
 
 #[test]
-fn zero_gap_restart_with_keep_attached_under_live_traffic() {
-    let mut lab = lab(LabOptions {
-        run_args: vec!["--keep-attached".into()],
-        ..LabOptions::default()
-    });
-    let _echo = Server::tcp(&lab.server, 8080, TcpService::Echo).unwrap();
-    let _udp = Server::udp_echo(&lab.server, 5353).unwrap();
-    let pod = lab.pod(0).clone();
-    let stream = traffic::tcp_connect(&pod.ns, SERVER_IP, 8080, None).unwrap();
-    // A TCP exchange and a UDP request every 10 ms while the daemon restarts.
-    let load = traffic::LiveLoad::start(
-        &pod.ns,
-        stream,
-        (SERVER_IP.parse().unwrap(), 5353),
-        44000,
-        Duration::from_millis(10),
-    )
-    .unwrap();
-    std::thread::sleep(Duration::from_millis(300));
-    assert!(lab.stop_daemon(libc::SIGTERM).unwrap().unwrap().success());
-    lab.start_daemon().unwrap();
-    std::thread::sleep(Duration::from_millis(300));
-    let rounds = load.finish().expect("traffic survived the restart");
-    assert!(rounds > 20, "only {rounds} rounds");
-    assert_eq!(lab.counter("drop_untracked_inbound").unwrap(), 0);
-    // Taking the datapath off the node: the pinned links go, the maps stay.
-    assert!(lab.stop_daemon(libc::SIGTERM).unwrap().unwrap().success());
-    let out = lab.cli(&["detach"]).unwrap();
-    assert!(out.contains("detached 4 programs"), "{out}");
-    assert!(!lab.pin_path.join("links/uplink_ingress").exists());
-    assert!(lab.pin_path.join("CONNTRACK").exists());
-}
-
-#[test]
-fn pods_registered_while_no_daemon_runs_are_attached_at_start() {
-    let mut lab = lab(LabOptions {
-        start_daemon: false,
-        ..LabOptions::default()
-    });
-    let pod = lab.pod(0).clone();
-    let out = lab.register_pod(&pod).unwrap();
-    assert!(out.contains("attached when"), "{out}");
-    lab.start_daemon().unwrap();
-    let _echo = Server::tcp(&lab.server, 8080, TcpService::Echo).unwrap();
-    let mut s = traffic::tcp_connect(&pod.ns, SERVER_IP, 8080, None).unwrap();
-    traffic::echo_roundtrip(&mut s, b"late attach").unwrap();
-    assert!(lab.counter("translated_out").unwrap() >= 2);
-}
-
-#[test]
 fn pinned_maps_of_another_layout_are_refused() {
     let mut lab = lab(LabOptions::default());
     lab.stop_daemon(libc::SIGTERM).unwrap();

@@ -105,6 +105,7 @@ fn tcp_translation(h: &mut Harness) {
     assert_eq!((back.src, back.dst), (SERVER_IP, POD_IP));
     assert_eq!((back.src_port(), back.dst_port()), (80, 40000));
     assert!(back.ip_checksum_ok() && back.l4_checksum_ok());
+    assert_eq!(back.ttl, 63, "the hop to the pod decrements the TTL");
     assert_eq!((back.dst_mac, back.src_mac), (POD_MAC, GW_MAC));
     let flow = h.flow(&pod_key(PROTO_TCP, 40000, SERVER_IP, 80)).unwrap();
     assert_eq!(flow.state(), Some(FlowState::Established));
@@ -800,5 +801,88 @@ fn ports_of_finished_connections_are_reclaimed() {
             assert_eq!(verdict, TC_ACT_SHOT);
         },
     )
+    .unwrap();
+}
+
+/// A router does not forward a packet whose TTL is 1: neither does the datapath towards a
+/// pod (the instance metadata service's hop limit relies on it), whatever the packet is.
+#[test]
+fn replies_errors_and_fragments_with_ttl_one_never_reach_a_pod() {
+    with_harness(HarnessOptions::default(), |h| {
+        let out = open_tcp(h, 40100);
+        let mut reply = Ipv4Packet::new(
+            SERVER_IP,
+            NODE_IP,
+            PROTO_TCP,
+            packet::tcp(
+                SERVER_IP,
+                NODE_IP,
+                80,
+                out.src_port(),
+                TCP_SYN | TCP_ACK,
+                b"",
+            ),
+        );
+        reply.ttl = 1;
+        let (verdict, _) = h.from_wire(&reply.frame(SERVER_MAC, UPLINK_MAC));
+        assert_eq!(verdict, TC_ACT_SHOT);
+        assert_eq!(h.counter(Counter::DropTtlExceeded), 1);
+        assert_eq!(h.counter(Counter::TranslatedIn), 0);
+        reply.ttl = 2;
+        let (verdict, back) = h.from_wire(&reply.frame(SERVER_MAC, UPLINK_MAC));
+        assert_eq!(verdict, TC_ACT_REDIRECT);
+        let back = Parsed::parse(&back);
+        assert_eq!(back.ttl, 1);
+        assert!(back.ip_checksum_ok() && back.l4_checksum_ok());
+
+        // An ICMP error about the flow, sent with TTL 1.
+        let quoted = Ipv4Packet::new(
+            NODE_IP,
+            SERVER_IP,
+            PROTO_TCP,
+            packet::tcp(NODE_IP, SERVER_IP, out.src_port(), 80, TCP_SYN, b""),
+        )
+        .bytes();
+        let mut error = Ipv4Packet::new(
+            ROUTER_IP,
+            NODE_IP,
+            PROTO_ICMP,
+            packet::icmp(3, 4, [0, 0, 0x05, 0x00], &quoted[..28]),
+        );
+        error.ttl = 1;
+        let (verdict, _) = h.from_wire(&error.frame(ROUTER_MAC, UPLINK_MAC));
+        assert_eq!(verdict, TC_ACT_SHOT);
+        assert_eq!(h.counter(Counter::DropTtlExceeded), 2);
+        error.ttl = 9;
+        let (verdict, back) = h.from_wire(&error.frame(ROUTER_MAC, UPLINK_MAC));
+        assert_eq!(verdict, TC_ACT_REDIRECT);
+        let back = Parsed::parse(&back);
+        assert_eq!((back.dst, back.ttl), (POD_IP, 8));
+        assert!(back.ip_checksum_ok());
+    })
+    .unwrap();
+}
+
+/// The uplink's safety net without a configuration (an install caught half-way): a
+/// link-local source never leaves untranslated; the node's own traffic passes.
+#[test]
+fn an_unconfigured_uplink_drops_pod_sources_and_passes_the_node() {
+    with_harness(HarnessOptions::default(), |h| {
+        // SAFETY: Config is plain data; all zero is "not configured".
+        let unconfigured: datapath_common::config::Config = unsafe { std::mem::zeroed() };
+        h.maps.config.set(0, unconfigured, 0).unwrap();
+        let (verdict, _) = h.to_wire(&pod_tcp(40200, 80, TCP_SYN));
+        assert_eq!(verdict, TC_ACT_SHOT);
+        assert_eq!(h.counter(Counter::DropNotConfigured), 1);
+        let node = Ipv4Packet::new(
+            NODE_IP,
+            SERVER_IP,
+            PROTO_TCP,
+            packet::tcp(NODE_IP, SERVER_IP, 40200, 80, TCP_SYN, b""),
+        )
+        .frame(UPLINK_MAC, SERVER_MAC);
+        let (verdict, _) = h.to_wire(&node);
+        assert_eq!(verdict, TC_ACT_OK);
+    })
     .unwrap();
 }

@@ -6,6 +6,7 @@ mod output;
 mod pod;
 mod run;
 mod stats;
+mod status;
 
 use std::{net::Ipv4Addr, path::PathBuf};
 
@@ -32,6 +33,7 @@ enum Command {
     Flows(flows::FlowsArgs),
     Stats(stats::StatsArgs),
     Detach(detach::DetachArgs),
+    Status(status::StatusArgs),
 }
 
 pub fn execute(cli: Cli) -> anyhow::Result<()> {
@@ -41,6 +43,7 @@ pub fn execute(cli: Cli) -> anyhow::Result<()> {
         Command::Flows(args) => flows::execute(&args),
         Command::Stats(args) => stats::execute(&args),
         Command::Detach(args) => detach::execute(&args),
+        Command::Status(args) => status::execute(&args),
     }
 }
 

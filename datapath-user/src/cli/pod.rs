@@ -12,6 +12,9 @@ use super::{output::print_table, Format, PinArgs};
 pub enum PodCommand {
     /// Register a pod's IPv4 on its host veth and attach the pod-side program there.
     ///
+    /// Refused while the datapath is not attached (`datapath-user run` has never started, or
+    /// `detach` removed it): the pod's IPv4 would leave the node untranslated.
+    ///
     /// Example: datapath-user pod add --ip 169.254.172.2 --host-veth veth1a2b3c4d --name default/web-0
     Add {
         /// The pod's node-local IPv4 (in the pod range).
@@ -62,13 +65,9 @@ pub fn execute(cmd: PodCommand) -> anyhow::Result<()> {
         } => {
             let ifindex = netdev::ifindex(&host_veth)?;
             let name_str = name.as_deref().unwrap_or("");
-            let attached = if pods::register(&pin.pin_path, ip, ifindex, name_str)? {
-                "attached"
-            } else {
-                "registered; attached when `datapath-user run` starts"
-            };
+            pods::register(&pin.pin_path, ip, ifindex, name_str)?;
             println!(
-                "pod {ip}{} on {host_veth} (ifindex {ifindex}): {attached}",
+                "pod {ip}{} on {host_veth} (ifindex {ifindex}): registered and attached; its IPv4 is translated from now on",
                 name.map(|n| format!(" ({n})")).unwrap_or_default()
             );
         }

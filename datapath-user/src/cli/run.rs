@@ -18,19 +18,23 @@ use datapath_common::{
 };
 use datapath_user::{
     conflist,
+    health::{self, DaemonState},
     loader::{self, DaemonLock, LoadOptions},
     maps::Maps,
-    metrics, migration, netdev,
+    metrics, migration, netdev, pods,
     sweep::Sweeper,
     Error,
 };
-use log::{info, warn};
+use log::{error, info, warn};
 
 use super::{parse_cidr, PinArgs};
 
 /// Load the datapath, attach it to the uplink and the registered pods, and stay in the
-/// foreground. SIGTERM/SIGINT detach the programs and keep the pinned maps, so the next
-/// `run` continues with every flow.
+/// foreground: sweep expired flows, log the datapath's drops, serve metrics.
+///
+/// Prints `ready` once the uplink programs and every registered pod are attached. When it
+/// exits (SIGTERM, SIGINT, a crash) the programs stay attached and keep translating from the
+/// pinned maps; the next `run` takes them over atomically. `datapath-user detach` removes them.
 ///
 /// Examples:
 ///   datapath-user run --uplink eth0
@@ -70,9 +74,8 @@ pub struct RunArgs {
     /// Seconds between expired-flow sweeps.
     #[arg(long, default_value_t = 1.0, value_name = "SECONDS")]
     sweep_interval: f64,
-    /// Leave the programs attached on exit (zero-gap restarts and upgrades: the next `run`
-    /// swaps its programs into the pinned links).
-    #[arg(long)]
+    /// Accepted for compatibility: the programs always stay attached on exit now.
+    #[arg(long, hide = true)]
     keep_attached: bool,
     /// Once ready, derive DIR/05-datapath.conflist from the VPC CNI's conflist in DIR (its
     /// egress-cni entry replaced by datapath-cni) and keep it in step with it.
@@ -131,6 +134,7 @@ fn parse_port_range(s: &str) -> Result<(u16, u16), String> {
 }
 
 pub fn execute(args: &RunArgs) -> anyhow::Result<()> {
+    // Everything that can fail without the kernel is checked before anything is attached.
     let uplink = match &args.uplink {
         Some(name) => name.clone(),
         None => netdev::default_route_interface()?,
@@ -143,6 +147,8 @@ pub fn execute(args: &RunArgs) -> anyhow::Result<()> {
         conflist::check_dir(dir)?;
     }
     let pin_path = args.pin.pin_path.clone();
+    let uplink_ifindex = netdev::ifindex(&uplink)?;
+    let metrics_listener = args.metrics_addr.map(metrics::bind).transpose()?;
     let _lock = DaemonLock::acquire(&pin_path)?;
     let mut ebpf = loader::load(&LoadOptions {
         pin_path: pin_path.clone(),
@@ -152,32 +158,52 @@ pub fn execute(args: &RunArgs) -> anyhow::Result<()> {
     // Before attaching: what the kernel still translates (iptables pods) stays the kernel's.
     let config = migration::at_start(config, Maps::open(&pin_path).ok().as_ref());
     loader::write_config(&mut ebpf, &config)?;
-    loader::pin_from_pod_program(&mut ebpf, &pin_path)?;
-    loader::attach(
+    let mut start = StartAttachments::new(&pin_path);
+    start.attach(
         loader::program(&mut ebpf, names::PROG_UPLINK_INGRESS)?,
         &uplink,
         TcAttachType::Ingress,
-        &pin_path,
-        "uplink_ingress",
+        loader::UPLINK_INGRESS,
     )?;
-    loader::attach(
+    start.attach(
         loader::program(&mut ebpf, names::PROG_UPLINK_EGRESS)?,
         &uplink,
         TcAttachType::Egress,
-        &pin_path,
-        "uplink_egress",
+        loader::UPLINK_EGRESS,
     )?;
-    let mut maps = Maps::open(&pin_path)?;
-    let pods =
-        loader::attach_registered_pods(loader::program(&mut ebpf, names::PROG_FROM_POD)?, &maps)?;
-    let flows = maps.conntrack.keys().flatten().count();
-    let sweeper = Arc::new(Mutex::new(Sweeper::default()));
-    if let Some(addr) = args.metrics_addr {
-        metrics::serve(addr, pin_path.clone(), Arc::clone(&sweeper))?;
-        info!("metrics on http://{addr}/metrics");
+    loader::pin_from_pod_program(&mut ebpf, &pin_path)?;
+    let maps = Maps::open(&pin_path)?;
+    let from_pod = loader::program(&mut ebpf, names::PROG_FROM_POD)?;
+    let missing = attach_pods(from_pod, &maps, uplink_ifindex)?;
+    // Pods that `pod add` registers from now on attach themselves (the datapath is attached).
+    // Past this point the attachments stay, whatever happens to this process.
+    start.keep();
+
+    let interval = Duration::from_secs_f64(args.sweep_interval);
+    let sweeper = Arc::new(Mutex::new(Sweeper::new(interval)));
+    let state = DaemonState {
+        pid: std::process::id(),
+        started_unix: health::unix_now(),
+        heartbeat_unix: health::unix_now(),
+        sweep_interval_s: args.sweep_interval,
+        uplink: uplink.clone(),
+        uplink_ifindex,
+        node_ip: Ipv4Addr::from(config.node_ip),
+        attach_mode: loader::attach_mode().to_string(),
+        checksum_path: loader::checksum_path().to_string(),
+    };
+    state.publish(&pin_path)?;
+    if let Some(listener) = metrics_listener {
+        info!(
+            "metrics on http://{}/metrics (also /healthz, /readyz)",
+            listener.local_addr()?
+        );
+        metrics::serve(listener, pin_path.clone(), Arc::clone(&sweeper));
     }
+    let mut flows = 0;
+    maps.for_each_flow(|_, _| flows += 1)?;
     info!(
-        "running: uplink {} node ip {} pods {}/{} ports {}-{} ({:?}); {pods} pods attached, {flows} flows carried over; maps at {}",
+        "running: uplink {} node ip {} pods {}/{} ports {}-{} ({:?}); {} attachment, {} checksums; {flows} flows carried over; maps at {}",
         uplink,
         Ipv4Addr::from(config.node_ip),
         Ipv4Addr::from(config.pod_cidr.network),
@@ -185,70 +211,219 @@ pub fn execute(args: &RunArgs) -> anyhow::Result<()> {
         config.port_min,
         config.port_max,
         config.randomisation(),
+        state.attach_mode,
+        state.checksum_path,
         pin_path.display()
     );
-    println!("ready");
-    let _ = std::io::stdout().flush();
-    // The chain goes in only now that the datapath is attached.
-    let chain = start_chain(args, &pin_path)?;
-
-    let interval = Duration::from_secs_f64(args.sweep_interval.max(0.05));
-    let mut previous = maps.counters().unwrap_or_default();
-    let mut migration = migration::Migration::default();
-    let signal = wait_for_signal(interval, || {
-        let mut sweeper = sweeper
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner);
-        match sweeper.run(&mut maps) {
-            Ok(r) if r.expired + r.orphan_bindings > 0 => info!(
-                "sweep: {} expired flows and {} orphan bindings removed of {} ({:?})",
-                r.expired, r.orphan_bindings, r.scanned, r.duration
-            ),
-            Ok(_) => {}
-            Err(e) => warn!("sweep: {e}"),
-        }
-        if let Err(e) = migration.update(&mut maps) {
-            warn!("migration: {e}");
-        }
-        if let Ok(current) = maps.counters() {
-            log_datapath_events(&previous, &current);
-            previous = current;
-        }
-    })?;
-    if let Some(chain) = chain {
-        chain.stop();
-        // The programs are about to go: hand new pods back to the VPC CNI's chain first.
-        if let (false, Some(dir)) = (args.keep_attached, &args.cni_conf_dir) {
-            conflist::remove(dir)?;
-        }
-    }
-    if args.keep_attached {
-        info!("{signal}: exiting with the programs left attached (--keep-attached)");
-    } else {
-        let detached = loader::detach_all(&pin_path)?;
-        info!(
-            "{signal}: detached {detached} programs; pinned maps kept at {}",
-            pin_path.display()
-        );
-    }
+    let mut daemon = Daemon {
+        previous: maps.counters().unwrap_or_default(),
+        maps,
+        sweeper,
+        missing: Vec::new(),
+        announced_ready: false,
+        state,
+        pin_path: pin_path.clone(),
+        migration: migration::Migration::default(),
+        chain: Chain {
+            conf_dir: args.cni_conf_dir.clone(),
+            bin_dir: args.cni_bin_dir.clone(),
+            watcher: None,
+        },
+    };
+    daemon.check_attachments(missing);
+    let signal = wait_for_signal(interval, || daemon.tick())?;
+    info!(
+        "{signal}: exiting; the programs stay attached and keep translating from the maps at {} (`datapath-user detach` removes them)",
+        pin_path.display()
+    );
+    let _ = std::fs::remove_file(DaemonState::file(&pin_path));
     Ok(())
 }
 
-/// `--cni-bin-dir`, `--cni-conf-dir`: the plugin installed, then the chain kept in step.
-fn start_chain(
-    args: &RunArgs,
-    pin_path: &std::path::Path,
-) -> anyhow::Result<Option<conflist::Watcher>> {
-    if let Some(dir) = &args.cni_bin_dir {
-        info!("installed {}", conflist::install_plugin(dir)?.display());
+/// The daemon's state between ticks.
+struct Daemon {
+    maps: Maps,
+    sweeper: Arc<Mutex<Sweeper>>,
+    previous: Vec<(Counter, u64)>,
+    missing: Vec<String>,
+    announced_ready: bool,
+    state: DaemonState,
+    pin_path: std::path::PathBuf,
+    migration: migration::Migration,
+    chain: Chain,
+}
+
+/// `--cni-bin-dir`, `--cni-conf-dir`: installed and kept in step from the first `ready` on.
+struct Chain {
+    conf_dir: Option<std::path::PathBuf>,
+    bin_dir: Option<std::path::PathBuf>,
+    watcher: Option<conflist::Watcher>,
+}
+
+impl Chain {
+    /// The plugin installed, then the chain derived and watched; once. The watcher stops when
+    /// the daemon exits and the file stays, as the programs do (`detach --cni-conf-dir`).
+    fn start(&mut self, pin_path: &std::path::Path) {
+        let Some(conf_dir) = self.conf_dir.take() else {
+            return;
+        };
+        if let Some(bin_dir) = self.bin_dir.take() {
+            match conflist::install_plugin(&bin_dir) {
+                Ok(path) => info!("installed {}", path.display()),
+                Err(e) => error!("CNI chain not installed: {e}"),
+            }
+        }
+        let opts = conflist::DeriveOptions {
+            pin_path: pin_path.to_path_buf(),
+        };
+        match conflist::Watcher::start(&conf_dir, opts) {
+            Ok(w) => self.watcher = Some(w),
+            Err(e) => error!("CNI chain not installed: {e}"),
+        }
     }
-    let Some(dir) = &args.cni_conf_dir else {
-        return Ok(None);
-    };
-    let opts = conflist::DeriveOptions {
-        pin_path: pin_path.to_path_buf(),
-    };
-    Ok(Some(conflist::Watcher::start(dir, opts)?))
+}
+
+impl Daemon {
+    /// Sweeps, logs what the datapath counted since the last tick, checks the attachments
+    /// and publishes the heartbeat.
+    fn tick(&mut self) {
+        {
+            let mut sweeper = self
+                .sweeper
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner);
+            match sweeper.run(&mut self.maps) {
+                Ok(r) if r.expired + r.orphan_bindings > 0 => info!(
+                    "sweep: {} expired flows and {} stale bindings removed; {} flows due before the next full scan ({:?})",
+                    r.expired,
+                    r.orphan_bindings,
+                    sweeper.due_flows(),
+                    r.duration
+                ),
+                Ok(_) => {}
+                Err(e) => warn!("sweep: {e}"),
+            }
+        }
+        if let Err(e) = self.migration.update(&mut self.maps) {
+            warn!("migration: {e}");
+        }
+        if let Ok(current) = self.maps.counters() {
+            log_datapath_events(&self.previous, &current);
+            self.previous = current;
+        }
+        // Attachments someone removed under us (`detach --force`, a veth re-created): noticed
+        // and reported, not fought over.
+        let missing = match health::attachments(
+            &self.pin_path,
+            &self.maps,
+            Some(self.state.uplink_ifindex),
+        ) {
+            Ok((_, m)) => m,
+            Err(e) => vec![e.to_string()],
+        };
+        self.check_attachments(missing);
+        self.state.heartbeat_unix = health::unix_now();
+        if let Err(e) = self.state.publish(&self.pin_path) {
+            warn!("{e}");
+        }
+    }
+
+    /// Logs changes in what is missing; prints `ready` the first time nothing is.
+    fn check_attachments(&mut self, missing: Vec<String>) {
+        if missing != self.missing {
+            match (missing.is_empty(), self.announced_ready) {
+                (true, true) => info!("every attachment is in place again"),
+                (true, false) => {}
+                (false, true) => error!("not serving fully: {}", missing.join("; ")),
+                (false, false) => warn!("not ready yet: {}", missing.join("; ")),
+            }
+        }
+        if missing.is_empty() && !self.announced_ready {
+            println!("ready");
+            let _ = std::io::stdout().flush();
+            self.announced_ready = true;
+            // The chain goes in only now that the datapath is attached.
+            self.chain.start(&self.pin_path);
+        }
+        self.missing = missing;
+    }
+}
+
+/// Attaches the pod-side program where a registered pod lacks it (pods registered while the
+/// datapath was detached), and forgets pods whose veth is gone (deleted while no CNI DEL
+/// could reach us). Returns one line per attachment still missing, the uplink's included.
+fn attach_pods(
+    prog: &mut aya::programs::SchedClassifier,
+    maps: &Maps,
+    uplink_ifindex: u32,
+) -> anyhow::Result<Vec<String>> {
+    for (ip, pod) in maps.pods()? {
+        if loader::pod_link_ifindex(&maps.path, pod.host_ifindex)? == Some(pod.host_ifindex) {
+            continue;
+        }
+        if netdev::ifname(pod.host_ifindex).is_none() {
+            warn!(
+                "pod {ip} ({}): its veth (ifindex {}) is gone; unregistering it",
+                pod.name(),
+                pod.host_ifindex
+            );
+            pods::unregister(&maps.path, ip)?;
+            continue;
+        }
+        if let Err(e) = loader::attach_pod(prog, &maps.path, pod.host_ifindex) {
+            warn!("pod {ip} ({}): {e}", pod.name());
+        }
+    }
+    let (_, missing) = health::attachments(&maps.path, maps, Some(uplink_ifindex))?;
+    Ok(missing)
+}
+
+/// The attachments one start created, removed again if the start fails before [`keep`]:
+/// attachments a previous daemon left (and this one swapped its programs into) stay.
+///
+/// [`keep`]: StartAttachments::keep
+struct StartAttachments {
+    pin_path: std::path::PathBuf,
+    created: Vec<&'static str>,
+}
+
+impl StartAttachments {
+    fn new(pin_path: &std::path::Path) -> Self {
+        Self {
+            pin_path: pin_path.to_path_buf(),
+            created: Vec::new(),
+        }
+    }
+
+    fn attach(
+        &mut self,
+        prog: &mut aya::programs::SchedClassifier,
+        ifname: &str,
+        attach_type: TcAttachType,
+        what: &'static str,
+    ) -> anyhow::Result<()> {
+        if loader::attach(prog, ifname, attach_type, &self.pin_path, what)?
+            == loader::Attached::Created
+        {
+            self.created.push(what);
+        }
+        Ok(())
+    }
+
+    fn keep(mut self) {
+        self.created.clear();
+    }
+}
+
+impl Drop for StartAttachments {
+    fn drop(&mut self) {
+        for what in &self.created {
+            match loader::detach(&self.pin_path, what) {
+                Ok(_) => info!("start failed: removed the {what} attachment it had made"),
+                Err(e) => error!("start failed, and removing its {what} attachment failed: {e}"),
+            }
+        }
+    }
 }
 
 fn build_config(args: &RunArgs, uplink: &str) -> anyhow::Result<Config> {

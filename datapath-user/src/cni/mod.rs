@@ -53,14 +53,11 @@ pub fn host_veth_name(container_id: &str) -> String {
     format!("veth{:011x}", h & 0xfff_ffff_ffff)
 }
 
-/// Whether a daemon has the datapath attached at `pin_path`: both uplink links and the
-/// pinned pod program exist (what `run` pins once the uplink is attached).
+/// Whether the datapath is attached at `pin_path`: both uplink links attached and the
+/// pod-side program pinned (what `run` leaves once ready).
 #[must_use]
 pub fn datapath_attached(pin_path: &Path) -> bool {
-    let links = pin_path.join("links");
-    links.join("uplink_ingress").exists()
-        && links.join("uplink_egress").exists()
-        && pin_path.join("prog_tc_from_pod").exists()
+    crate::loader::datapath_attached(pin_path)
 }
 
 fn record_path(conf: &NetConf, env: &Env) -> PathBuf {
@@ -229,8 +226,11 @@ fn add_steps(
     wire::configure(netns, host_veth, pod_if, ip, prefix_len)?;
     let pin_path = conf.pin_path();
     let ifindex = crate::netdev::ifindex(host_veth).map_err(|e| CniError::datapath(&e))?;
-    pods::register_running(&pin_path, ip, ifindex, &env.pod_name())
-        .map_err(|e| CniError::datapath(&e))?;
+    pods::register(&pin_path, ip, ifindex, &env.pod_name()).map_err(|e| match e {
+        // Detached between our check and now: retry later.
+        crate::Error::NotAttached(_) => CniError::try_again(e.to_string()),
+        e => CniError::datapath(&e),
+    })?;
     created.registered = Some((pin_path.clone(), ip));
     let record = Record {
         ip,
@@ -348,18 +348,5 @@ mod tests {
             wire::gateway(Ipv4Addr::new(169, 254, 173, 9), 22),
             Ipv4Addr::new(169, 254, 172, 1)
         );
-    }
-
-    #[test]
-    fn attached_needs_both_uplink_links_and_the_pod_program() {
-        let dir = std::env::temp_dir().join(format!("dp-cni-attached-{}", std::process::id()));
-        std::fs::create_dir_all(dir.join("links")).unwrap();
-        assert!(!datapath_attached(&dir));
-        std::fs::write(dir.join("links/uplink_ingress"), "").unwrap();
-        std::fs::write(dir.join("links/uplink_egress"), "").unwrap();
-        assert!(!datapath_attached(&dir));
-        std::fs::write(dir.join("prog_tc_from_pod"), "").unwrap();
-        assert!(datapath_attached(&dir));
-        std::fs::remove_dir_all(&dir).unwrap();
     }
 }
