@@ -205,7 +205,9 @@ fn the_uplink_defaults_to_the_default_route_interface() {
     assert!(log.contains(&format!("node ip {NODE_IP}")), "{log}");
     drop(status);
 
-    // No default route: one clear line, nothing attached.
+    // No default route: one clear line, nothing attached (the programs the first run left
+    // are taken off first).
+    lab.cli(&["detach"]).unwrap();
     exec_line(&lab.node, "ip route del default").unwrap();
     let err = run_daemon(&lab, &["--pin-path", &pin]).expect_err("started without a route");
     assert!(err.contains("no default IPv4 route"), "{err}");
