@@ -34,10 +34,11 @@ macro_rules! counters {
                 match self { $(Counter::$variant => Kind::$kind,)* }
             }
 
-            /// One-line meaning, shown by `stats` and in the docs.
+            /// One-line meaning, shown by `stats` and in the docs (without the space doc
+            /// comments start with).
             #[must_use]
             pub const fn description(self) -> &'static str {
-                match self { $(Counter::$variant => concat!($($doc),*),)* }
+                match self { $(Counter::$variant => concat!($($doc),*),)* }.trim_ascii_start()
             }
         }
     };
@@ -115,6 +116,11 @@ mod tests {
         for (i, counter) in Counter::ALL.iter().enumerate() {
             assert_eq!(*counter as usize, i);
             assert!(!counter.description().is_empty());
+            assert!(
+                !counter.description().starts_with(' '),
+                "{}",
+                counter.name()
+            );
             for other in &Counter::ALL[i + 1..] {
                 assert_ne!(counter.name(), other.name());
             }

@@ -99,6 +99,17 @@ impl FlowState {
         }
     }
 
+    /// The state of a UDP or ICMP flow after an inbound packet. A reply makes it replied; an
+    /// ICMP error about it (port unreachable, ...) does not: nf_conntrack keeps such a flow
+    /// unreplied, with the short timeout.
+    #[must_use]
+    pub const fn after_inbound(self, icmp_error: bool) -> Self {
+        match self {
+            Self::Unreplied if !icmp_error => Self::Replied,
+            other => other,
+        }
+    }
+
     /// How long a flow in this state lives without packets, in seconds.
     #[must_use]
     pub const fn timeout(self, proto: u8, timeouts: &Timeouts) -> u32 {
@@ -303,6 +314,19 @@ mod tests {
         assert!(flow.is_expired(PROTO_UDP, &Timeouts::DEFAULT, 35_000_000_000));
         // A clock behind the flow (another CPU's tick) is not idleness.
         assert!(!flow.is_expired(PROTO_UDP, &t, 1));
+    }
+
+    #[test]
+    fn only_a_real_reply_makes_a_flow_replied() {
+        assert_eq!(
+            FlowState::Unreplied.after_inbound(false),
+            FlowState::Replied
+        );
+        assert_eq!(
+            FlowState::Unreplied.after_inbound(true),
+            FlowState::Unreplied
+        );
+        assert_eq!(FlowState::Replied.after_inbound(true), FlowState::Replied);
     }
 
     #[test]

@@ -32,6 +32,37 @@ impl Cidr {
     pub const fn contains(&self, addr: u32) -> bool {
         addr & self.mask() == self.network
     }
+
+    /// The last address of the prefix.
+    #[must_use]
+    pub const fn broadcast(&self) -> u32 {
+        self.network | !self.mask()
+    }
+
+    /// Why `addr` cannot be a pod's address in this range with this gateway, if it cannot.
+    #[must_use]
+    pub const fn pod_address_problem(&self, gateway: u32, addr: u32) -> Option<&'static str> {
+        if !self.contains(addr) {
+            Some("is outside the pod range")
+        } else if addr == gateway {
+            Some("is the pods' gateway")
+        } else if self.prefix_len < 31 && addr == self.network {
+            Some("is the pod range's network address")
+        } else if self.prefix_len < 31 && addr == self.broadcast() {
+            Some("is the pod range's broadcast address")
+        } else {
+            None
+        }
+    }
+
+    /// Why `gateway` cannot be the pods' gateway in this range, if it cannot.
+    #[must_use]
+    pub const fn gateway_problem(&self, gateway: u32) -> Option<&'static str> {
+        match self.pod_address_problem(0, gateway) {
+            Some(problem) => Some(problem),
+            None => None,
+        }
+    }
 }
 
 /// Netmask for a prefix length (0..=32).
@@ -84,6 +115,27 @@ mod tests {
         assert!(is_link_local(addr(169, 254, 0, 0)));
         assert!(!is_link_local(addr(169, 255, 0, 1)));
         assert!(!is_link_local(addr(192, 0, 2, 10)));
+    }
+
+    #[test]
+    fn pod_addresses_exclude_network_gateway_and_broadcast() {
+        let cidr = Cidr::new(addr(169, 254, 172, 0), 22).unwrap();
+        let gw = addr(169, 254, 172, 1);
+        assert_eq!(cidr.broadcast(), addr(169, 254, 175, 255));
+        assert_eq!(cidr.pod_address_problem(gw, addr(169, 254, 172, 2)), None);
+        assert_eq!(cidr.pod_address_problem(gw, addr(169, 254, 175, 254)), None);
+        for bad in [
+            addr(169, 254, 172, 0),
+            gw,
+            addr(169, 254, 175, 255),
+            addr(169, 254, 176, 2),
+        ] {
+            assert!(cidr.pod_address_problem(gw, bad).is_some());
+        }
+        assert!(cidr.gateway_problem(addr(169, 254, 172, 0)).is_some());
+        assert!(cidr.gateway_problem(addr(169, 254, 175, 255)).is_some());
+        assert!(cidr.gateway_problem(addr(192, 0, 2, 1)).is_some());
+        assert_eq!(cidr.gateway_problem(gw), None);
     }
 
     #[test]

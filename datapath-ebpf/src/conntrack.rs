@@ -287,6 +287,36 @@ pub fn node_socket_owns(skb: *mut __sk_buff, reply: &FlowKey, tuple: &mut bpf_so
 /// Accounts one packet of `l3_len` bytes going `dir` and advances the state machine.
 #[inline(always)]
 pub fn account(flow: *mut Flow, proto: u8, dir: Direction, l3_len: u32, tcp_flags: u8, now: u64) {
+    count_packet(flow, dir, l3_len, now);
+    // SAFETY: as in `count_packet`; state bytes are written whole.
+    unsafe {
+        let f = &mut *flow;
+        let Some(state) = f.state() else { return };
+        if proto == PROTO_TCP {
+            let fins = f.flags & (FLAG_FIN_OUT | FLAG_FIN_IN);
+            let (next, next_fins) = tcp::next_state(state, fins, tcp_flags, dir);
+            if next != state || next_fins != fins {
+                f.state = next as u8;
+                f.flags = (f.flags & !(FLAG_FIN_OUT | FLAG_FIN_IN)) | next_fins;
+            }
+        } else if dir == Direction::In {
+            let next = state.after_inbound(false);
+            if next != state {
+                f.state = next as u8;
+            }
+        }
+    }
+}
+
+/// Accounts an ICMP error about the flow coming in: counted, but it is no reply (a UDP flow
+/// answered only by port-unreachable stays unreplied, as in nf_conntrack).
+#[inline(always)]
+pub fn account_icmp_error(flow: *mut Flow, l3_len: u32, now: u64) {
+    count_packet(flow, Direction::In, l3_len, now);
+}
+
+#[inline(always)]
+fn count_packet(flow: *mut Flow, dir: Direction, l3_len: u32, now: u64) {
     // SAFETY: `flow` points into a map value; counters are updated atomically because
     // packets of one flow may be processed on several CPUs at once.
     unsafe {
@@ -298,17 +328,6 @@ pub fn account(flow: *mut Flow, proto: u8, dir: Direction, l3_len: u32, tcp_flag
         };
         atomic_xadd::<u64, u64, { AtomicOrdering::Relaxed }>(packets, 1);
         atomic_xadd::<u64, u64, { AtomicOrdering::Relaxed }>(bytes, u64::from(l3_len));
-        let Some(state) = f.state() else { return };
-        if proto == PROTO_TCP {
-            let fins = f.flags & (FLAG_FIN_OUT | FLAG_FIN_IN);
-            let (next, next_fins) = tcp::next_state(state, fins, tcp_flags, dir);
-            if next != state || next_fins != fins {
-                f.state = next as u8;
-                f.flags = (f.flags & !(FLAG_FIN_OUT | FLAG_FIN_IN)) | next_fins;
-            }
-        } else if dir == Direction::In && state == FlowState::Unreplied {
-            f.state = FlowState::Replied as u8;
-        }
     }
 }
 

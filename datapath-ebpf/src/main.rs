@@ -478,14 +478,7 @@ fn icmp_error_to_pod(ctx: &TcContext, ip: &Ipv4) -> Result<i32, Counter> {
         return pass(Counter::PassNode);
     };
     forward::check_hop_limit(ip)?;
-    conntrack::account(
-        flow,
-        PROTO_ICMP,
-        Direction::In,
-        ip.l3_len,
-        0,
-        conntrack::now_ns(),
-    );
+    conntrack::account_icmp_error(flow, ip.l3_len, conntrack::now_ns());
     icmp::translate(
         ctx,
         ip,

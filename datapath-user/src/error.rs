@@ -8,6 +8,8 @@ pub enum Error {
     UnknownInterface(String),
     #[error("no default IPv4 route to take the uplink from; pass --uplink IFACE")]
     NoDefaultRoute,
+    #[error("no interface has ifindex {0} any more (its veth was deleted?)")]
+    UnknownIfindex(u32),
     #[error("interface {0:?} has no IPv4 address; pass --node-ip")]
     NoIpv4(String),
     #[error("node IP {ip} is not an address of {iface:?} (it has: {have})")]
@@ -43,6 +45,20 @@ pub enum Error {
         ip: std::net::Ipv4Addr,
         cidr: String,
     },
+    #[error("{ip} {problem} ({cidr}): it cannot be a pod's address")]
+    NotAPodAddress {
+        ip: std::net::Ipv4Addr,
+        problem: &'static str,
+        cidr: String,
+    },
+    #[error("{ip} is already registered on {iface} ({name}); `datapath-user pod del --ip {ip}` first to move it")]
+    PodAddressTaken {
+        ip: std::net::Ipv4Addr,
+        iface: String,
+        name: String,
+    },
+    #[error("{iface:?} cannot be a pod's host veth: {reason}")]
+    NotAHostVeth { iface: String, reason: String },
     #[error("{context}: {source}")]
     Io {
         context: String,
@@ -83,6 +99,11 @@ impl Error {
     }
 
     pub fn map(context: impl Into<String>, source: aya::maps::MapError) -> Self {
+        if let aya::maps::MapError::SyscallError(e) = &source {
+            if e.io_error.kind() == std::io::ErrorKind::PermissionDenied {
+                return Self::Permission(context.into());
+            }
+        }
         Self::Map {
             context: context.into(),
             source,

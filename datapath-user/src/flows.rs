@@ -131,9 +131,52 @@ pub fn collect(maps: &Maps, filter: &Filter) -> Result<Vec<FlowRecord>> {
     Ok(records)
 }
 
+/// True when `pod` (as `Filter::pod` takes it) names or addresses a registered pod.
+pub fn pod_is_registered(maps: &Maps, pod: &str) -> Result<bool> {
+    let by_ip = pod.parse::<Ipv4Addr>().ok();
+    Ok(maps.pods()?.iter().any(|(ip, info)| {
+        let name = info.name();
+        Some(*ip) == by_ip
+            || (!name.is_empty()
+                && (name == pod || name.rsplit_once('/').is_some_and(|(_, short)| short == pod)))
+    }))
+}
+
+/// `secs.millis` since the Unix epoch as RFC 3339 UTC (`2026-12-01T13:11:47.250Z`).
+#[must_use]
+pub fn rfc3339_utc(secs: u64, millis: u32) -> String {
+    let days = secs / 86_400;
+    let rem = secs % 86_400;
+    // Civil date from days since 1970-01-01 (proleptic Gregorian, 400-year eras).
+    let z = days.cast_signed() + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z - era * 146_097;
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let day = doy - (153 * mp + 2) / 5 + 1;
+    let month = if mp < 10 { mp + 3 } else { mp - 9 };
+    let year = yoe + era * 400 + i64::from(month <= 2);
+    format!(
+        "{year:04}-{month:02}-{day:02}T{:02}:{:02}:{:02}.{millis:03}Z",
+        rem / 3600,
+        rem % 3600 / 60,
+        rem % 60
+    )
+}
+
+fn now_rfc3339() -> String {
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap_or_default();
+    rfc3339_utc(now.as_secs(), now.subsec_millis())
+}
+
 /// A change in the flow table seen by `flows --follow`.
 #[derive(Clone, Debug, Serialize, PartialEq, Eq)]
 pub struct FlowEvent {
+    /// When the change was seen (RFC 3339, UTC).
+    pub time: String,
     /// `open`, `state` (the state changed) or `close` (the flow left the table: it expired,
     /// was evicted or its pod was removed; its counters are the last ones seen).
     pub event: &'static str,
@@ -164,20 +207,31 @@ impl Follower {
         }
     }
 
-    /// The events between the previous snapshot and `current`.
+    /// The events between the previous snapshot and `current`, stamped with the time now.
     pub fn step(&mut self, current: Vec<FlowRecord>) -> Vec<FlowEvent> {
+        self.step_at(current, &now_rfc3339())
+    }
+
+    fn step_at(&mut self, current: Vec<FlowRecord>, time: &str) -> Vec<FlowEvent> {
         let mut events = Vec::new();
         let mut next = std::collections::HashMap::with_capacity(current.len());
-        for r in current {
+        for mut r in current {
             let key = tuple(&r);
-            match self.seen.remove(&key) {
+            let old = self.seen.remove(&key);
+            // `pod del` removes the pod before its flows: keep the name seen earlier.
+            if r.pod.is_none() {
+                r.pod = old.as_ref().and_then(|o| o.pod.clone());
+            }
+            match old {
                 None => events.push(FlowEvent {
+                    time: time.to_string(),
                     event: "open",
                     flow: r.clone(),
                     duration_s: None,
                 }),
                 Some(old) if old.state != r.state => {
                     events.push(FlowEvent {
+                        time: time.to_string(),
                         event: "state",
                         flow: r.clone(),
                         duration_s: None,
@@ -190,6 +244,7 @@ impl Follower {
         let mut closed: Vec<FlowRecord> = self.seen.drain().map(|(_, r)| r).collect();
         closed.sort_by_key(tuple);
         events.extend(closed.into_iter().map(|r| FlowEvent {
+            time: time.to_string(),
             event: "close",
             duration_s: Some(r.age_s),
             flow: r,
@@ -238,5 +293,26 @@ mod tests {
             ["state", "close"]
         );
         assert_eq!((e[1].flow.packets_out, e[1].duration_s), (9, Some(7)));
+        assert!(e[1].time.ends_with('Z'));
+    }
+
+    #[test]
+    fn close_after_pod_removal_keeps_the_name() {
+        let mut f = Follower::new(vec![rec(1, "established", 1)]);
+        // The pod entry went first: the flow is read once without its name, then is gone.
+        let mut nameless = rec(1, "established", 2);
+        nameless.pod = None;
+        assert!(f.step_at(vec![nameless], "t1").is_empty());
+        let e = f.step_at(vec![], "t2");
+        assert_eq!(e[0].event, "close");
+        assert_eq!(e[0].flow.pod.as_deref(), Some("default/web-0"));
+        assert_eq!(e[0].time, "t2");
+    }
+
+    #[test]
+    fn times_are_rfc3339_utc() {
+        assert_eq!(rfc3339_utc(0, 0), "1970-01-01T00:00:00.000Z");
+        assert_eq!(rfc3339_utc(1_700_000_000, 5), "2023-11-14T22:13:20.005Z");
+        assert_eq!(rfc3339_utc(951_782_400, 999), "2000-02-29T00:00:00.999Z");
     }
 }

@@ -34,14 +34,15 @@ pub struct DaemonState {
 }
 
 impl DaemonState {
+    /// Where the daemon serving `pin_path` publishes it (beside its lock file).
     #[must_use]
-    pub fn file(pin_path: &Path) -> PathBuf {
-        loader::lock_file(pin_path).with_extension("state.json")
+    pub fn file(pin_path: &Path) -> Option<PathBuf> {
+        loader::state_file(pin_path)
     }
 
     /// Writes the state file atomically (temporary file and rename).
     pub fn publish(&self, pin_path: &Path) -> Result<()> {
-        let path = Self::file(pin_path);
+        let path = Self::file(pin_path).ok_or_else(|| Error::NotRunning(pin_path.to_path_buf()))?;
         let staged = path.with_extension("json.tmp");
         let body = serde_json::to_vec_pretty(self)
             .map_err(|e| Error::io("encoding the daemon state", std::io::Error::other(e)))?;
@@ -52,7 +53,7 @@ impl DaemonState {
 
     #[must_use]
     pub fn read(pin_path: &Path) -> Option<Self> {
-        let body = std::fs::read(Self::file(pin_path)).ok()?;
+        let body = std::fs::read(Self::file(pin_path)?).ok()?;
         serde_json::from_slice(&body).ok()
     }
 

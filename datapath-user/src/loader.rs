@@ -491,8 +491,7 @@ pub fn pinned_from_pod_program(pin_path: &Path) -> Option<SchedClassifier> {
 
 /// Attaches the pod-side program to a pod's host veth.
 pub fn attach_pod(prog: &mut SchedClassifier, pin_path: &Path, ifindex: u32) -> Result<Attached> {
-    let ifname = netdev::ifname(ifindex)
-        .ok_or_else(|| Error::UnknownInterface(format!("ifindex {ifindex}")))?;
+    let ifname = netdev::ifname(ifindex).ok_or(Error::UnknownIfindex(ifindex))?;
     attach(
         prog,
         &ifname,
@@ -500,6 +499,12 @@ pub fn attach_pod(prog: &mut SchedClassifier, pin_path: &Path, ifindex: u32) -> 
         pin_path,
         &pod_link_name(ifindex),
     )
+}
+
+/// True when the pod-side program is attached to `ifindex` through a pinned link.
+#[must_use]
+pub fn pod_attached(pin_path: &Path, ifindex: u32) -> bool {
+    link_pin(pin_path, &pod_link_name(ifindex)).exists()
 }
 
 pub fn detach_pod(pin_path: &Path, ifindex: u32) -> Result<bool> {
@@ -519,7 +524,14 @@ pub fn attach_registered_pods(prog: &mut SchedClassifier, maps: &Maps) -> Result
     for (ip, pod) in maps.pods()? {
         match attach_pod(prog, &maps.path, pod.host_ifindex) {
             Ok(_) => attached += 1,
-            Err(e) => warn!("pod {ip} ({}): {e}", pod.name()),
+            Err(e) => warn!(
+                "pod {ip} ({}) not attached: {e}; `datapath-user pod del --ip {ip}` removes it",
+                if pod.name().is_empty() {
+                    "no name"
+                } else {
+                    pod.name()
+                }
+            ),
         }
     }
     Ok(attached)
@@ -563,37 +575,74 @@ pub fn pinned_link_names(pin_path: &Path) -> Vec<String> {
         .unwrap_or_default()
 }
 
-/// An exclusive lock per pin path, so two daemons never drive the same maps.
+/// Where daemon locks live (outside bpffs, which holds no regular files).
+const LOCK_DIR: &str = "/run/datapath-user";
+
+/// Exclusive locks keyed by the pin directory's identity (its device and inode, whatever its
+/// spelling) and by the pinned flow table's map id (the same maps pinned elsewhere), so two
+/// daemons never drive the same maps. The lock files are removed when the daemon exits.
 pub struct DaemonLock {
-    _file: File,
+    locks: Vec<LockFile>,
+    pin: PathBuf,
 }
 
-/// Where daemons keep their lock and state files.
-pub const RUN_DIR: &str = "/run/datapath-user";
+impl DaemonLock {
+    /// Takes the locks for `pin_path` (creating it on a bpffs first) or says which pid holds
+    /// them.
+    pub fn acquire(pin_path: &Path) -> Result<Self> {
+        bpffs::ensure_pin_dir(pin_path)?;
+        let pin = bpffs::canonical(pin_path)?;
+        std::fs::create_dir_all(LOCK_DIR)
+            .map_err(|e| Error::io(format!("creating {LOCK_DIR}"), e))?;
+        remove_stale_locks();
+        let mut locks = Vec::new();
+        for key in lock_keys(&pin)? {
+            locks.push(LockFile::acquire(&Path::new(LOCK_DIR).join(key), &pin)?);
+        }
+        info!("lock on {} held", pin.display());
+        Ok(Self { locks, pin })
+    }
 
-/// The lock file of the daemon serving `pin_path` (`<stem>.lock`; its state file is
-/// `<stem>.state.json`).
-#[must_use]
-pub fn lock_file(pin_path: &Path) -> PathBuf {
-    Path::new(RUN_DIR).join(format!("{}.lock", run_file_stem(pin_path)))
+    /// Also locks the maps `load` has just created (maps pinned before `acquire` are locked
+    /// already), so the same maps pinned elsewhere later are refused too.
+    pub fn hold_new_maps(&mut self) -> Result<()> {
+        let Some(id) = maps::pinned_map_id(&self.pin, names::CONNTRACK) else {
+            return Ok(());
+        };
+        let path = Path::new(LOCK_DIR).join(map_lock_name(id));
+        if self.locks.iter().any(|l| l.path == path) {
+            return Ok(());
+        }
+        self.locks.push(LockFile::acquire(&path, &self.pin)?);
+        Ok(())
+    }
+
+    /// The pid of the daemon serving `pin_path`, if one runs.
+    #[must_use]
+    pub fn holder(pin_path: &Path) -> Option<String> {
+        daemon_pid(pin_path).map(|pid| pid.to_string())
+    }
 }
 
-fn run_file_stem(pin_path: &Path) -> String {
-    pin_path
-        .to_string_lossy()
-        .chars()
-        .map(|c| if c.is_ascii_alphanumeric() { c } else { '_' })
-        .collect()
-}
-
-/// The pid of the live daemon serving `pin_path`: the process holding the flock on its lock
-/// file, read from /proc/locks so that asking never takes the lock from a starting daemon.
+/// The pid of the live daemon serving `pin_path`: the process holding the flock on one of its
+/// lock files, read from /proc/locks so that asking never takes a lock from a starting daemon.
 #[must_use]
 pub fn daemon_pid(pin_path: &Path) -> Option<u32> {
     use std::os::unix::fs::MetadataExt as _;
-    let meta = std::fs::metadata(lock_file(pin_path)).ok()?;
+    let pin = bpffs::canonical(pin_path).ok()?;
     let locks = std::fs::read_to_string("/proc/locks").ok()?;
-    flock_holder(&locks, meta.dev(), meta.ino())
+    lock_keys(&pin).ok()?.into_iter().find_map(|key| {
+        let meta = std::fs::metadata(Path::new(LOCK_DIR).join(key)).ok()?;
+        flock_holder(&locks, meta.dev(), meta.ino())
+    })
+}
+
+/// Where the daemon serving `pin_path` publishes its state: beside its lock file.
+#[must_use]
+pub fn state_file(pin_path: &Path) -> Option<PathBuf> {
+    let pin = bpffs::canonical(pin_path).ok()?;
+    let key = lock_keys(&pin).ok()?.into_iter().next()?;
+    Some(Path::new(LOCK_DIR).join(key.replace(".lock", ".state.json")))
 }
 
 /// The pid holding an flock on the file (`dev`, `ino`) in /proc/locks' text.
@@ -610,30 +659,91 @@ fn flock_holder(locks: &str, dev: u64, ino: u64) -> Option<u32> {
     })
 }
 
-impl DaemonLock {
-    pub fn acquire(pin_path: &Path) -> Result<Self> {
-        let dir = Path::new(RUN_DIR);
-        std::fs::create_dir_all(dir).map_err(|e| Error::io(format!("creating {RUN_DIR}"), e))?;
-        let path = lock_file(pin_path);
-        let mut file = std::fs::OpenOptions::new()
-            .read(true)
-            .write(true)
-            .create(true)
-            .truncate(false)
-            .open(&path)
-            .map_err(|e| Error::io(format!("opening {}", path.display()), e))?;
+/// Lock file names for the pin directory `pin` (canonical, existing).
+fn lock_keys(pin: &Path) -> Result<Vec<String>> {
+    use std::os::unix::fs::MetadataExt as _;
+    let meta =
+        std::fs::metadata(pin).map_err(|e| Error::io(format!("reading {}", pin.display()), e))?;
+    let mut keys = vec![format!("pin-{}-{}.lock", meta.dev(), meta.ino())];
+    if let Some(id) = maps::pinned_map_id(pin, names::CONNTRACK) {
+        keys.push(map_lock_name(id));
+    }
+    Ok(keys)
+}
+
+/// Removes lock files nobody holds (left by a daemon that crashed). Safe against a daemon
+/// taking one meanwhile: `LockFile::acquire` re-checks the name after locking.
+fn remove_stale_locks() {
+    let Ok(entries) = std::fs::read_dir(LOCK_DIR) else {
+        return;
+    };
+    for path in entries.flatten().map(|e| e.path()) {
+        if path.extension().is_none_or(|ext| ext != "lock") {
+            continue;
+        }
+        let Ok(file) = File::open(&path) else {
+            continue;
+        };
         // SAFETY: valid descriptor.
-        if unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } != 0 {
-            let pid = std::fs::read_to_string(&path).unwrap_or_default();
-            return Err(Error::AlreadyRunning {
-                path: pin_path.to_path_buf(),
-                pid: pid.trim().to_string(),
+        if unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } == 0 {
+            let _ = std::fs::remove_file(&path);
+        }
+    }
+}
+
+fn map_lock_name(conntrack_id: u32) -> String {
+    format!("map-{conntrack_id}.lock")
+}
+
+/// A flock'ed file holding the owner's pid and pin path; unlinked by its owner on drop.
+struct LockFile {
+    path: PathBuf,
+    _file: File,
+}
+
+impl LockFile {
+    fn acquire(path: &Path, pin: &Path) -> Result<Self> {
+        use std::os::unix::fs::MetadataExt as _;
+        loop {
+            let mut file = std::fs::OpenOptions::new()
+                .read(true)
+                .write(true)
+                .create(true)
+                .truncate(false)
+                .open(path)
+                .map_err(|e| Error::io(format!("opening {}", path.display()), e))?;
+            // SAFETY: valid descriptor.
+            if unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } != 0 {
+                let owner = std::fs::read_to_string(path).unwrap_or_default();
+                return Err(Error::AlreadyRunning {
+                    path: pin.to_path_buf(),
+                    pid: owner.lines().next().unwrap_or("unknown").trim().to_string(),
+                });
+            }
+            // The previous owner may have unlinked the file between our open and our lock:
+            // then we hold a lock nobody else will see; start again on the new file.
+            let same = match (file.metadata(), std::fs::metadata(path)) {
+                (Ok(held), Ok(named)) => held.ino() == named.ino() && held.dev() == named.dev(),
+                _ => false,
+            };
+            if !same {
+                continue;
+            }
+            file.set_len(0)
+                .map_err(|e| Error::io("truncating lock file", e))?;
+            writeln!(file, "{}\n{}", std::process::id(), pin.display())
+                .map_err(|e| Error::io("writing lock file", e))?;
+            return Ok(Self {
+                path: path.to_path_buf(),
+                _file: file,
             });
         }
-        file.set_len(0)
-            .map_err(|e| Error::io("truncating lock file", e))?;
-        write!(file, "{}", std::process::id()).map_err(|e| Error::io("writing lock file", e))?;
-        info!("lock {} held", path.display());
-        Ok(Self { _file: file })
+    }
+}
+
+impl Drop for LockFile {
+    fn drop(&mut self) {
+        // Unlinked while still locked: a waiting process re-checks the name (see acquire).
+        let _ = std::fs::remove_file(&self.path);
     }
 }

@@ -47,6 +47,28 @@ where
     T::try_from(open_map(path, name)?).map_err(|e| Error::map(format!("map {name}"), e))
 }
 
+/// Id and capacity of the map pinned at `path/name`, if one is.
+fn pinned_map_info(path: &Path, name: &str) -> Option<aya::maps::MapInfo> {
+    let file = path.join(name);
+    if !file.exists() {
+        return None;
+    }
+    MapData::from_pin(&file).ok()?.info().ok()
+}
+
+/// The kernel's id of the map pinned at `path/name`: the same maps have the same id
+/// whatever path they are reached by.
+#[must_use]
+pub fn pinned_map_id(path: &Path, name: &str) -> Option<u32> {
+    pinned_map_info(path, name).map(|info| info.id())
+}
+
+/// How many flows the flow table pinned at `path` holds, if one is pinned.
+#[must_use]
+pub fn pinned_flow_capacity(path: &Path) -> Option<u32> {
+    pinned_map_info(path, names::CONNTRACK).map(|info| info.max_entries())
+}
+
 /// Reads the layout pinned at `path`, if any.
 pub fn pinned_layout(path: &Path) -> Result<Option<LayoutInfo>> {
     if !path.join(names::LAYOUT).exists() {

@@ -25,12 +25,10 @@ fn family(out: &mut String, name: &str, ty: &str, help: &str, samples: &[(String
     }
 }
 
-/// Renders the metrics for the maps at `maps` plus the sweeper's figures.
-pub fn render(maps: &Maps, sweeper: &Sweeper) -> Result<String> {
-    let s = stats::collect(maps, 10)?;
-    let mut out = String::new();
-    let counters: Vec<(String, f64)> = s
-        .counters
+/// Packets by verdict; events (flows created, ports reclaimed, repairs) are not packets.
+fn counter_families(out: &mut String, counters: &[stats::CounterValue]) {
+    let (events, packets): (Vec<_>, Vec<_>) = counters.iter().partition(|c| c.kind == "event");
+    let packets: Vec<(String, f64)> = packets
         .iter()
         .map(|c| {
             (
@@ -40,12 +38,30 @@ pub fn render(maps: &Maps, sweeper: &Sweeper) -> Result<String> {
         })
         .collect();
     family(
-        &mut out,
+        out,
         "datapath_packets_total",
         "counter",
         "Packets by verdict counter.",
-        &counters,
+        &packets,
     );
+    let events: Vec<(String, f64)> = events
+        .iter()
+        .map(|c| (format!("{{event=\"{}\"}}", c.name), c.value as f64))
+        .collect();
+    family(
+        out,
+        "datapath_events_total",
+        "counter",
+        "Datapath events: flows created, NAT ports reclaimed, entries repaired or restored.",
+        &events,
+    );
+}
+
+/// Renders the metrics for the maps at `maps` plus the sweeper's figures.
+pub fn render(maps: &Maps, sweeper: &Sweeper) -> Result<String> {
+    let s = stats::collect(maps, 10)?;
+    let mut out = String::new();
+    counter_families(&mut out, &s.counters);
     let usage: Vec<(String, f64)> = s
         .busiest_destinations
         .iter()

@@ -14,6 +14,34 @@ pub fn ifindex(name: &str) -> Result<u32> {
     }
 }
 
+/// True when `name` is a loopback interface (`lo`).
+pub fn is_loopback(name: &str) -> Result<bool> {
+    use std::os::fd::{AsRawFd as _, FromRawFd as _, OwnedFd};
+    let bytes = name.as_bytes();
+    if bytes.is_empty() || bytes.len() >= libc::IFNAMSIZ || bytes.contains(&0) {
+        return Err(Error::UnknownInterface(name.into()));
+    }
+    // SAFETY: plain socket call; the descriptor is owned below.
+    let raw = unsafe { libc::socket(libc::AF_INET, libc::SOCK_DGRAM | libc::SOCK_CLOEXEC, 0) };
+    if raw < 0 {
+        return Err(Error::io("socket", std::io::Error::last_os_error()));
+    }
+    // SAFETY: a fresh descriptor nobody else owns.
+    let sock = unsafe { OwnedFd::from_raw_fd(raw) };
+    // SAFETY: zeroed ifreq is valid; the name fits with its terminating zero.
+    let mut req: libc::ifreq = unsafe { std::mem::zeroed() };
+    for (dst, src) in req.ifr_name.iter_mut().zip(bytes) {
+        *dst = (*src).cast_signed();
+    }
+    // SAFETY: SIOCGIFFLAGS fills the ifreq we pass.
+    if unsafe { libc::ioctl(sock.as_raw_fd(), libc::SIOCGIFFLAGS, &raw mut req) } < 0 {
+        return Err(Error::UnknownInterface(name.into()));
+    }
+    // SAFETY: SIOCGIFFLAGS set the flags member.
+    let flags = i32::from(unsafe { req.ifr_ifru.ifru_flags });
+    Ok(flags & libc::IFF_LOOPBACK != 0)
+}
+
 /// The name of interface `ifindex`, if it exists.
 #[must_use]
 pub fn ifname(ifindex: u32) -> Option<String> {

@@ -387,6 +387,11 @@ fn status_probes_and_detach_tell_the_truth() {
     assert_eq!(code, 200);
     assert!(body.contains("datapath_packets_total"));
     assert!(
+        body.contains("datapath_events_total{event=\"flow_created\"}")
+            && !body.contains("counter=\"flow_created\""),
+        "events are not packets: {body}"
+    );
+    assert!(
         start.elapsed() < Duration::from_secs(2),
         "scrape took {:?}",
         start.elapsed()

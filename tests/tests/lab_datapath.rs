@@ -302,7 +302,7 @@ fn pod_del_removes_flows_and_detaches() {
     let mut s = traffic::tcp_connect(&pod.ns, SERVER_IP, 8080, None).unwrap();
     traffic::echo_roundtrip(&mut s, b"x").unwrap();
     let out = lab.cli(&["pod", "del", "--ip", &pod.ip]).unwrap();
-    assert!(out.contains("removed with 1 flows"), "{out}");
+    assert!(out.contains("removed with 1 flow\n"), "{out}");
     assert!(lab
         .cli(&["pod", "del", "--ip", &pod.ip])
         .unwrap()

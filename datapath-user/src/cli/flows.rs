@@ -1,6 +1,10 @@
 //! `datapath-user flows`: the flow table, per pod.
 
-use std::{fmt::Write as _, io::Write as _, time::Duration};
+use std::{
+    fmt::Write as _,
+    io::{IsTerminal as _, Write as _},
+    time::Duration,
+};
 
 use datapath_common::{
     flow::{PROTO_ICMP, PROTO_TCP, PROTO_UDP},
@@ -13,7 +17,7 @@ use datapath_user::{
 
 use super::{
     output::{human_bytes, print_table_with},
-    parse_cidr, Format, PinArgs,
+    parse_dst, parse_seconds, warn_if_no_daemon, Format, PinArgs,
 };
 
 /// List tracked flows: pod, destination, NAT address, state, counters each way.
@@ -27,77 +31,93 @@ use super::{
 #[derive(clap::Args)]
 #[command(verbatim_doc_comment)]
 pub struct FlowsArgs {
+    /// Output format (json: one array per refresh, or one event object per line with
+    /// --follow).
     #[arg(short = 'o', long = "output", value_enum, default_value = "table")]
     format: Format,
     /// Only this pod (NAMESPACE/POD, POD or its IPv4).
     #[arg(long, value_name = "NAME|IP")]
     pod: Option<String>,
     /// Only this protocol.
-    #[arg(long, value_parser = ["tcp", "udp", "icmp"])]
+    #[arg(long, ignore_case = true, value_parser = ["tcp", "udp", "icmp"])]
     proto: Option<String>,
-    /// Only destinations in this range.
-    #[arg(long, value_parser = parse_cidr, value_name = "CIDR")]
+    /// Only destinations in this range (a bare address is that one host).
+    #[arg(long, value_parser = parse_dst, value_name = "CIDR|IP")]
     dst: Option<Cidr>,
     /// Only flows in this state.
-    #[arg(long, value_parser = ["syn_sent", "established", "closing", "reset", "unreplied", "replied"])]
+    #[arg(long, ignore_case = true, value_parser = ["syn_sent", "established", "closing", "reset", "unreplied", "replied"])]
     state: Option<String>,
     /// Only flows with this pod, destination or NAT port.
     #[arg(long)]
     port: Option<u16>,
-    /// Refresh every SECONDS until interrupted.
-    #[arg(long, value_name = "SECONDS", num_args = 0..=1, default_missing_value = "2")]
+    /// Refresh every SECONDS (2 when given without a value) until interrupted.
+    #[arg(long, value_name = "SECONDS", num_args = 0..=1, default_missing_value = "2", value_parser = parse_seconds)]
     watch: Option<f64>,
-    /// Print flow events (open, state change, close with final counters and duration) as
-    /// they happen, until interrupted. Events come from comparing successive reads of the
-    /// flow table every --interval seconds.
+    /// Print flow events (open, state change, close with final counters and duration), each
+    /// with its time, as they happen, until interrupted. Events come from comparing
+    /// successive reads of the flow table every --interval seconds.
     #[arg(long, conflicts_with = "watch")]
     follow: bool,
-    /// Seconds between reads for --follow.
-    #[arg(long, default_value_t = 0.2, value_name = "SECONDS")]
-    interval: f64,
+    /// Seconds between reads for --follow [default: 0.2].
+    #[arg(long, value_name = "SECONDS", requires = "follow", value_parser = parse_seconds)]
+    interval: Option<f64>,
     #[command(flatten)]
     pin: PinArgs,
 }
 
+const DEFAULT_FOLLOW_INTERVAL: f64 = 0.2;
+
 pub fn execute(args: &FlowsArgs) -> anyhow::Result<()> {
     let filter = Filter {
         pod: args.pod.clone(),
-        proto: args.proto.as_deref().map(|p| match p {
-            "tcp" => PROTO_TCP,
-            "udp" => PROTO_UDP,
-            _ => PROTO_ICMP,
-        }),
+        proto: args
+            .proto
+            .as_deref()
+            .map(|p| match p.to_ascii_lowercase().as_str() {
+                "tcp" => PROTO_TCP,
+                "udp" => PROTO_UDP,
+                _ => PROTO_ICMP,
+            }),
         dst: args.dst,
-        state: args.state.clone(),
+        state: args.state.as_deref().map(str::to_ascii_lowercase),
         port: args.port,
     };
     let maps = Maps::open(&args.pin.pin_path)?;
+    warn_if_no_daemon(&args.pin.pin_path);
+    if let Some(pod) = &args.pod {
+        if !flows::pod_is_registered(&maps, pod)? {
+            eprintln!(
+                "note: no registered pod is named {pod:?} or has that address (`datapath-user pod list` shows them); flows left by a removed pod still match its address"
+            );
+        }
+    }
     if args.follow {
         return follow(&maps, &filter, args);
     }
+    // Clearing the screen is for people: never in JSON nor into a pipe.
+    let clear = args.format != Format::Json && std::io::stdout().is_terminal();
     loop {
         let records = flows::collect(&maps, &filter)?;
-        if args.watch.is_some() {
+        if args.watch.is_some() && clear {
             print!("\x1b[2J\x1b[H");
         }
         print_records(&records, args.format)?;
-        eprintln!("{} flows", records.len());
+        let n = records.len();
+        eprintln!("{n} {}", if n == 1 { "flow" } else { "flows" });
         let Some(seconds) = args.watch else { break };
         let _ = std::io::stdout().flush();
-        std::thread::sleep(Duration::from_secs_f64(seconds.max(0.1)));
+        std::thread::sleep(Duration::from_secs_f64(seconds));
     }
     Ok(())
 }
 
 fn follow(maps: &Maps, filter: &Filter, args: &FlowsArgs) -> anyhow::Result<()> {
+    let interval = args.interval.unwrap_or(DEFAULT_FOLLOW_INTERVAL);
     let mut follower = Follower::new(flows::collect(maps, filter)?);
-    eprintln!(
-        "following flow events every {}s (Ctrl-C to stop)",
-        args.interval
-    );
+    eprintln!("following flow events every {interval}s (Ctrl-C to stop)");
     let stdout = std::io::stdout();
     loop {
-        std::thread::sleep(Duration::from_secs_f64(args.interval.max(0.05)));
+        std::thread::sleep(Duration::from_secs_f64(interval));
         let events = follower.step(flows::collect(maps, filter)?);
         let mut out = stdout.lock();
         for e in &events {
@@ -108,7 +128,8 @@ fn follow(maps: &Maps, filter: &Filter, args: &FlowsArgs) -> anyhow::Result<()> 
                 let f = &e.flow;
                 write!(
                     out,
-                    "{:<6} {} {} {}:{} -> {}:{} via {}:{} {}",
+                    "{} {:<6} {} {} {}:{} -> {}:{} via {}:{} {}",
+                    e.time,
                     e.event.to_uppercase(),
                     f.proto,
                     f.pod.as_deref().unwrap_or("-"),

@@ -55,6 +55,39 @@ struct PinArgs {
     pin_path: PathBuf,
 }
 
+/// Says on stderr when no daemon serves `pin_path`: nothing sweeps expired flows then, and
+/// the counters stand still.
+fn warn_if_no_daemon(pin_path: &std::path::Path) {
+    if datapath_user::loader::DaemonLock::holder(pin_path).is_none() {
+        eprintln!(
+            "warning: no `datapath-user run` serves {}: expired flows are not removed (they show 0s to expiry) until one starts",
+            pin_path.display()
+        );
+    }
+}
+
+/// A duration in seconds: finite, positive, at most a day.
+fn parse_seconds(s: &str) -> Result<f64, String> {
+    let value: f64 = s
+        .trim()
+        .parse()
+        .map_err(|_| format!("{s:?} is not a number of seconds"))?;
+    if !value.is_finite() || value <= 0.0 || value > 86_400.0 {
+        return Err(format!(
+            "{s} seconds is out of range (more than 0, at most 86400)"
+        ));
+    }
+    Ok(value)
+}
+
+/// A destination range: A.B.C.D/LEN, or a bare address meaning just that host.
+fn parse_dst(s: &str) -> Result<Cidr, String> {
+    match s.parse::<Ipv4Addr>() {
+        Ok(addr) => Cidr::new(u32::from(addr), 32).ok_or_else(|| format!("{s:?}: bad address")),
+        Err(_) => parse_cidr(s),
+    }
+}
+
 #[derive(Clone, Copy, PartialEq, Eq, ValueEnum)]
 enum Format {
     /// Aligned columns for people.
@@ -100,6 +133,22 @@ mod tests {
         assert!(parse_cidr("169.254.172.0").is_err());
         assert!(parse_cidr("169.254.172.0/33").is_err());
         assert!(parse_cidr("nope/8").is_err());
+    }
+
+    #[test]
+    fn bare_destination_is_one_host() {
+        let c = parse_dst("192.0.2.20").unwrap();
+        assert_eq!((c.network, c.prefix_len), (0xc000_0214, 32));
+        assert_eq!(parse_dst("192.0.2.0/24").unwrap().prefix_len, 24);
+        assert!(parse_dst("192.0.2.20/24").is_err());
+    }
+
+    #[test]
+    fn seconds_are_finite_and_positive() {
+        assert_eq!(parse_seconds("0.5"), Ok(0.5));
+        for bad in ["inf", "-inf", "NaN", "nan", "-1", "0", "1e9", "x"] {
+            assert!(parse_seconds(bad).is_err(), "{bad}");
+        }
     }
 
     #[test]

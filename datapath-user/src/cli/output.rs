@@ -48,9 +48,9 @@ pub fn print_table_with(header: &[&str], rows: usize, mut fill: impl FnMut(usize
     }
 }
 
-/// Bytes in a short human form (1.5K, 20.0M).
+/// Bytes in a short human form with their unit (512B, 1.5KiB, 20.0MiB).
 pub fn human_bytes(bytes: u64) -> String {
-    const UNITS: [&str; 5] = ["", "K", "M", "G", "T"];
+    const UNITS: [&str; 5] = ["B", "KiB", "MiB", "GiB", "TiB"];
     let mut value = bytes as f64;
     let mut unit = 0;
     while value >= 1024.0 && unit + 1 < UNITS.len() {
@@ -58,8 +58,20 @@ pub fn human_bytes(bytes: u64) -> String {
         unit += 1;
     }
     if unit == 0 {
-        format!("{bytes}")
+        format!("{bytes}B")
     } else {
         format!("{value:.1}{}", UNITS[unit])
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn bytes_carry_their_unit() {
+        assert_eq!(human_bytes(512), "512B");
+        assert_eq!(human_bytes(1536), "1.5KiB");
+        assert_eq!(human_bytes(20 << 20), "20.0MiB");
     }
 }

@@ -27,7 +27,7 @@ use datapath_user::{
 };
 use log::{error, info, warn};
 
-use super::{parse_cidr, PinArgs};
+use super::{parse_cidr, parse_seconds, PinArgs};
 
 /// Load the datapath, attach it to the uplink and the registered pods, and stay in the
 /// foreground: sweep expired flows, log the datapath's drops, serve metrics.
@@ -56,10 +56,16 @@ pub struct RunArgs {
     /// The pods' gateway in the pod range. Default: the range's first host address.
     #[arg(long, value_name = "A.B.C.D")]
     gateway: Option<Ipv4Addr>,
-    /// NAT source ports, inclusive. Default: the larger part of 1024-65535 outside the
-    /// kernel's ip_local_port_range, so the node's own sockets never collide with NAT ports.
+    /// NAT source ports, inclusive, at or above 1024. Default: the larger part of 1024-65535
+    /// outside the kernel's ip_local_port_range, so the node's own sockets never collide with
+    /// NAT ports. A range overlapping ip_local_port_range is refused unless
+    /// --allow-ephemeral-overlap is given.
     #[arg(long, value_parser = parse_port_range, value_name = "LO-HI")]
     port_range: Option<(u16, u16)>,
+    /// Accept a --port-range that overlaps the kernel's ephemeral range: the node's own
+    /// connections and NAT ports may then collide.
+    #[arg(long)]
+    allow_ephemeral_overlap: bool,
     /// How the first NAT port of a flow is chosen.
     #[arg(long, value_enum, default_value = "prng")]
     randomisation: Randomisation,
@@ -68,11 +74,12 @@ pub struct RunArgs {
     /// Serve Prometheus metrics at http://HOST:PORT/metrics.
     #[arg(long, value_name = "HOST:PORT")]
     metrics_addr: Option<SocketAddr>,
-    /// Flow-table size (flows). Applies when the maps are created; pinned maps keep theirs.
-    #[arg(long, default_value_t = DEFAULT_FLOW_TABLE_SIZE, value_name = "N")]
+    /// Flow-table size (flows, 1 to 67108864). Applies when the maps are created; pinned
+    /// maps keep theirs (a warning says so when they differ).
+    #[arg(long, default_value_t = DEFAULT_FLOW_TABLE_SIZE, value_parser = parse_flow_table_size, value_name = "N")]
     flow_table_size: u32,
-    /// Seconds between expired-flow sweeps.
-    #[arg(long, default_value_t = 1.0, value_name = "SECONDS")]
+    /// Seconds between expired-flow sweeps (more than 0, at most 86400).
+    #[arg(long, default_value_t = 1.0, value_parser = parse_seconds, value_name = "SECONDS")]
     sweep_interval: f64,
     /// Accepted for compatibility: the programs always stay attached on exit now.
     #[arg(long, hide = true)]
@@ -88,26 +95,33 @@ pub struct RunArgs {
     timeouts: TimeoutArgs,
 }
 
-/// Flow timeouts in seconds (defaults as nf_conntrack / RFC 5382).
+/// Flow timeouts in seconds (defaults as nf_conntrack / RFC 5382), each at least 1.
 #[derive(clap::Args)]
 #[allow(
     clippy::struct_field_names,
     reason = "the fields are the --timeout-* flag names"
 )]
 struct TimeoutArgs {
-    #[arg(long, default_value_t = Timeouts::DEFAULT.tcp_syn, value_name = "S")]
+    /// Idle seconds before a TCP flow that has only sent its SYN expires.
+    #[arg(long, default_value_t = Timeouts::DEFAULT.tcp_syn, value_parser = parse_timeout, value_name = "S")]
     timeout_tcp_syn: u32,
-    #[arg(long, default_value_t = Timeouts::DEFAULT.tcp_established, value_name = "S")]
+    /// Idle seconds before an established TCP flow expires.
+    #[arg(long, default_value_t = Timeouts::DEFAULT.tcp_established, value_parser = parse_timeout, value_name = "S")]
     timeout_tcp_established: u32,
-    #[arg(long, default_value_t = Timeouts::DEFAULT.tcp_closing, value_name = "S")]
+    /// Idle seconds before a closing TCP flow (FIN seen, TIME_WAIT) expires.
+    #[arg(long, default_value_t = Timeouts::DEFAULT.tcp_closing, value_parser = parse_timeout, value_name = "S")]
     timeout_tcp_closing: u32,
-    #[arg(long, default_value_t = Timeouts::DEFAULT.tcp_rst, value_name = "S")]
+    /// Idle seconds before a reset TCP flow expires.
+    #[arg(long, default_value_t = Timeouts::DEFAULT.tcp_rst, value_parser = parse_timeout, value_name = "S")]
     timeout_tcp_rst: u32,
-    #[arg(long, default_value_t = Timeouts::DEFAULT.udp_one_way, value_name = "S")]
+    /// Idle seconds before a UDP flow with no reply expires.
+    #[arg(long, default_value_t = Timeouts::DEFAULT.udp_one_way, value_parser = parse_timeout, value_name = "S")]
     timeout_udp: u32,
-    #[arg(long, default_value_t = Timeouts::DEFAULT.udp_replied, value_name = "S")]
+    /// Idle seconds before a UDP flow that has seen a reply expires.
+    #[arg(long, default_value_t = Timeouts::DEFAULT.udp_replied, value_parser = parse_timeout, value_name = "S")]
     timeout_udp_replied: u32,
-    #[arg(long, default_value_t = Timeouts::DEFAULT.icmp, value_name = "S")]
+    /// Idle seconds before an ICMP echo flow expires.
+    #[arg(long, default_value_t = Timeouts::DEFAULT.icmp, value_parser = parse_timeout, value_name = "S")]
     timeout_icmp: u32,
 }
 
@@ -121,40 +135,65 @@ enum Randomisation {
     None,
 }
 
+/// The lowest NAT port: below it listen the node's own services.
+const MIN_NAT_PORT: u16 = 1024;
+/// Fewer NAT ports than this get a warning: flows to one destination are limited to them.
+const FEW_NAT_PORTS: u32 = 1024;
+/// The largest flow table accepted (an LRU hash of this many entries is several GiB).
+const MAX_FLOW_TABLE_SIZE: u32 = 1 << 26;
+
 fn parse_port_range(s: &str) -> Result<(u16, u16), String> {
     let (lo, hi) = s
         .split_once('-')
         .ok_or_else(|| format!("{s:?} is not a port range (expected LO-HI)"))?;
     let lo: u16 = lo.parse().map_err(|_| format!("{lo:?} is not a port"))?;
     let hi: u16 = hi.parse().map_err(|_| format!("{hi:?} is not a port"))?;
-    if lo == 0 || lo > hi {
-        return Err(format!("port range {lo}-{hi} is empty or starts at 0"));
+    if lo > hi {
+        return Err(format!(
+            "port range {lo}-{hi} is empty: {lo} is above {hi} (did you mean {hi}-{lo}?)"
+        ));
+    }
+    if lo < MIN_NAT_PORT {
+        return Err(format!(
+            "port range {lo}-{hi} starts below {MIN_NAT_PORT}, where the node's own services listen; NAT ports start at {MIN_NAT_PORT} or above"
+        ));
     }
     Ok((lo, hi))
 }
 
+fn parse_flow_table_size(s: &str) -> Result<u32, String> {
+    let n: u32 = s
+        .parse()
+        .map_err(|_| format!("{s:?} is not a number of flows"))?;
+    if n == 0 || n > MAX_FLOW_TABLE_SIZE {
+        return Err(format!(
+            "a flow table of {n} flows is out of range (1 to {MAX_FLOW_TABLE_SIZE})"
+        ));
+    }
+    Ok(n)
+}
+
+fn parse_timeout(s: &str) -> Result<u32, String> {
+    match s.parse::<u32>() {
+        Ok(0) => Err("a timeout of 0 s would expire every flow at once; use 1 or more".into()),
+        Ok(n) => Ok(n),
+        Err(_) => Err(format!("{s:?} is not a whole number of seconds")),
+    }
+}
+
 pub fn execute(args: &RunArgs) -> anyhow::Result<()> {
     // Everything that can fail without the kernel is checked before anything is attached.
-    let uplink = match &args.uplink {
-        Some(name) => name.clone(),
-        None => netdev::default_route_interface()?,
-    };
-    let config = build_config(args, &uplink)?;
-    for dir in [&args.cni_conf_dir, &args.cni_bin_dir]
-        .into_iter()
-        .flatten()
-    {
-        conflist::check_dir(dir)?;
-    }
+    let (uplink, config) = preflight(args)?;
     let pin_path = args.pin.pin_path.clone();
     let uplink_ifindex = netdev::ifindex(&uplink)?;
     let metrics_listener = args.metrics_addr.map(metrics::bind).transpose()?;
-    let _lock = DaemonLock::acquire(&pin_path)?;
+    let mut lock = DaemonLock::acquire(&pin_path)?;
     let mut ebpf = loader::load(&LoadOptions {
         pin_path: pin_path.clone(),
         flow_table_size: args.flow_table_size,
         kernel_checksum_helpers: false,
     })?;
+    lock.hold_new_maps()?;
     // Before attaching: what the kernel still translates (iptables pods) stays the kernel's.
     let config = migration::at_start(config, Maps::open(&pin_path).ok().as_ref());
     loader::write_config(&mut ebpf, &config)?;
@@ -236,7 +275,9 @@ pub fn execute(args: &RunArgs) -> anyhow::Result<()> {
         "{signal}: exiting; the programs stay attached and keep translating from the maps at {} (`datapath-user detach` removes them)",
         pin_path.display()
     );
-    let _ = std::fs::remove_file(DaemonState::file(&pin_path));
+    if let Some(state) = DaemonState::file(&pin_path) {
+        let _ = std::fs::remove_file(state);
+    }
     Ok(())
 }
 
@@ -426,8 +467,32 @@ impl Drop for StartAttachments {
     }
 }
 
+/// The uplink (default: the default route's interface), the configuration, and the CNI
+/// directories checked.
+fn preflight(args: &RunArgs) -> anyhow::Result<(String, Config)> {
+    let uplink = match &args.uplink {
+        Some(name) => name.clone(),
+        None => netdev::default_route_interface()?,
+    };
+    let config = build_config(args, &uplink)?;
+    for dir in [&args.cni_conf_dir, &args.cni_bin_dir]
+        .into_iter()
+        .flatten()
+    {
+        conflist::check_dir(dir)?;
+    }
+    Ok((uplink, config))
+}
+
+/// Checks every flag against the node and the pinned maps and builds the configuration,
+/// before anything is mounted, loaded or attached.
 fn build_config(args: &RunArgs, uplink: &str) -> anyhow::Result<Config> {
     netdev::ifindex(uplink)?;
+    if netdev::is_loopback(uplink)? {
+        bail!(
+            "--uplink {uplink} is a loopback interface: pods' IPv4 must leave through the node's uplink (the interface of the default IPv4 route)"
+        );
+    }
     let addrs = netdev::ipv4_addrs(uplink)?;
     let node_ip = match args.node_ip {
         Some(ip) if addrs.contains(&ip) => ip,
@@ -451,21 +516,36 @@ fn build_config(args: &RunArgs, uplink: &str) -> anyhow::Result<Config> {
             .first()
             .ok_or_else(|| Error::NoIpv4(uplink.to_string()))?,
     };
+    if node_ip.is_loopback() || node_ip.is_unspecified() || node_ip.is_multicast() {
+        bail!("node IP {node_ip} cannot be a source address on the network; pass --node-ip");
+    }
     let cidr = args.pod_cidr;
+    let show_cidr = format!("{}/{}", Ipv4Addr::from(cidr.network), cidr.prefix_len);
     if cidr.contains(u32::from(node_ip)) {
-        bail!("node IP {node_ip} is inside the pod range");
+        bail!("node IP {node_ip} is inside the pod range {show_cidr}");
     }
     let gateway = args.gateway.map_or(cidr.network + 1, u32::from);
-    if !cidr.contains(gateway) {
+    if let Some(problem) = cidr.gateway_problem(gateway) {
         bail!(
-            "gateway {} is outside the pod range",
+            "gateway {} {problem} ({show_cidr})",
             Ipv4Addr::from(gateway)
         );
     }
+    check_pinned_maps(args, cidr, gateway)?;
+    let local = netdev::local_port_range()?;
     let (port_min, port_max) = match args.port_range {
-        Some(range) => range,
-        None => netdev::default_nat_range(netdev::local_port_range()?),
+        Some(range) => {
+            check_port_range(range, local, args.allow_ephemeral_overlap)?;
+            range
+        }
+        None => netdev::default_nat_range(local),
     };
+    let ports = u32::from(port_max - port_min) + 1;
+    if ports < FEW_NAT_PORTS {
+        warn!(
+            "only {ports} NAT ports ({port_min}-{port_max}): at most {ports} flows at a time to one destination"
+        );
+    }
     let t = &args.timeouts;
     Ok(Config {
         node_ip: u32::from(node_ip),
@@ -491,6 +571,56 @@ fn build_config(args: &RunArgs, uplink: &str) -> anyhow::Result<Config> {
             _pad: 0,
         },
     })
+}
+
+/// Refuses a NAT range overlapping the kernel's ephemeral range unless `allow_overlap`.
+fn check_port_range(
+    (lo, hi): (u16, u16),
+    (local_lo, local_hi): (u16, u16),
+    allow_overlap: bool,
+) -> anyhow::Result<()> {
+    if lo > local_hi || hi < local_lo {
+        return Ok(());
+    }
+    let message = format!(
+        "port range {lo}-{hi} overlaps the kernel's ephemeral range {local_lo}-{local_hi} (net.ipv4.ip_local_port_range): NAT ports would collide with the node's own connections"
+    );
+    if allow_overlap {
+        warn!("{message} (--allow-ephemeral-overlap)");
+        return Ok(());
+    }
+    let (d_lo, d_hi) = netdev::default_nat_range((local_lo, local_hi));
+    bail!("{message}; choose ports outside it (the default is {d_lo}-{d_hi}) or pass --allow-ephemeral-overlap");
+}
+
+/// What maps pinned by an earlier run say about these flags: registered pods must fit the
+/// pod range and not be the gateway; a different flow-table size does not apply.
+fn check_pinned_maps(args: &RunArgs, cidr: Cidr, gateway: u32) -> anyhow::Result<()> {
+    let pin = &args.pin.pin_path;
+    if let Some(capacity) = datapath_user::maps::pinned_flow_capacity(pin) {
+        if capacity != args.flow_table_size {
+            warn!(
+                "the flow table pinned at {} holds {capacity} flows; --flow-table-size {} applies only to new maps (detach and remove the pinned maps to resize; their flows are lost)",
+                pin.display(),
+                args.flow_table_size
+            );
+        }
+    }
+    let Ok(maps) = Maps::open(pin) else {
+        return Ok(());
+    };
+    for (ip, pod) in maps.pods().unwrap_or_default() {
+        if let Some(problem) = cidr.pod_address_problem(gateway, u32::from(ip)) {
+            bail!(
+                "registered pod {ip} ({}) does not fit these flags: it {problem} (pod range {}/{}, gateway {}); `datapath-user pod del --ip {ip}` first or choose a --pod-cidr/--gateway that fits",
+                if pod.name().is_empty() { "no name" } else { pod.name() },
+                Ipv4Addr::from(cidr.network),
+                cidr.prefix_len,
+                Ipv4Addr::from(gateway)
+            );
+        }
+    }
+    Ok(())
 }
 
 /// The datapath's log: what its drop and repair counters did since the last tick (the
@@ -547,10 +677,35 @@ mod tests {
     #[test]
     fn port_ranges_parse_strictly() {
         assert_eq!(parse_port_range("1024-65535"), Ok((1024, 65535)));
-        assert_eq!(parse_port_range("7-7"), Ok((7, 7)));
+        assert_eq!(parse_port_range("7000-7000"), Ok((7000, 7000)));
         assert!(parse_port_range("0-10").is_err());
-        assert!(parse_port_range("10-9").is_err());
+        assert!(parse_port_range("1-10").unwrap_err().contains("below 1024"));
+        let reversed = parse_port_range("2000-1000").unwrap_err();
+        assert!(reversed.contains("did you mean 1000-2000"), "{reversed}");
         assert!(parse_port_range("10").is_err());
         assert!(parse_port_range("10-70000").is_err());
+    }
+
+    #[test]
+    fn ephemeral_overlap_needs_the_override() {
+        let local = (32768, 60999);
+        assert!(check_port_range((1024, 32767), local, false).is_ok());
+        assert!(check_port_range((61000, 65535), local, false).is_ok());
+        let err = check_port_range((30000, 40000), local, false).unwrap_err();
+        assert!(
+            err.to_string().contains("--allow-ephemeral-overlap"),
+            "{err}"
+        );
+        assert!(check_port_range((60999, 61000), local, false).is_err());
+        assert!(check_port_range((30000, 40000), local, true).is_ok());
+    }
+
+    #[test]
+    fn sizes_and_timeouts_refuse_zero() {
+        assert!(parse_flow_table_size("0").is_err());
+        assert!(parse_flow_table_size("4294967295").is_err());
+        assert_eq!(parse_flow_table_size("128"), Ok(128));
+        assert!(parse_timeout("0").is_err());
+        assert_eq!(parse_timeout("1"), Ok(1));
     }
 }

@@ -13,10 +13,11 @@ use super::{output::print_table, Format, PinArgs};
 #[derive(clap::Args)]
 #[command(verbatim_doc_comment)]
 pub struct StatsArgs {
+    /// Output format (wide adds each counter's meaning).
     #[arg(short = 'o', long = "output", value_enum, default_value = "table")]
     format: Format,
-    /// How many of the busiest destinations to show.
-    #[arg(long, default_value_t = 5)]
+    /// How many of the busiest destinations (by NAT ports in use) to show.
+    #[arg(long, default_value_t = 5, value_name = "N")]
     top: usize,
     #[command(flatten)]
     pin: PinArgs,
@@ -24,6 +25,7 @@ pub struct StatsArgs {
 
 pub fn execute(args: &StatsArgs) -> anyhow::Result<()> {
     let maps = Maps::open(&args.pin.pin_path)?;
+    super::warn_if_no_daemon(&args.pin.pin_path);
     let s = stats::collect(&maps, args.top)?;
     if args.format == Format::Json {
         println!("{}", serde_json::to_string_pretty(&s)?);
@@ -40,7 +42,8 @@ pub fn execute(args: &StatsArgs) -> anyhow::Result<()> {
             row
         })
         .collect();
-    let mut header = vec!["COUNTER", "KIND", "PACKETS"];
+    // Packets for most counters; flows or ports for the events.
+    let mut header = vec!["COUNTER", "KIND", "COUNT"];
     if args.format == Format::Wide {
         header.push("MEANING");
     }
