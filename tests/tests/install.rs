@@ -224,7 +224,11 @@ fn switching_from_iptables_keeps_the_kernels_connections() {
         pods: 2,
         // Every port the kernel's --random-fully may pick is a NAT port of the datapath, so
         // each reply below would be dropped as untracked without the migration rule.
-        run_args: vec!["--port-range".into(), "1024-65535".into()],
+        run_args: vec![
+            "--port-range".into(),
+            "1024-65535".into(),
+            "--allow-ephemeral-overlap".into(),
+        ],
         ..LabOptions::default()
     })
     .unwrap();
