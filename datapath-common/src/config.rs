@@ -118,9 +118,16 @@ pub struct Config {
     pub port_max: u16,
     /// A [`PortRandomisation`] as `u8`.
     pub randomisation: u8,
-    pub _pad: [u8; 3],
+    /// `FLAG_*` bits.
+    pub flags: u8,
+    pub _pad: [u8; 2],
     pub timeouts: Timeouts,
 }
+
+/// Migration from iptables: the kernel's conntrack holds NAT flows to the node IP (pods
+/// wired by egress-cni, masquerading), so inbound packets to NAT ports with no binding and no
+/// socket are left to the kernel instead of being dropped.
+pub const FLAG_PASS_UNTRACKED_INBOUND: u8 = 1;
 
 /// The pod range of the egress-v4 plugin.
 pub const DEFAULT_POD_CIDR: Cidr = match Cidr::new(addr(169, 254, 172, 0), 22) {
@@ -145,6 +152,11 @@ impl Config {
     #[must_use]
     pub const fn port_in_range(&self, port: u16) -> bool {
         port >= self.port_min && port <= self.port_max
+    }
+
+    #[must_use]
+    pub const fn pass_untracked_inbound(&self) -> bool {
+        self.flags & FLAG_PASS_UNTRACKED_INBOUND != 0
     }
 
     #[must_use]
@@ -192,7 +204,8 @@ mod tests {
             port_min: min,
             port_max: max,
             randomisation: 0,
-            _pad: [0; 3],
+            flags: 0,
+            _pad: [0; 2],
             timeouts: Timeouts::DEFAULT,
         }
     }

@@ -379,8 +379,10 @@ fn try_uplink_ingress(ctx: &TcContext) -> Result<i32, Counter> {
     let tuple = FlowKey::new(ip.proto, ip.src, l4.src_port, ip.dst, l4.dst_port);
     // SAFETY: map value read, copied out.
     let Some(pod_key) = (unsafe { NAT_BINDINGS.get(tuple) }).copied() else {
+        // Migrating from iptables, the kernel's conntrack may own it: leave it to the kernel.
         if ip.proto != PROTO_ICMP
             && cfg.port_in_range(l4.dst_port)
+            && !cfg.pass_untracked_inbound()
             && !conntrack::node_socket_owns(ctx.skb.skb, &tuple, &mut unsafe {
                 core::mem::zeroed()
             })

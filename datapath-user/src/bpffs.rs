@@ -21,7 +21,9 @@ pub fn is_bpffs(path: &Path) -> bool {
     // SAFETY: valid C string and a zeroed out-struct.
     unsafe {
         let mut st: libc::statfs = std::mem::zeroed();
-        libc::statfs(c_path.as_ptr(), &raw mut st) == 0 && st.f_type == BPF_FS_MAGIC
+        // f_type is signed on glibc, unsigned on musl.
+        libc::statfs(c_path.as_ptr(), &raw mut st) == 0
+            && i128::from(st.f_type) == i128::from(BPF_FS_MAGIC)
     }
 }
 

@@ -6,6 +6,8 @@ use std::path::PathBuf;
 pub enum Error {
     #[error("interface {0:?} does not exist")]
     UnknownInterface(String),
+    #[error("no default IPv4 route to take the uplink from; pass --uplink IFACE")]
+    NoDefaultRoute,
     #[error("no interface has ifindex {0} any more (its veth was deleted?)")]
     UnknownIfindex(u32),
     #[error("interface {0:?} has no IPv4 address; pass --node-ip")]

@@ -85,8 +85,55 @@ pub fn ipv4_addrs(name: &str) -> Result<Vec<Ipv4Addr>> {
     Ok(addrs)
 }
 
+/// The interface of the default IPv4 route (the primary ENI, whatever its name: `eth0`,
+/// `ens5`, ...), read from `/proc/net/route`; the lowest metric wins.
+pub fn default_route_interface() -> Result<String> {
+    let path = "/proc/net/route";
+    let text = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
+    default_route_in(&text).ok_or(Error::NoDefaultRoute)
+}
+
+/// The default route's interface in `/proc/net/route`'s text (destination and mask 0, up).
+fn default_route_in(table: &str) -> Option<String> {
+    table
+        .lines()
+        .skip(1)
+        .filter_map(|line| {
+            let f: Vec<&str> = line.split_whitespace().collect();
+            let (iface, dst, flags, metric, mask) =
+                (f.first()?, f.get(1)?, f.get(3)?, f.get(6)?, f.get(7)?);
+            let up = u32::from_str_radix(flags, 16).ok()? & 1 == 1;
+            (up && *dst == "00000000" && *mask == "00000000").then(|| {
+                (
+                    metric.parse::<u32>().unwrap_or(u32::MAX),
+                    (*iface).to_string(),
+                )
+            })
+        })
+        .min()
+        .map(|(_, iface)| iface)
+}
+
 /// The default NAT port range: all of 1024-65535, as iptables' SNAT uses, so a pod cycling
 /// through its whole port range to one destination finds a NAT port for every tuple. It
 /// overlaps the kernel's ephemeral range: the programs track the node's own connections and
 /// check its sockets, so the two never collide.
 pub const DEFAULT_NAT_RANGE: (u16, u16) = (1024, 65535);
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_default_route_interface_is_found() {
+        let table =
+            "Iface\tDestination\tGateway \tFlags\tRefCnt\tUse\tMetric\tMask\t\tMTU\tWindow\tIRTT\n\
+            ens5\t0002000A\t00000000\t0001\t0\t0\t0\t00FFFFFF\t0\t0\t0\n\
+            ens6\t00000000\t0102000A\t0003\t0\t0\t1024\t00000000\t0\t0\t0\n\
+            ens5\t00000000\t0102000A\t0003\t0\t0\t512\t00000000\t0\t0\t0\n";
+        assert_eq!(default_route_in(table).as_deref(), Some("ens5"));
+        let no_default = "Iface\tDestination\tGateway\tFlags\tRefCnt\tUse\tMetric\tMask\n\
+            ens5\t0002000A\t00000000\t0001\t0\t0\t0\t00FFFFFF\n";
+        assert_eq!(default_route_in(no_default), None);
+    }
+}

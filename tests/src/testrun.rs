@@ -168,7 +168,8 @@ impl Harness {
             port_min: opts.port_range.0,
             port_max: opts.port_range.1,
             randomisation: opts.randomisation as u8,
-            _pad: [0; 3],
+            flags: 0,
+            _pad: [0; 2],
             timeouts: Timeouts::DEFAULT,
         };
         loader::write_config(&mut ebpf, &config)?;

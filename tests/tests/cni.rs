@@ -31,19 +31,32 @@ impl Chain<'_> {
 
     /// Runs `plugin` with `command` in the node namespace; returns (success, stdout JSON).
     fn plugin(&self, plugin: &str, command: &str, conf: &Value) -> (bool, Value) {
+        self.plugin_in(plugin, command, conf, CNI_PATH)
+    }
+
+    /// As `plugin`, with another CNI_PATH.
+    fn plugin_in(
+        &self,
+        plugin: &str,
+        command: &str,
+        conf: &Value,
+        cni_path: &str,
+    ) -> (bool, Value) {
         let binary = if plugin == "datapath-cni" {
             datapath_tests::datapath_user_bin().with_file_name("datapath-cni")
         } else {
             PathBuf::from(CNI_PATH).join(plugin)
         };
-        let mut child = Command::new("ip")
+        // No PATH: the plugin must not run `ip` or `nsenter` (it does its own netlink).
+        let mut child = Command::new("/usr/sbin/ip")
             .args(["netns", "exec", &self.lab.node])
             .arg(&binary)
+            .env("PATH", "/nonexistent")
             .env("CNI_COMMAND", command)
             .env("CNI_CONTAINERID", &self.container)
             .env("CNI_NETNS", self.netns_path())
             .env("CNI_IFNAME", "eth0")
-            .env("CNI_PATH", CNI_PATH)
+            .env("CNI_PATH", cni_path)
             .env(
                 "CNI_ARGS",
                 "IgnoreUnknown=1;K8S_POD_NAMESPACE=default;K8S_POD_NAME=web-0",
@@ -268,4 +281,211 @@ fn bad_input_gets_a_cni_error() {
         .as_array()
         .unwrap()
         .contains(&json!("1.0.0")));
+}
+
+/// Files in a host-local data directory that are leases (named by address).
+fn leases(dir: &std::path::Path) -> Vec<String> {
+    std::fs::read_dir(dir)
+        .map(|entries| {
+            entries
+                .flatten()
+                .map(|e| e.file_name().to_string_lossy().into_owned())
+                .filter(|n| n.parse::<std::net::IpAddr>().is_ok())
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+fn link_exists_in(ns: &str, dev: &str) -> bool {
+    exec_output(ns, &["ip", "link", "show", dev])
+        .unwrap()
+        .status
+        .success()
+}
+
+#[test]
+fn add_while_no_daemon_is_retryable_and_creates_nothing() {
+    let lab = Lab::new(LabOptions {
+        pods: 0,
+        start_daemon: false,
+        ..LabOptions::default()
+    })
+    .unwrap();
+    let c = chain(&lab, "d");
+    let (ok, primary) = c.plugin("ptp", "ADD", &c.primary_conf());
+    assert!(ok, "ptp ADD: {primary}");
+    let (ok, out) = c.plugin("datapath-cni", "ADD", &c.our_conf(Some(&primary)));
+    assert!(!ok, "ADD without a daemon succeeded: {out}");
+    assert_eq!(out["code"], 11, "{out}");
+    // Nothing made: no maps, no veth, no lease.
+    assert!(
+        !lab.pin_path.join("LAYOUT").exists() && !lab.pin_path.join("PODS").exists(),
+        "the plugin created maps"
+    );
+    assert!(!link_exists_in(
+        &lab.node,
+        &datapath_user_host_veth(&c.container)
+    ));
+    assert!(!link_exists_in(&c.pod_ns, "v4if0"));
+    assert!(leases(&c.state.join("ipam-v4/pods")).is_empty());
+}
+
+#[test]
+fn repeated_add_answers_as_the_first_and_keeps_the_pod_working() {
+    let lab = Lab::new(LabOptions {
+        pods: 0,
+        ..LabOptions::default()
+    })
+    .unwrap();
+    let echo = Server::tcp(&lab.server, 8080, TcpService::Echo).unwrap();
+    let c = chain(&lab, "e");
+    let (ok, primary) = c.plugin("ptp", "ADD", &c.primary_conf());
+    assert!(ok, "ptp ADD: {primary}");
+    let conf = c.our_conf(Some(&primary));
+    let (ok, first) = c.plugin("datapath-cni", "ADD", &conf);
+    assert!(ok, "first ADD: {first}");
+    let (ok, second) = c.plugin("datapath-cni", "ADD", &conf);
+    assert!(ok, "repeated ADD: {second}");
+    assert_eq!(first["ips"], second["ips"]);
+    assert_eq!(first["interfaces"], second["interfaces"]);
+    // Still wired, registered, one lease, traffic flows.
+    assert_eq!(c.registered().len(), 1);
+    assert_eq!(leases(&c.state.join("ipam-v4/pods")).len(), 1);
+    let mut stream = traffic::tcp_connect(&c.pod_ns, SERVER_IP, 8080, None).unwrap();
+    traffic::echo_roundtrip(&mut stream, b"after a repeated ADD").unwrap();
+    drop(stream);
+    drop(echo);
+
+    // A host veth of that name that is not ours: the ADD fails and leaves it (and takes no
+    // lease).
+    let other = Chain {
+        lab: &lab,
+        pod_ns: c.pod_ns.clone(),
+        state: c.state.clone(),
+        container: format!("{}-other", c.container),
+    };
+    let squatter = datapath_user_host_veth(&other.container);
+    run(
+        "ip",
+        &[
+            "netns", "exec", &lab.node, "ip", "link", "add", &squatter, "type", "veth", "peer",
+            "name", "dpsquat0",
+        ],
+    )
+    .unwrap();
+    let (ok, out) = other.plugin("datapath-cni", "ADD", &other.our_conf(Some(&primary)));
+    assert!(!ok && out["code"] == 4, "{out}");
+    assert!(
+        link_exists_in(&lab.node, &squatter),
+        "ADD removed a veth it did not make"
+    );
+    assert_eq!(leases(&c.state.join("ipam-v4/pods")).len(), 1);
+    assert_eq!(c.registered().len(), 1);
+    std::mem::forget(other);
+    c.del();
+}
+
+#[test]
+fn a_failed_add_rolls_back_only_what_it_made() {
+    // The daemon's pod range is a /24: an address IPAM hands out from the rest of the /22 is
+    // refused at registration, after IPAM and the wiring.
+    let lab = Lab::new(LabOptions {
+        pods: 0,
+        run_args: vec!["--pod-cidr".into(), "169.254.172.0/24".into()],
+        ..LabOptions::default()
+    })
+    .unwrap();
+    let c = chain(&lab, "f");
+    let (ok, primary) = c.plugin("ptp", "ADD", &c.primary_conf());
+    assert!(ok, "ptp ADD: {primary}");
+    let mut conf = c.our_conf(Some(&primary));
+    conf["ipam"]["ranges"] =
+        json!([[{ "subnet": "169.254.172.0/22", "rangeStart": "169.254.173.2" }]]);
+    let (ok, out) = c.plugin("datapath-cni", "ADD", &conf);
+    assert!(!ok && out["code"] == 100, "{out}");
+    assert!(!link_exists_in(
+        &lab.node,
+        &datapath_user_host_veth(&c.container)
+    ));
+    assert!(!link_exists_in(&c.pod_ns, "v4if0"));
+    assert!(
+        leases(&c.state.join("ipam-v4/pods")).is_empty(),
+        "lease kept"
+    );
+    // The primary plugin's interface is untouched.
+    assert!(link_exists_in(&c.pod_ns, "eth0"));
+}
+
+#[test]
+fn chained_only_versions_and_disabled_entries() {
+    let lab = Lab::new(LabOptions {
+        pods: 0,
+        ..LabOptions::default()
+    })
+    .unwrap();
+    let c = chain(&lab, "g");
+    let mut primary_conf = c.primary_conf();
+    primary_conf["cniVersion"] = json!("0.3.1");
+    let (ok, primary) = c.plugin("ptp", "ADD", &primary_conf);
+    assert!(ok, "ptp ADD: {primary}");
+
+    // No prevResult: refused, with a message that says why.
+    let (ok, out) = c.plugin("datapath-cni", "ADD", &c.our_conf(None));
+    assert!(!ok && out["code"] == 7, "{out}");
+    assert!(
+        out["details"].as_str().unwrap().contains("prevResult"),
+        "{out}"
+    );
+
+    // enabled "false" (aws-node's ENABLE_V4_EGRESS=false): prevResult through, nothing wired.
+    let mut off = c.our_conf(Some(&primary));
+    off["enabled"] = json!("false");
+    off["cniVersion"] = json!("0.3.1");
+    let (ok, out) = c.plugin("datapath-cni", "ADD", &off);
+    assert!(ok, "{out}");
+    assert_eq!(out["ips"], primary["ips"]);
+    assert!(!link_exists_in(&c.pod_ns, "v4if0"));
+    assert!(c.registered().is_empty());
+
+    // 0.3.1 with aws-node's string MTU: every IP says its version; CHECK does not exist.
+    let mut conf = c.our_conf(Some(&primary));
+    conf["cniVersion"] = json!("0.3.1");
+    conf["mtu"] = json!("1400");
+    conf["enabled"] = json!("true");
+    conf["randomizeSNAT"] = json!("prng");
+    conf["nodeIP"] = json!(NODE_IP);
+    let (ok, result) = c.plugin("datapath-cni", "ADD", &conf);
+    assert!(ok, "{result}");
+    assert_eq!(result["cniVersion"], "0.3.1");
+    for ip in result["ips"].as_array().unwrap() {
+        let want = if ip["address"].as_str().unwrap().contains(':') {
+            "6"
+        } else {
+            "4"
+        };
+        assert_eq!(ip["version"], want, "{result}");
+    }
+    assert!(exec(&c.pod_ns, &["ip", "link", "show", "v4if0"])
+        .unwrap()
+        .contains("mtu 1400"));
+    // The lease is keyed by the runtime's CNI_IFNAME, as egress-cni's are.
+    let lease = c.state.join("ipam-v4/pods/169.254.172.2");
+    assert!(std::fs::read_to_string(&lease).unwrap().contains("eth0"));
+    let (ok, out) = c.plugin("datapath-cni", "CHECK", &conf);
+    assert!(!ok && out["code"] == 1, "CHECK on 0.3.1: {out}");
+
+    // DEL with no IPAM binary in CNI_PATH still unwires and unregisters.
+    let empty = c.state.join("empty-bin");
+    std::fs::create_dir_all(&empty).unwrap();
+    let (ok, out) = c.plugin_in("datapath-cni", "DEL", &conf, empty.to_str().unwrap());
+    assert!(ok, "DEL without IPAM: {out}");
+    assert!(c.registered().is_empty());
+    assert!(!link_exists_in(
+        &lab.node,
+        &datapath_user_host_veth(&c.container)
+    ));
+    // And a DEL that finds IPAM releases the lease.
+    let (ok, out) = c.plugin("datapath-cni", "DEL", &conf);
+    assert!(ok, "{out}");
+    assert!(!lease.exists());
 }

@@ -25,6 +25,9 @@ const PACKAGES: &[&str] = &[
     "curl",
     "python3",
     "containernetworking-plugins",
+    // The CNI plugin under a real container runtime (tests/tests/runtime.rs) and the image.
+    "podman",
+    "busybox-static",
 ];
 const BPF_LINKER_VERSION: &str = "0.13.0";
 

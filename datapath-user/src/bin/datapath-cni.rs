@@ -6,6 +6,10 @@ use std::io::Read as _;
 use datapath_user::cni::{self, CniError, Env, NetConf};
 
 fn main() -> std::process::ExitCode {
+    if std::env::args().nth(1).as_deref() == Some("--version") {
+        println!("datapath-cni {}", env!("CARGO_PKG_VERSION"));
+        return std::process::ExitCode::SUCCESS;
+    }
     let mut stdin = Vec::new();
     let _ = std::io::stdin().read_to_end(&mut stdin);
     let version = serde_json::from_slice::<serde_json::Value>(&stdin)
@@ -36,10 +40,6 @@ fn execute(stdin: &[u8]) -> Result<Option<serde_json::Value>, CniError> {
         "ADD" => cni::add(&conf, &env).map(Some),
         "DEL" => cni::del(&conf, &env).map(|()| None),
         "CHECK" => cni::check(&conf, &env).map(|()| None),
-        other => Err(CniError {
-            code: 4,
-            msg: "unknown CNI_COMMAND".into(),
-            details: other.into(),
-        }),
+        other => Err(CniError::new(4, "unknown CNI_COMMAND", other)),
     }
 }

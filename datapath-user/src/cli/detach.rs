@@ -22,6 +22,10 @@ pub struct DetachArgs {
     /// Detach even though a daemon serves the pin path (it then reports itself not ready).
     #[arg(long)]
     force: bool,
+    /// Also remove the derived DIR/05-datapath.conflist (`run --cni-conf-dir`), handing the
+    /// node's pods back to the VPC CNI's own chain (first, before the programs go).
+    #[arg(long, value_name = "DIR")]
+    cni_conf_dir: Option<std::path::PathBuf>,
 }
 
 pub fn execute(args: &DetachArgs) -> anyhow::Result<()> {
@@ -35,6 +39,15 @@ pub fn execute(args: &DetachArgs) -> anyhow::Result<()> {
             .into());
         }
         eprintln!("warning: detaching under the running daemon (pid {pid}) (--force)");
+    }
+    if let Some(dir) = &args.cni_conf_dir {
+        // The chain first: no new pod may be wired for a datapath about to go.
+        if datapath_user::conflist::remove(dir)? {
+            println!(
+                "removed {}",
+                dir.join(datapath_user::conflist::DERIVED_NAME).display()
+            );
+        }
     }
     let detached = loader::detach_all(pin_path)?;
     let what = match detached {

@@ -17,10 +17,11 @@ use datapath_common::{
     maps::{self as names, DEFAULT_FLOW_TABLE_SIZE},
 };
 use datapath_user::{
+    conflist,
     health::{self, DaemonState},
     loader::{self, DaemonLock, LoadOptions},
     maps::Maps,
-    metrics, netdev, pods,
+    metrics, migration, netdev, pods,
     sweep::Sweeper,
     Error,
 };
@@ -42,9 +43,10 @@ use super::{parse_cidr, parse_seconds, PinArgs};
 #[derive(clap::Args)]
 #[command(verbatim_doc_comment)]
 pub struct RunArgs {
-    /// The node's uplink (primary ENI) interface.
+    /// The node's uplink (primary ENI) interface. Default: the interface of the default
+    /// IPv4 route.
     #[arg(long, value_name = "IFACE")]
-    uplink: String,
+    uplink: Option<String>,
     /// Address pods are translated to. Default: the uplink's primary IPv4.
     #[arg(long, value_name = "A.B.C.D")]
     node_ip: Option<Ipv4Addr>,
@@ -77,6 +79,13 @@ pub struct RunArgs {
     /// Accepted for compatibility: the programs always stay attached on exit now.
     #[arg(long, hide = true)]
     keep_attached: bool,
+    /// Once ready, derive DIR/05-datapath.conflist from the VPC CNI's conflist in DIR (its
+    /// egress-cni entry replaced by datapath-cni) and keep it in step with it.
+    #[arg(long, value_name = "DIR")]
+    cni_conf_dir: Option<std::path::PathBuf>,
+    /// With --cni-conf-dir: first install the datapath-cni binary (beside this one) into DIR.
+    #[arg(long, value_name = "DIR", requires = "cni_conf_dir")]
+    cni_bin_dir: Option<std::path::PathBuf>,
     #[command(flatten)]
     timeouts: TimeoutArgs,
 }
@@ -169,9 +178,9 @@ fn parse_timeout(s: &str) -> Result<u32, String> {
 
 pub fn execute(args: &RunArgs) -> anyhow::Result<()> {
     // Everything that can fail without the kernel is checked before anything is attached.
-    let config = build_config(args)?;
+    let (uplink, config) = preflight(args)?;
     let pin_path = args.pin.pin_path.clone();
-    let uplink_ifindex = netdev::ifindex(&args.uplink)?;
+    let uplink_ifindex = netdev::ifindex(&uplink)?;
     let metrics_listener = args.metrics_addr.map(metrics::bind).transpose()?;
     let mut lock = DaemonLock::acquire(&pin_path)?;
     let mut ebpf = loader::load(&LoadOptions {
@@ -180,17 +189,19 @@ pub fn execute(args: &RunArgs) -> anyhow::Result<()> {
         kernel_checksum_helpers: false,
     })?;
     lock.hold_new_maps()?;
+    // Before attaching: what the kernel still translates (iptables pods) stays the kernel's.
+    let config = migration::at_start(config, Maps::open(&pin_path).ok().as_ref());
     loader::write_config(&mut ebpf, &config)?;
     let mut start = StartAttachments::new(&pin_path);
     start.attach(
         loader::program(&mut ebpf, names::PROG_UPLINK_INGRESS)?,
-        &args.uplink,
+        &uplink,
         TcAttachType::Ingress,
         loader::UPLINK_INGRESS,
     )?;
     start.attach(
         loader::program(&mut ebpf, names::PROG_UPLINK_EGRESS)?,
-        &args.uplink,
+        &uplink,
         TcAttachType::Egress,
         loader::UPLINK_EGRESS,
     )?;
@@ -209,7 +220,7 @@ pub fn execute(args: &RunArgs) -> anyhow::Result<()> {
         started_unix: health::unix_now(),
         heartbeat_unix: health::unix_now(),
         sweep_interval_s: args.sweep_interval,
-        uplink: args.uplink.clone(),
+        uplink: uplink.clone(),
         uplink_ifindex,
         node_ip: Ipv4Addr::from(config.node_ip),
         attach_mode: loader::attach_mode().to_string(),
@@ -227,7 +238,7 @@ pub fn execute(args: &RunArgs) -> anyhow::Result<()> {
     maps.for_each_flow(|_, _| flows += 1)?;
     info!(
         "running: uplink {} node ip {} pods {}/{} ports {}-{} ({:?}); {} attachment, {} checksums; {flows} flows carried over; maps at {}",
-        args.uplink,
+        uplink,
         Ipv4Addr::from(config.node_ip),
         Ipv4Addr::from(config.pod_cidr.network),
         config.pod_cidr.prefix_len,
@@ -246,6 +257,12 @@ pub fn execute(args: &RunArgs) -> anyhow::Result<()> {
         announced_ready: false,
         state,
         pin_path: pin_path.clone(),
+        migration: migration::Migration::default(),
+        chain: Chain {
+            conf_dir: args.cni_conf_dir.clone(),
+            bin_dir: args.cni_bin_dir.clone(),
+            watcher: None,
+        },
     };
     daemon.check_attachments(missing);
     let signal = wait_for_signal(interval, || daemon.tick())?;
@@ -268,6 +285,38 @@ struct Daemon {
     announced_ready: bool,
     state: DaemonState,
     pin_path: std::path::PathBuf,
+    migration: migration::Migration,
+    chain: Chain,
+}
+
+/// `--cni-bin-dir`, `--cni-conf-dir`: installed and kept in step from the first `ready` on.
+struct Chain {
+    conf_dir: Option<std::path::PathBuf>,
+    bin_dir: Option<std::path::PathBuf>,
+    watcher: Option<conflist::Watcher>,
+}
+
+impl Chain {
+    /// The plugin installed, then the chain derived and watched; once. The watcher stops when
+    /// the daemon exits and the file stays, as the programs do (`detach --cni-conf-dir`).
+    fn start(&mut self, pin_path: &std::path::Path) {
+        let Some(conf_dir) = self.conf_dir.take() else {
+            return;
+        };
+        if let Some(bin_dir) = self.bin_dir.take() {
+            match conflist::install_plugin(&bin_dir) {
+                Ok(path) => info!("installed {}", path.display()),
+                Err(e) => error!("CNI chain not installed: {e}"),
+            }
+        }
+        let opts = conflist::DeriveOptions {
+            pin_path: pin_path.to_path_buf(),
+        };
+        match conflist::Watcher::start(&conf_dir, opts) {
+            Ok(w) => self.watcher = Some(w),
+            Err(e) => error!("CNI chain not installed: {e}"),
+        }
+    }
 }
 
 impl Daemon {
@@ -290,6 +339,9 @@ impl Daemon {
                 Ok(_) => {}
                 Err(e) => warn!("sweep: {e}"),
             }
+        }
+        if let Err(e) = self.migration.update(&mut self.maps) {
+            warn!("migration: {e}");
         }
         if let Ok(current) = self.maps.counters() {
             log_datapath_events(&self.previous, &current);
@@ -326,6 +378,8 @@ impl Daemon {
             println!("ready");
             let _ = std::io::stdout().flush();
             self.announced_ready = true;
+            // The chain goes in only now that the datapath is attached.
+            self.chain.start(&self.pin_path);
         }
         self.missing = missing;
     }
@@ -408,23 +462,39 @@ impl Drop for StartAttachments {
     }
 }
 
+/// The uplink (default: the default route's interface), the configuration, and the CNI
+/// directories checked.
+fn preflight(args: &RunArgs) -> anyhow::Result<(String, Config)> {
+    let uplink = match &args.uplink {
+        Some(name) => name.clone(),
+        None => netdev::default_route_interface()?,
+    };
+    let config = build_config(args, &uplink)?;
+    for dir in [&args.cni_conf_dir, &args.cni_bin_dir]
+        .into_iter()
+        .flatten()
+    {
+        conflist::check_dir(dir)?;
+    }
+    Ok((uplink, config))
+}
+
 /// Checks every flag against the node and the pinned maps and builds the configuration,
 /// before anything is mounted, loaded or attached.
-fn build_config(args: &RunArgs) -> anyhow::Result<Config> {
-    netdev::ifindex(&args.uplink)?;
-    if netdev::is_loopback(&args.uplink)? {
+fn build_config(args: &RunArgs, uplink: &str) -> anyhow::Result<Config> {
+    netdev::ifindex(uplink)?;
+    if netdev::is_loopback(uplink)? {
         bail!(
-            "--uplink {} is a loopback interface: pods' IPv4 must leave through the node's uplink (the interface of the default IPv4 route)",
-            args.uplink
+            "--uplink {uplink} is a loopback interface: pods' IPv4 must leave through the node's uplink (the interface of the default IPv4 route)"
         );
     }
-    let addrs = netdev::ipv4_addrs(&args.uplink)?;
+    let addrs = netdev::ipv4_addrs(uplink)?;
     let node_ip = match args.node_ip {
         Some(ip) if addrs.contains(&ip) => ip,
         Some(ip) => {
             return Err(Error::NodeIpNotOnUplink {
                 ip,
-                iface: args.uplink.clone(),
+                iface: uplink.to_string(),
                 have: if addrs.is_empty() {
                     "no IPv4".into()
                 } else {
@@ -439,7 +509,7 @@ fn build_config(args: &RunArgs) -> anyhow::Result<Config> {
         }
         None => *addrs
             .first()
-            .ok_or_else(|| Error::NoIpv4(args.uplink.clone()))?,
+            .ok_or_else(|| Error::NoIpv4(uplink.to_string()))?,
     };
     if node_ip.is_loopback() || node_ip.is_unspecified() || node_ip.is_multicast() {
         bail!("node IP {node_ip} cannot be a source address on the network; pass --node-ip");
@@ -479,7 +549,8 @@ fn build_config(args: &RunArgs) -> anyhow::Result<Config> {
             Randomisation::Hashrandom => PortRandomisation::HashRandom,
             Randomisation::None => PortRandomisation::None,
         } as u8,
-        _pad: [0; 3],
+        flags: 0,
+        _pad: [0; 2],
         timeouts: Timeouts {
             tcp_syn: t.timeout_tcp_syn,
             tcp_established: t.timeout_tcp_established,
