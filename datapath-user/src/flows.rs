@@ -1,6 +1,6 @@
 //! The flow view: flow-table entries joined with pod names, filtered and sorted.
 
-use std::net::Ipv4Addr;
+use std::{net::Ipv4Addr, sync::Arc};
 
 use datapath_common::{
     flow::{proto_name, Flow, FlowKey},
@@ -17,7 +17,8 @@ use crate::{
 #[derive(Clone, Debug, Serialize, PartialEq, Eq)]
 pub struct FlowRecord {
     pub proto: &'static str,
-    pub pod: Option<String>,
+    /// Shared by every flow of the pod: a million flows need not a million name copies.
+    pub pod: Option<Arc<str>>,
     pub pod_ip: Ipv4Addr,
     pub pod_port: u16,
     pub dst_ip: Ipv4Addr,
@@ -77,12 +78,22 @@ impl Filter {
     }
 }
 
+/// Sort rank of a protocol name, in the order names compare.
+fn proto_rank(proto: &str) -> u8 {
+    match proto {
+        "icmp" => 0,
+        "tcp" => 1,
+        "udp" => 2,
+        _ => 3,
+    }
+}
+
 /// Builds the record for one entry at monotonic time `now`.
 #[must_use]
 pub fn record(
     key: &FlowKey,
     flow: &Flow,
-    pod: Option<String>,
+    pod: Option<Arc<str>>,
     now: u64,
     timeouts: &datapath_common::config::Timeouts,
 ) -> FlowRecord {
@@ -110,11 +121,11 @@ pub fn record(
 /// Every flow matching `filter`, sorted by pod, protocol, destination and port.
 pub fn collect(maps: &Maps, filter: &Filter) -> Result<Vec<FlowRecord>> {
     let timeouts = maps.config()?.timeouts;
-    let names: std::collections::HashMap<u32, String> = maps
+    let names: std::collections::HashMap<u32, Arc<str>> = maps
         .pods()?
         .into_iter()
         .filter(|(_, pod)| !pod.name().is_empty())
-        .map(|(ip, pod)| (u32::from(ip), pod.name().to_string()))
+        .map(|(ip, pod)| (u32::from(ip), Arc::from(pod.name())))
         .collect();
     let now = monotonic_coarse_ns();
     let mut records = Vec::new();
@@ -124,9 +135,13 @@ pub fn collect(maps: &Maps, filter: &Filter) -> Result<Vec<FlowRecord>> {
             records.push(r);
         }
     })?;
-    records.sort_by(|a, b| {
-        (a.pod_ip, a.proto, a.dst_ip, a.dst_port, a.pod_port)
-            .cmp(&(b.pod_ip, b.proto, b.dst_ip, b.dst_port, b.pod_port))
+    // One integer per record: (pod address, protocol, destination, port, pod port).
+    records.sort_unstable_by_key(|r| {
+        (u128::from(u32::from(r.pod_ip)) << 96)
+            | (u128::from(proto_rank(r.proto)) << 80)
+            | (u128::from(u32::from(r.dst_ip)) << 32)
+            | (u128::from(r.dst_port) << 16)
+            | u128::from(r.pod_port)
     });
     Ok(records)
 }

@@ -226,11 +226,7 @@ pub fn check(pin_path: &Path, daemon_pid: Option<u32>) -> Result<Status> {
         attachments,
         flows,
         flow_table_capacity: capacity,
-        flow_table_fill_percent: if capacity == 0 {
-            0.0
-        } else {
-            flows as f64 * 100.0 / f64::from(capacity)
-        },
+        flow_table_fill_percent: crate::stats::fill_percent(flows as u64, capacity),
     })
 }
 

@@ -39,6 +39,16 @@ pub struct Stats {
     pub busiest_destinations: Vec<PortUsage>,
 }
 
+/// `flows` as a percentage of the table's `capacity`.
+#[must_use]
+pub fn fill_percent(flows: u64, capacity: u32) -> f64 {
+    if capacity == 0 {
+        0.0
+    } else {
+        flows as f64 * 100.0 / f64::from(capacity)
+    }
+}
+
 const fn kind_name(kind: Kind) -> &'static str {
     match kind {
         Kind::Translated => "translated",
@@ -96,11 +106,7 @@ pub fn collect(maps: &Maps, top: usize) -> Result<Stats> {
         counters,
         flows,
         flow_table_capacity: capacity,
-        flow_table_fill_percent: if capacity == 0 {
-            0.0
-        } else {
-            flows as f64 * 100.0 / f64::from(capacity)
-        },
+        flow_table_fill_percent: fill_percent(flows, capacity),
         nat_bindings: bindings,
         pods: maps.pods()?.len(),
         port_range: (config.port_min, config.port_max),

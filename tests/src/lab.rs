@@ -315,6 +315,23 @@ impl Lab {
         crate::netns::exec_output(&self.node, &full)
     }
 
+    /// `pod add` for `pod`, whatever its outcome (the raw output).
+    pub fn try_register_pod(&self, pod: &Pod) -> Result<std::process::Output> {
+        let pin = self.pin_path.to_string_lossy().into_owned();
+        self.cli_output(&[
+            "pod",
+            "add",
+            "--ip",
+            &pod.ip,
+            "--host-veth",
+            &pod.host_veth,
+            "--name",
+            &pod.name,
+            "--pin-path",
+            &pin,
+        ])
+    }
+
     pub fn register_pod(&self, pod: &Pod) -> Result<String> {
         self.cli(&[
             "pod",

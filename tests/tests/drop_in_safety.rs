@@ -177,18 +177,7 @@ fn nothing_leaves_untranslated_once_pod_add_succeeds_while_the_daemon_starts() {
     .unwrap();
 
     // Before any daemon: refused, with the reason.
-    let out = lab
-        .cli_output(&[
-            "pod",
-            "add",
-            "--ip",
-            &pod.ip,
-            "--host-veth",
-            &pod.host_veth,
-            "--pin-path",
-            lab.pin_path.to_str().unwrap(),
-        ])
-        .unwrap();
+    let out = lab.try_register_pod(&pod).unwrap();
     assert!(!out.status.success());
     assert!(
         String::from_utf8_lossy(&out.stderr).contains("not attached"),
@@ -200,18 +189,7 @@ fn nothing_leaves_untranslated_once_pod_add_succeeds_while_the_daemon_starts() {
     let ready = lab.spawn_daemon().unwrap();
     let deadline = Instant::now() + Duration::from_mins(1);
     let registered_at = loop {
-        let out = lab
-            .cli_output(&[
-                "pod",
-                "add",
-                "--ip",
-                &pod.ip,
-                "--host-veth",
-                &pod.host_veth,
-                "--pin-path",
-                lab.pin_path.to_str().unwrap(),
-            ])
-            .unwrap();
+        let out = lab.try_register_pod(&pod).unwrap();
         if out.status.success() {
             break sent.load(Ordering::SeqCst);
         }
@@ -309,18 +287,7 @@ fn the_datapath_outlives_the_daemon_and_the_next_one_takes_it_over() {
     assert!(lab.stop_daemon(libc::SIGTERM).unwrap().unwrap().success());
     let out = lab.cli(&["detach"]).unwrap();
     assert!(out.contains("detached 4 programs"), "{out}");
-    let out = lab
-        .cli_output(&[
-            "pod",
-            "add",
-            "--ip",
-            &late.ip,
-            "--host-veth",
-            &late.host_veth,
-            "--pin-path",
-            lab.pin_path.to_str().unwrap(),
-        ])
-        .unwrap();
+    let out = lab.try_register_pod(&late).unwrap();
     assert!(
         !out.status.success(),
         "pod add succeeded with nothing attached"
