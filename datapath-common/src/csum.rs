@@ -142,9 +142,23 @@ mod tests {
 
     #[test]
     fn known_header_checksum() {
-        // Example from RFC 1071 style hand computation: verified header sums to 0xffff.
-        let h = ipv4_header(0xc000_020a, 0xc000_0214);
-        assert_eq!(fold(sum_bytes(0, &h)), 0xffff);
+        // RFC 1071 section 3, numerical example: the words 0001 f203 f4f5 f6f7 sum to ddf2.
+        let rfc1071 = [0x00, 0x01, 0xf2, 0x03, 0xf4, 0xf5, 0xf6, 0xf7];
+        assert_eq!(fold(sum_bytes(0, &rfc1071)), 0xddf2);
+        assert_eq!(checksum(&rfc1071), !0xddf2);
+        // The IPv4 header of the "IPv4 header checksum" example on Wikipedia (192.168.0.1 to
+        // 192.168.0.199, UDP, TTL 64): its published checksum is b861.
+        let mut header = [
+            0x45, 0x00, 0x00, 0x73, 0x00, 0x00, 0x40, 0x00, 0x40, 0x11, 0x00, 0x00, 0xc0, 0xa8,
+            0x00, 0x01, 0xc0, 0xa8, 0x00, 0xc7,
+        ];
+        assert_eq!(checksum(&header), 0xb861);
+        header[10..12].copy_from_slice(&0xb861u16.to_be_bytes());
+        assert_eq!(
+            fold(sum_bytes(0, &header)),
+            0xffff,
+            "a correct header verifies"
+        );
     }
 
     #[test]

@@ -410,4 +410,39 @@ mod tests {
         assert_eq!(size_of::<FlowKey>(), 16);
         assert_eq!(size_of::<Flow>() % 8, 0);
     }
+
+    // The expiry rule against an independent computation in 128-bit arithmetic (the fuzz
+    // target `flow_timeouts` checks the same over arbitrary inputs).
+    proptest::proptest! {
+        #[test]
+        fn expiry_matches_the_rule(last_seen_ns: u64, state in 0u8..8, proto: u8, t: [u32; 7]) {
+            let timeouts = Timeouts {
+                tcp_syn: t[0],
+                tcp_established: t[1],
+                tcp_closing: t[2],
+                tcp_rst: t[3],
+                udp_one_way: t[4],
+                udp_replied: t[5],
+                icmp: t[6],
+                _pad: 0,
+            };
+            let flow = Flow { last_seen_ns, state, ..Flow::default() };
+            let secs = match (state, proto) {
+                (1..=4, _) => t[usize::from(state) - 1],
+                (5 | 6, PROTO_ICMP) => t[6],
+                (5, _) => t[4],
+                (6, _) => t[5],
+                _ => 0,
+            };
+            let later = |secs: u128| {
+                u64::try_from(u128::from(last_seen_ns) + secs * 1_000_000_000).unwrap_or(u64::MAX)
+            };
+            let expires = later(u128::from(secs));
+            proptest::prop_assert_eq!(flow.expires_at_ns(proto, &timeouts), expires);
+            let removable = expires.max(later(1));
+            proptest::prop_assert_eq!(flow.removable_at_ns(proto, &timeouts), removable);
+            proptest::prop_assert!(flow.is_expired(proto, &timeouts, removable));
+            proptest::prop_assert!(removable == 0 || !flow.is_expired(proto, &timeouts, removable - 1));
+        }
+    }
 }

@@ -456,6 +456,40 @@ impl Lab {
             .with_context(|| format!("counter {name} not found"))
     }
 
+    /// The BPF link pinned at `<pin>/links/<name>`: (link id, program id), or `None` when
+    /// nothing is pinned there.
+    #[must_use]
+    pub fn pinned_link(&self, name: &str) -> Option<(u64, u64)> {
+        let path = self.pin_path.join("links").join(name);
+        let path = path.to_str()?;
+        let out = exec(
+            &self.node,
+            &["bpftool", "-j", "link", "show", "pinned", path],
+        )
+        .ok()?;
+        let v: serde_json::Value = serde_json::from_str(&out).ok()?;
+        Some((v["id"].as_u64()?, v["prog_id"].as_u64()?))
+    }
+
+    /// Whether the kernel still holds the BPF link `id` (a detached link is gone).
+    #[must_use]
+    pub fn link_exists(&self, id: u64) -> bool {
+        exec(
+            &self.node,
+            &["bpftool", "link", "show", "id", &id.to_string()],
+        )
+        .is_ok()
+    }
+
+    /// The ifindex of `ifname` in the node namespace.
+    pub fn node_ifindex(&self, ifname: &str) -> Result<u32> {
+        let out = exec(
+            &self.node,
+            &["cat", &format!("/sys/class/net/{ifname}/ifindex")],
+        )?;
+        out.trim().parse().context("ifindex")
+    }
+
     /// The pod namespace of pod `i`.
     #[must_use]
     pub fn pod(&self, i: usize) -> &Pod {

@@ -62,6 +62,8 @@ pub struct Harness {
     pub other_pod_ifindex: u32,
     pub uplink_ifindex: u32,
     pub config: Config,
+    /// The TCP/UDP checksum path the programs were loaded with: `kfunc` or `helpers`.
+    pub checksum_path: &'static str,
 }
 
 /// Removes the namespace and the bpffs mount.
@@ -193,6 +195,12 @@ impl Harness {
             other_pod_ifindex,
             uplink_ifindex: netdev::ifindex("upl")?,
             config,
+            // What the loader decided: forced helpers, or what this kernel's BTF allows.
+            checksum_path: if opts.kernel_checksum_helpers {
+                "helpers"
+            } else {
+                loader::checksum_path()
+            },
         })
     }
 

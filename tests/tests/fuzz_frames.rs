@@ -5,7 +5,7 @@
 
 use datapath_common::{
     counters::{Counter, Kind},
-    flow::{PROTO_ICMP, PROTO_TCP, PROTO_UDP},
+    flow::{FlowKey, PROTO_ICMP, PROTO_TCP, PROTO_UDP},
     maps as names,
 };
 use datapath_tests::{
@@ -42,6 +42,75 @@ fn verdict_total(h: &Harness) -> u64 {
         .filter(|(c, _)| c.kind() != Kind::Event)
         .map(|(_, v)| v)
         .sum()
+}
+
+/// A whole, unfragmented IPv4 packet (total length = what the frame holds) whose checksums
+/// verify: its rewrite must keep them verifying.
+fn well_formed(p: &Parsed) -> bool {
+    let total = usize::from(u16::from_be_bytes([p.ip[2], p.ip[3]]));
+    let fragment = u16::from_be_bytes([p.ip[6], p.ip[7]]) & 0x3fff != 0;
+    p.ip[0] >> 4 == 4
+        && p.ihl >= 20
+        && total == p.ip.len()
+        && p.ip.len() >= p.ihl + 8
+        && !fragment
+        && p.ip_checksum_ok()
+        && p.l4_checksum_ok()
+}
+
+/// Ports and checksums of a translated well-formed packet: the translated side's port is the
+/// flow's NAT port (outbound) or the pod's own port (replies), the other port is unchanged,
+/// and both checksums still verify.
+fn check_rewrite(h: &Harness, from_pod: bool, input: &Parsed, output: &Parsed, frame: &[u8]) {
+    assert!(
+        output.ip_checksum_ok(),
+        "IPv4 checksum broken by the rewrite of {frame:02x?}"
+    );
+    assert!(
+        output.l4_checksum_ok(),
+        "L4 checksum broken by the rewrite of {frame:02x?}"
+    );
+    if ![PROTO_TCP, PROTO_UDP].contains(&input.proto) {
+        return;
+    }
+    let key = |p: &Parsed| {
+        FlowKey::new(
+            p.proto,
+            u32::from_be_bytes(p.src),
+            p.src_port(),
+            u32::from_be_bytes(p.dst),
+            p.dst_port(),
+        )
+    };
+    if from_pod {
+        assert_eq!(
+            output.dst_port(),
+            input.dst_port(),
+            "destination port changed: {frame:02x?}"
+        );
+        let flow = h
+            .flow(&key(input))
+            .expect("a translated packet has its flow");
+        assert_eq!(
+            output.src_port(),
+            flow.nat_port,
+            "not the flow's NAT port: {frame:02x?}"
+        );
+    } else {
+        assert_eq!(
+            output.src_port(),
+            input.src_port(),
+            "remote port changed: {frame:02x?}"
+        );
+        let owner = h
+            .binding(&key(input))
+            .expect("a translated reply has its binding");
+        assert_eq!(
+            output.dst_port(),
+            owner.src_port,
+            "not the pod's port: {frame:02x?}"
+        );
+    }
 }
 
 /// A plausible frame: one of the shapes the programs care about.
@@ -142,7 +211,7 @@ fn random_and_mutated_frames_are_accounted_and_never_mistranslated() {
         let mut rng = Rng(0x9e37_79b9_7f4a_7c15);
         let before = verdict_total(h);
         let (pod_if, up_if) = (h.pod_ifindex, h.uplink_ifindex);
-        let mut translated = 0usize;
+        let (mut translated, mut checked) = (0usize, 0usize);
         for i in 0..frames {
             let from_pod = i % 2 == 0;
             let mut frame = match rng.below(10) {
@@ -175,11 +244,16 @@ fn random_and_mutated_frames_are_accounted_and_never_mistranslated() {
                     assert_eq!(input.dst, NODE_IP, "translated a frame not for the node: {frame:02x?}");
                     assert_eq!(output.dst, POD_IP);
                 }
+                if well_formed(&input) {
+                    check_rewrite(h, from_pod, &input, &output, &frame);
+                    checked += 1;
+                }
                 translated += 1;
             }
         }
         let accounted = verdict_total(h) - before;
-        eprintln!("{frames} frames: {translated} translated, every one accounted ({accounted} verdict counts)");
+        eprintln!("{frames} frames: {translated} translated ({checked} well-formed ones checked for ports and checksums), every one accounted ({accounted} verdict counts)");
+        assert!(checked > frames / 200, "the port and checksum checks ran");
         assert_eq!(accounted, frames as u64, "every frame counts exactly one verdict");
         assert!(translated > frames / 100, "the generator reaches the translation paths");
         assert!(h.counter(Counter::DropMalformed) > 0);

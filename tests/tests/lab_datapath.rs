@@ -231,10 +231,20 @@ fn restart_keeps_live_tcp_and_udp_flows() {
         b"u1"
     );
     let flows_before = lab.flows().unwrap().len();
+    let (uplink_link, old_prog) = lab.pinned_link("uplink_ingress").unwrap();
 
     let status = lab.stop_daemon(libc::SIGTERM).unwrap().unwrap();
     assert!(status.success(), "daemon exit status {status}");
     lab.start_daemon().unwrap();
+    // The new daemon's program runs in the same link.
+    let (link_after, new_prog) = lab.pinned_link("uplink_ingress").unwrap();
+    assert_eq!(link_after, uplink_link, "the link was kept");
+    assert_ne!(new_prog, old_prog, "the new program was swapped in");
+    // Below TCP's minimum retransmission timeout (200 ms): a lost segment fails the read
+    // instead of being hidden by a retransmission.
+    stream
+        .set_read_timeout(Some(Duration::from_millis(150)))
+        .unwrap();
     traffic::echo_roundtrip(&mut stream, b"after restart").unwrap();
     assert_eq!(
         traffic::udp_request(&pod.ns, SERVER_IP, 5353, 42000, b"u2").unwrap(),
@@ -301,7 +311,19 @@ fn pod_del_removes_flows_and_detaches() {
     let pod = lab.pod(0).clone();
     let mut s = traffic::tcp_connect(&pod.ns, SERVER_IP, 8080, None).unwrap();
     traffic::echo_roundtrip(&mut s, b"x").unwrap();
+    let link_name = format!("pod_{}", lab.node_ifindex(&pod.host_veth).unwrap());
+    let (link_id, _) = lab
+        .pinned_link(&link_name)
+        .expect("the pod's link is pinned");
+    assert!(lab.link_exists(link_id));
     let out = lab.cli(&["pod", "del", "--ip", &pod.ip]).unwrap();
+    // Detached: the pin is gone and so is the link (the program no longer runs on the veth).
+    assert_eq!(
+        lab.pinned_link(&link_name),
+        None,
+        "the pod's link is still pinned"
+    );
+    assert!(!lab.link_exists(link_id), "link {link_id} still exists");
     assert!(out.contains("removed with 1 flow\n"), "{out}");
     assert!(lab
         .cli(&["pod", "del", "--ip", &pod.ip])
@@ -418,9 +440,9 @@ fn pinned_maps_of_another_layout_are_refused() {
     assert!(err.contains("layout"), "{err}");
 }
 
-/// A plain restart detaches for the restart window: a UDP stream loses what it sends then but
-/// keeps its NAT port afterwards, and a TCP connection idle during the window carries on.
-/// (Zero-gap restarts under TCP load use `--keep-attached`, tested above.)
+/// A plain restart keeps the programs attached: a UDP stream sending throughout keeps its
+/// NAT port, every datagram reaches the server translated and every reply reaches the pod;
+/// a TCP connection idle during the restart carries on.
 #[test]
 fn default_restart_keeps_the_udp_streams_nat_port() {
     let mut lab = lab(LabOptions::default());
@@ -441,16 +463,24 @@ fn default_restart_keeps_the_udp_streams_nat_port() {
         socket
             .set_read_timeout(Some(Duration::from_millis(50)))
             .unwrap();
-        let mut replies = 0u32;
+        let (mut sent, mut replies) = (0u32, 0u32);
         let mut buf = [0u8; 16];
         while !stop2.load(std::sync::atomic::Ordering::Relaxed) {
             socket.send_to(b"u", (SERVER_IP, 5353)).unwrap();
+            sent += 1;
             if socket.recv_from(&mut buf).is_ok() {
                 replies += 1;
             }
             std::thread::sleep(Duration::from_millis(10));
         }
-        replies
+        // A reply later than the read timeout is still counted.
+        socket
+            .set_read_timeout(Some(Duration::from_millis(300)))
+            .unwrap();
+        while replies < sent && socket.recv_from(&mut buf).is_ok() {
+            replies += 1;
+        }
+        (sent, replies)
     });
     std::thread::sleep(Duration::from_millis(300));
     assert!(lab.stop_daemon(libc::SIGTERM).unwrap().unwrap().success());
@@ -458,23 +488,29 @@ fn default_restart_keeps_the_udp_streams_nat_port() {
     let after_restart = udp.peers().len();
     std::thread::sleep(Duration::from_millis(500));
     stop.store(true, std::sync::atomic::Ordering::Relaxed);
-    let replies = load.join().unwrap();
-    assert!(
-        udp.peers().len() > after_restart + 10,
-        "the stream resumed ({replies} replies)"
-    );
+    let (sent, replies) = load.join().unwrap();
+    let seen = udp.peers();
+    assert!(seen.len() > after_restart + 10, "the stream resumed");
+    // Everything the server saw, whatever its source: one translated address and port, so
+    // no packet left untranslated or with another port during the restart.
     let node_ip: std::net::Ipv4Addr = NODE_IP.parse().unwrap();
-    let udp_ports: std::collections::BTreeSet<u16> = udp
-        .peers()
-        .iter()
-        .filter(|p| p.ip() == node_ip)
-        .map(std::net::SocketAddr::port)
-        .collect();
+    let sources: std::collections::BTreeSet<std::net::SocketAddr> = seen.iter().copied().collect();
     assert_eq!(
-        udp_ports.len(),
+        sources.len(),
         1,
-        "the UDP stream kept its NAT port: {udp_ports:?}"
+        "the UDP stream kept its NAT port: {sources:?}"
     );
+    assert!(
+        sources.iter().all(|p| p.ip() == node_ip),
+        "untranslated packets: {sources:?}"
+    );
+    // Nothing lost either way.
+    assert_eq!(
+        seen.len() as u32,
+        sent,
+        "the server saw every datagram sent"
+    );
+    assert_eq!(replies, sent, "every reply reached the pod");
     traffic::echo_roundtrip(&mut stream, b"after").unwrap();
     assert_eq!(echo.peers().len(), 1);
 }

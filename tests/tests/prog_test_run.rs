@@ -227,6 +227,7 @@ fn icmp_errors_from_the_wire_are_translated_inside_and_out() {
             (3u8, 4u8, [0, 0, 0x05, 0x00], &tcp_out, 25usize, 41000u16), // fragmentation needed, MTU 1280
             (11, 0, [0; 4], &udp_out, 8, 6000),                          // time exceeded
             (3, 3, [0; 4], &udp_out, 13, 6000),                          // port unreachable
+            (12, 0, [20, 0, 0, 0], &udp_out, 8, 6000), // parameter problem, pointer 20
         ];
         for (i, (ty, code, rest, quoted, len, pod_port)) in cases.into_iter().enumerate() {
             let (verdict, out) =
@@ -240,7 +241,7 @@ fn icmp_errors_from_the_wire_are_translated_inside_and_out() {
             let inner = &out.l4()[8..];
             assert_eq!(&inner[12..16], &POD_IP, "inner source");
             assert_eq!(
-                datapath_common::csum::fold(datapath_common::csum::sum_bytes(0, &inner[..20])),
+                packet::ones_complement_sum(&inner[..20]),
                 0xffff,
                 "inner IPv4 checksum"
             );
@@ -260,7 +261,7 @@ fn icmp_errors_from_the_wire_are_translated_inside_and_out() {
                 );
             }
         }
-        assert_eq!(h.counter(Counter::IcmpErrorIn), 3);
+        assert_eq!(h.counter(Counter::IcmpErrorIn), 4);
         // An error about something we never sent is the node's business.
         let stranger = Parsed::parse(&wire_tcp(12345, TCP_SYN));
         let (verdict, _) = h.from_wire(&icmp_error(ROUTER_IP, NODE_IP, 3, 1, [0; 4], &stranger, 8));
@@ -400,7 +401,7 @@ fn every_drop_reason_is_counted() {
         short_tcp[16..18].copy_from_slice(&30u16.to_be_bytes());
         let ck = {
             short_tcp[24..26].copy_from_slice(&[0, 0]);
-            datapath_common::csum::checksum(&short_tcp[14..34])
+            packet::internet_checksum(&short_tcp[14..34])
         };
         short_tcp[24..26].copy_from_slice(&ck.to_be_bytes());
         expect_drop(h, short_tcp, false, Counter::DropMalformed);
@@ -736,31 +737,88 @@ fn ttl_exhausted_packets_go_to_the_host_stack() {
 /// program passes at its first check and subtracted.
 #[test]
 fn established_path_cost_is_bounded() {
-    with_harness(HarnessOptions::default(), |h| {
-        open_tcp(h, 45000);
-        let frame = pod_tcp(45000, 80, TCP_ACK);
-        let reply_port = h.flow(&pod_key(PROTO_TCP, 45000, SERVER_IP, 80)).unwrap().nat_port;
-        let reply = wire_tcp(reply_port, TCP_ACK);
-        let mut arp = vec![0u8; 42];
-        arp[12..14].copy_from_slice(&0x0806u16.to_be_bytes());
-        let (pod_if, up_if) = (h.pod_ifindex, h.uplink_ifindex);
-        let (from_pod, ingress) = (
-            datapath_common::maps::PROG_FROM_POD,
-            datapath_common::maps::PROG_UPLINK_INGRESS,
+    // The slowest of ten runs of this test on an otherwise idle moment of this machine kind
+    // (kernel 6.18, kfunc path; docs/evidence.md has all ten): outbound 45.0-52.3 ns, reply
+    // 61.0-75.0 ns, net of the test-run frame.
+    const MEASURED_OUT_MAX_NS: f64 = 52.3;
+    const MEASURED_IN_MAX_NS: f64 = 75.0;
+    // Machine noise: the same runs during a full `cargo xtask test` on 2 shared cores.
+    const NOISE_ALLOWANCE_NS: f64 = 30.0;
+    // The helper path costs only 8-17 ns more here (same ten runs), less than the noise, so
+    // the bound cannot tell the paths apart: the path itself is asserted.
+    let kfunc = with_harness(HarnessOptions::default(), |h| {
+        assert_eq!(
+            h.checksum_path, "kfunc",
+            "the programs fell back to the checksum helpers"
         );
-        let base = h.run_cost(from_pod, pod_if, 20_000, |_| arp.clone()).unwrap();
-        let out = h.run_cost(from_pod, pod_if, 20_000, |_| frame.clone()).unwrap();
-        let inbound = h.run_cost(ingress, up_if, 20_000, |_| reply.clone()).unwrap();
-        let out_net = out.interquartile_mean - base.interquartile_mean;
-        let in_net = inbound.interquartile_mean - base.interquartile_mean;
-        eprintln!(
-            "BPF_PROG_TEST_RUN, 20000 calls each, interquartile mean (median): established out {:.1} ns ({}), reply in {:.1} ns ({}), pass-first-check frame {:.1} ns ({}); net of the frame: out {out_net:.1} ns, in {in_net:.1} ns",
-            out.interquartile_mean, out.median, inbound.interquartile_mean, inbound.median, base.interquartile_mean, base.median
-        );
-        assert!(out_net < 200.0, "established outbound path {out_net:.1} ns");
-        assert!(in_net < 200.0, "reply path {in_net:.1} ns");
+        established_cost(h)
     })
     .unwrap();
+    let helpers = with_harness(
+        HarnessOptions {
+            kernel_checksum_helpers: true,
+            ..HarnessOptions::default()
+        },
+        |h| {
+            assert_eq!(h.checksum_path, "helpers");
+            established_cost(h)
+        },
+    )
+    .unwrap();
+    eprintln!(
+        "net of the frame: kfunc out {:.1} in {:.1} ns; helpers out {:.1} in {:.1} ns",
+        kfunc.0, kfunc.1, helpers.0, helpers.1
+    );
+    let (out_bound, in_bound) = (
+        MEASURED_OUT_MAX_NS + NOISE_ALLOWANCE_NS,
+        MEASURED_IN_MAX_NS + NOISE_ALLOWANCE_NS,
+    );
+    assert!(
+        kfunc.0 < out_bound,
+        "established outbound path {:.1} ns, bound {out_bound:.1} ns",
+        kfunc.0
+    );
+    assert!(
+        kfunc.1 < in_bound,
+        "reply path {:.1} ns, bound {in_bound:.1} ns",
+        kfunc.1
+    );
+}
+
+/// Net cost (outbound, reply) of an established TCP flow's packets, in ns: the
+/// interquartile mean of 20000 single runs, less that of a frame the program passes at its
+/// first check.
+fn established_cost(h: &mut Harness) -> (f64, f64) {
+    open_tcp(h, 45000);
+    let frame = pod_tcp(45000, 80, TCP_ACK);
+    let reply_port = h
+        .flow(&pod_key(PROTO_TCP, 45000, SERVER_IP, 80))
+        .unwrap()
+        .nat_port;
+    let reply = wire_tcp(reply_port, TCP_ACK);
+    let mut arp = vec![0u8; 42];
+    arp[12..14].copy_from_slice(&0x0806u16.to_be_bytes());
+    let (pod_if, up_if) = (h.pod_ifindex, h.uplink_ifindex);
+    let (from_pod, ingress) = (
+        datapath_common::maps::PROG_FROM_POD,
+        datapath_common::maps::PROG_UPLINK_INGRESS,
+    );
+    let base = h
+        .run_cost(from_pod, pod_if, 20_000, |_| arp.clone())
+        .unwrap();
+    let out = h
+        .run_cost(from_pod, pod_if, 20_000, |_| frame.clone())
+        .unwrap();
+    let inbound = h
+        .run_cost(ingress, up_if, 20_000, |_| reply.clone())
+        .unwrap();
+    let out_net = out.interquartile_mean - base.interquartile_mean;
+    let in_net = inbound.interquartile_mean - base.interquartile_mean;
+    eprintln!(
+        "BPF_PROG_TEST_RUN ({} checksums), 20000 calls each, interquartile mean (median): established out {:.1} ns ({}), reply in {:.1} ns ({}), pass-first-check frame {:.1} ns ({}); net of the frame: out {out_net:.1} ns, in {in_net:.1} ns",
+        h.checksum_path, out.interquartile_mean, out.median, inbound.interquartile_mean, inbound.median, base.interquartile_mean, base.median
+    );
+    (out_net, in_net)
 }
 
 #[test]
@@ -883,6 +941,63 @@ fn an_unconfigured_uplink_drops_pod_sources_and_passes_the_node() {
         .frame(UPLINK_MAC, SERVER_MAC);
         let (verdict, _) = h.to_wire(&node);
         assert_eq!(verdict, TC_ACT_OK);
+    })
+    .unwrap();
+}
+
+/// Why `drop_table_full` does not move: the flow table is an LRU map, so a new flow in a full
+/// table evicts the least recently used one instead of being refused (the counter is left
+/// for an insert that fails anyway, which the kernel's LRU does only under memory pressure
+/// across CPUs). Four times the table's size in new flows: all translated, none refused.
+#[test]
+fn a_full_lru_flow_table_evicts_rather_than_refuses() {
+    with_harness(
+        HarnessOptions {
+            flow_table_size: 64,
+            ..HarnessOptions::default()
+        },
+        |h| {
+            for sport in 0..256u16 {
+                let (verdict, _) = h.from_pod(&pod_tcp(30000 + sport, 80, TCP_SYN));
+                assert_eq!(verdict, TC_ACT_REDIRECT, "new flow {sport} refused");
+            }
+            assert_eq!(h.counter(Counter::FlowCreated), 256);
+            assert_eq!(h.counter(Counter::DropTableFull), 0);
+            let mut live = 0;
+            for sport in 0..256u16 {
+                live += usize::from(
+                    h.flow(&pod_key(PROTO_TCP, 30000 + sport, SERVER_IP, 80))
+                        .is_some(),
+                );
+            }
+            assert!(
+                live <= 64 * 2,
+                "{live} flows in a table of 64 (rounded up per CPU)"
+            );
+            assert!(
+                h.flow(&pod_key(PROTO_TCP, 30255, SERVER_IP, 80)).is_some(),
+                "the newest flow is kept"
+            );
+        },
+    )
+    .unwrap();
+}
+
+/// Why `drop_redirect_failed` does not move: the redirect helpers refuse only invalid flags
+/// (which the programs never pass); a redirect to a device that does not exist is accepted by
+/// the helper and fails later in the kernel, after the program has returned. A reply whose
+/// flow names a vanished pod interface still gets TC_ACT_REDIRECT and no count.
+#[test]
+fn a_redirect_to_a_vanished_device_is_not_refused_by_the_helper() {
+    with_harness(HarnessOptions::default(), |h| {
+        let out = open_tcp(h, 46000);
+        let key = pod_key(PROTO_TCP, 46000, SERVER_IP, 80);
+        let mut flow = h.flow(&key).unwrap();
+        flow.pod_ifindex = 0x7fff_fff0;
+        h.maps.conntrack.insert(key, flow, 0).unwrap();
+        let (verdict, _) = h.from_wire(&wire_tcp(out.src_port(), TCP_SYN | TCP_ACK));
+        assert_eq!(verdict, TC_ACT_REDIRECT);
+        assert_eq!(h.counter(Counter::DropRedirectFailed), 0);
     })
     .unwrap();
 }

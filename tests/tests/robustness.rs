@@ -79,15 +79,40 @@ fn a_full_flow_table_evicts_without_stale_half_pairs() {
     traffic::echo_roundtrip(&mut long_lived, b"after the flood").unwrap();
     assert_eq!(echo.peers().len(), 1, "the connection kept its NAT port");
     std::thread::sleep(Duration::from_millis(800));
-    let stats: serde_json::Value =
-        serde_json::from_str(&lab.cli(&["stats", "-o", "json"]).unwrap()).unwrap();
-    let (flows, bindings) = (
-        stats["flows"].as_u64().unwrap(),
-        stats["nat_bindings"].as_u64().unwrap(),
+    // Pairs checked entry by entry once the sweep has run: every binding names a live flow
+    // that maps back to it, and every flow has its binding.
+    let maps = datapath_user::maps::Maps::open(lab.pin_path()).unwrap();
+    let mut flows = std::collections::BTreeMap::new();
+    maps.for_each_flow(|k, f| {
+        flows.insert(*k, (f.nat_ip, f.nat_port));
+    })
+    .unwrap();
+    let mut bindings = std::collections::BTreeMap::new();
+    maps.for_each_binding(|reply, owner| {
+        bindings.insert(*reply, *owner);
+    })
+    .unwrap();
+    assert!(
+        !flows.is_empty(),
+        "the long-lived connection's flow is there"
     );
-    assert!(flows <= 128, "{stats}");
-    // Every binding belongs to a live flow once the sweep has run twice.
-    assert!(bindings <= flows, "{bindings} bindings for {flows} flows");
+    for (reply, owner) in &bindings {
+        let (nat_ip, nat_port) = flows
+            .get(owner)
+            .unwrap_or_else(|| panic!("binding {reply:?} names no flow ({owner:?})"));
+        assert_eq!(
+            owner.reply_tuple(*nat_ip, *nat_port),
+            *reply,
+            "binding of {owner:?} disagrees with its flow"
+        );
+    }
+    for (key, (nat_ip, nat_port)) in &flows {
+        assert_eq!(
+            bindings.get(&key.reply_tuple(*nat_ip, *nat_port)),
+            Some(key),
+            "flow {key:?} has no binding"
+        );
+    }
     assert_eq!(lab.counter("drop_table_full").unwrap(), 0);
 }
 

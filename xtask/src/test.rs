@@ -37,6 +37,15 @@ impl Totals {
     }
 }
 
+/// Tests marked `#[ignore]` in the workspace (the micro-benchmarks, run by `cargo xtask
+/// bench`). A different count means a test was ignored or un-ignored without updating this.
+const EXPECTED_IGNORED: u64 = 1;
+
+/// Tests that record a skip in `$DATAPATH_SKIP_LOG` when this machine cannot run them
+/// (libtest would count them as passed). None is expected on the machine kind the project
+/// targets (BTF, root, kernel 6.18): any skip fails the run.
+const EXPECTED_SKIPS: usize = 0;
+
 pub fn run(extra: &[String]) -> Result<()> {
     if !datapath_tests::is_root() {
         bail!("cargo xtask test loads BPF programs and builds network namespaces: run it as root");
@@ -44,6 +53,8 @@ pub fn run(extra: &[String]) -> Result<()> {
     crate::setup::ensure()?;
     crate::build(false)?;
     eprintln!("==> running the tests (unit, property, BPF_PROG_TEST_RUN, namespace lab)");
+    let skip_log = crate::workspace().join("target/test-skips.log");
+    let _ = std::fs::remove_file(&skip_log);
     let mut cmd = crate::cargo();
     cmd.args([
         "test",
@@ -59,6 +70,7 @@ pub fn run(extra: &[String]) -> Result<()> {
         "DATAPATH_USER_BIN",
         crate::workspace().join("target/debug/datapath-user"),
     )
+    .env("DATAPATH_SKIP_LOG", &skip_log)
     .stdout(Stdio::piped());
     let mut child = cmd.spawn().context("running cargo test")?;
     let stdout = child.stdout.take().context("cargo test stdout")?;
@@ -69,10 +81,23 @@ pub fn run(extra: &[String]) -> Result<()> {
         totals.add_line(&line);
     }
     let status = child.wait()?;
+    let skips: Vec<String> = std::fs::read_to_string(&skip_log)
+        .unwrap_or_default()
+        .lines()
+        .map(str::to_string)
+        .collect();
     println!();
+    for skip in &skips {
+        println!("SKIPPED: {skip}");
+    }
+    // A skipped test returned early: libtest counted it as passed.
     println!(
-        "{} passed, {} failed, {} skipped",
-        totals.passed, totals.failed, totals.ignored
+        "{} passed, {} failed, {} skipped ({} ignored, {} skipped at run time)",
+        totals.passed - skips.len() as u64,
+        totals.failed,
+        totals.ignored + skips.len() as u64,
+        totals.ignored,
+        skips.len()
     );
     if !status.success() || totals.failed > 0 {
         bail!("tests failed");
@@ -80,12 +105,34 @@ pub fn run(extra: &[String]) -> Result<()> {
     if totals.passed == 0 {
         bail!("no test ran");
     }
+    check_skips(totals.ignored, skips.len(), extra)
+}
+
+/// Fails on a surprise: more or fewer ignored tests than the workspace marks, or a test that
+/// skipped itself. A filter (`extra` arguments) runs a subset, so only skips are checked then.
+fn check_skips(ignored: u64, skipped: usize, extra: &[String]) -> Result<()> {
+    if skipped != EXPECTED_SKIPS {
+        bail!("{skipped} tests skipped at run time, expected {EXPECTED_SKIPS} (see the SKIPPED lines)");
+    }
+    if extra.is_empty() && ignored != EXPECTED_IGNORED {
+        bail!("{ignored} tests ignored, expected {EXPECTED_IGNORED}");
+    }
     Ok(())
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn surprises_in_skips_fail() {
+        assert!(check_skips(EXPECTED_IGNORED, EXPECTED_SKIPS, &[]).is_ok());
+        assert!(check_skips(EXPECTED_IGNORED, EXPECTED_SKIPS + 1, &[]).is_err());
+        assert!(check_skips(EXPECTED_IGNORED + 1, EXPECTED_SKIPS, &[]).is_err());
+        // A filtered run ignores fewer tests, but a skip is still a surprise.
+        assert!(check_skips(0, EXPECTED_SKIPS, &["x".into()]).is_ok());
+        assert!(check_skips(0, EXPECTED_SKIPS + 1, &["x".into()]).is_err());
+    }
 
     #[test]
     fn result_lines_are_summed() {
