@@ -34,7 +34,14 @@ pub fn is_loopback(name: &str) -> Result<bool> {
         *dst = (*src).cast_signed();
     }
     // SAFETY: SIOCGIFFLAGS fills the ifreq we pass.
-    if unsafe { libc::ioctl(sock.as_raw_fd(), libc::SIOCGIFFLAGS as libc::Ioctl, &raw mut req) } < 0 {
+    if unsafe {
+        libc::ioctl(
+            sock.as_raw_fd(),
+            libc::SIOCGIFFLAGS as libc::Ioctl,
+            &raw mut req,
+        )
+    } < 0
+    {
         return Err(Error::UnknownInterface(name.into()));
     }
     // SAFETY: SIOCGIFFLAGS set the flags member.
