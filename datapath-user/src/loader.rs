@@ -33,8 +33,7 @@ use crate::{
     bpffs,
     btf::Btf,
     error::{Error, Result},
-    maps::{self, Maps},
-    netdev,
+    maps, netdev,
 };
 
 /// The eBPF object built by this crate's build script.
@@ -745,26 +744,6 @@ pub fn pod_link_ifindex(pin_path: &Path, ifindex: u32) -> Result<Option<u32>> {
     link_ifindex(pin_path, &pod_link_name(ifindex))
 }
 
-/// Attaches the pod-side program to every registered pod's veth (pods added while no daemon
-/// ran). Returns how many were attached.
-pub fn attach_registered_pods(prog: &mut SchedClassifier, maps: &Maps) -> Result<usize> {
-    let mut attached = 0;
-    for (ip, pod) in maps.pods()? {
-        match attach_pod(prog, &maps.path, pod.host_ifindex) {
-            Ok(_) => attached += 1,
-            Err(e) => warn!(
-                "pod {ip} ({}) not attached: {e}; `datapath-user pod del --ip {ip}` removes it",
-                if pod.name().is_empty() {
-                    "no name"
-                } else {
-                    pod.name()
-                }
-            ),
-        }
-    }
-    Ok(attached)
-}
-
 /// Removes every pinned link (detaching the programs) and the pinned program; the maps stay.
 pub fn detach_all(pin_path: &Path) -> Result<usize> {
     let mut detached = 0;
@@ -792,19 +771,6 @@ pub fn detach_all(pin_path: &Path) -> Result<usize> {
         _ => {}
     }
     Ok(detached)
-}
-
-/// Names of the links pinned under `<pin>/links`.
-#[must_use]
-pub fn pinned_link_names(pin_path: &Path) -> Vec<String> {
-    std::fs::read_dir(pin_path.join(LINKS_DIR))
-        .map(|entries| {
-            entries
-                .flatten()
-                .map(|e| e.file_name().to_string_lossy().into_owned())
-                .collect()
-        })
-        .unwrap_or_default()
 }
 
 /// Where daemon locks live (outside bpffs, which holds no regular files).
@@ -847,12 +813,6 @@ impl DaemonLock {
         }
         self.locks.push(LockFile::acquire(&path, &self.pin)?);
         Ok(())
-    }
-
-    /// The pid of the daemon serving `pin_path`, if one runs.
-    #[must_use]
-    pub fn holder(pin_path: &Path) -> Option<String> {
-        daemon_pid(pin_path).map(|pid| pid.to_string())
     }
 }
 

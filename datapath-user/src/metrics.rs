@@ -140,6 +140,12 @@ pub fn render(maps: &Maps, sweeper: &Sweeper) -> Result<String> {
             sweeper.total_orphans as f64,
         ),
         (
+            "datapath_sweep_restored_flows_total",
+            "counter",
+            "Flows a packet refreshed while the sweep was removing them, put back.",
+            sweeper.restored as f64,
+        ),
+        (
             "datapath_sweep_last_duration_seconds",
             "gauge",
             "Duration of the last sweep.",

@@ -333,16 +333,31 @@ impl Lab {
     }
 
     pub fn register_pod(&self, pod: &Pod) -> Result<String> {
-        self.cli(&[
-            "pod",
-            "add",
-            "--ip",
-            &pod.ip,
-            "--host-veth",
-            &pod.host_veth,
-            "--name",
-            &pod.name,
-        ])
+        let out = self.try_register_pod(pod)?;
+        if !out.status.success() {
+            bail!(
+                "pod add {} failed ({}): {}",
+                pod.ip,
+                out.status,
+                String::from_utf8_lossy(&out.stderr).trim()
+            );
+        }
+        Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+    }
+
+    /// Runs `datapath-user ARGS` in the node as the unprivileged user nobody (no --pin-path
+    /// added); its raw output.
+    pub fn cli_as_nobody(&self, args: &[&str]) -> Result<std::process::Output> {
+        let bin = crate::datapath_user_bin();
+        let mut full = vec![
+            "setpriv",
+            "--reuid=65534",
+            "--regid=65534",
+            "--clear-groups",
+            bin.to_str().unwrap_or_default(),
+        ];
+        full.extend_from_slice(args);
+        crate::netns::exec_output(&self.node, &full)
     }
 
     /// Starts `datapath-user run` in the node and waits for it to report ready.

@@ -389,22 +389,9 @@ fn status_probes_and_detach_tell_the_truth() {
     assert!(!out.status.success());
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(stderr.contains("a daemon (pid"), "{stderr}");
-    let bin = datapath_tests::datapath_user_bin();
-    let out = exec_output(
-        &lab.node,
-        &[
-            "setpriv",
-            "--reuid=65534",
-            "--regid=65534",
-            "--clear-groups",
-            bin.to_str().unwrap(),
-            "detach",
-            "--force",
-            "--pin-path",
-            &pin,
-        ],
-    )
-    .unwrap();
+    let out = lab
+        .cli_as_nobody(&["detach", "--force", "--pin-path", &pin])
+        .unwrap();
     assert!(!out.status.success(), "unprivileged detach succeeded");
     assert!(
         String::from_utf8_lossy(&out.stderr).contains("permission denied"),

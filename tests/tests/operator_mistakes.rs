@@ -10,7 +10,7 @@ use std::{
 
 use datapath_tests::{
     lab::SERVER_IP,
-    netns::{exec, exec_output, ping, within},
+    netns::{exec, ping, within},
     traffic::{self, Server},
     Lab, LabOptions,
 };
@@ -566,21 +566,7 @@ fn stats_and_flows_errors_are_one_line_with_a_hint() {
     };
 
     // Without privileges: one permission error with a hint, not the syscall twice.
-    let bin = datapath_tests::datapath_user_bin();
-    let out = exec_output(
-        &lab.node,
-        &[
-            "setpriv",
-            "--reuid=65534",
-            "--regid=65534",
-            "--clear-groups",
-            bin.to_str().unwrap(),
-            "stats",
-            "--pin-path",
-            &pin,
-        ],
-    )
-    .unwrap();
+    let out = lab.cli_as_nobody(&["stats", "--pin-path", &pin]).unwrap();
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(!out.status.success());
     assert!(err.contains("run as root"), "{err}");

@@ -58,7 +58,7 @@ struct PinArgs {
 /// Says on stderr when no daemon serves `pin_path`: nothing sweeps expired flows then, and
 /// the counters stand still.
 fn warn_if_no_daemon(pin_path: &std::path::Path) {
-    if datapath_user::loader::DaemonLock::holder(pin_path).is_none() {
+    if datapath_user::loader::daemon_pid(pin_path).is_none() {
         eprintln!(
             "warning: no `datapath-user run` serves {}: expired flows are not removed (they show 0s to expiry) until one starts",
             pin_path.display()
