@@ -3,7 +3,7 @@
 use std::{net::Ipv4Addr, sync::Arc};
 
 use datapath_common::{
-    flow::{proto_name, Flow, FlowKey, FLAG_NODE},
+    flow::{proto_name, Flow, FlowKey, FLAG_NODE, PROTO_ICMP, PROTO_TCP, PROTO_UDP},
     ipv4::Cidr,
 };
 use serde::Serialize;
@@ -49,6 +49,14 @@ pub struct Filter {
 }
 
 impl Filter {
+    fn is_empty(&self) -> bool {
+        self.pod.is_none()
+            && self.proto.is_none()
+            && self.dst.is_none()
+            && self.state.is_none()
+            && self.port.is_none()
+    }
+
     fn matches(&self, r: &FlowRecord) -> bool {
         if let Some(pod) = &self.pod {
             let by_ip = pod.parse::<Ipv4Addr>().is_ok_and(|ip| ip == r.pod_ip);
@@ -78,14 +86,23 @@ impl Filter {
     }
 }
 
-/// Sort rank of a protocol name, in the order names compare.
-fn proto_rank(proto: &str) -> u8 {
+/// Sort rank of a protocol, in the order their names compare.
+fn proto_rank(proto: u8) -> u8 {
     match proto {
-        "icmp" => 0,
-        "tcp" => 1,
-        "udp" => 2,
+        PROTO_ICMP => 0,
+        PROTO_TCP => 1,
+        PROTO_UDP => 2,
         _ => 3,
     }
+}
+
+/// The listing order as one integer: pod address, protocol, destination, port, pod port.
+fn sort_key(key: &FlowKey) -> u128 {
+    (u128::from(key.src_ip) << 96)
+        | (u128::from(proto_rank(key.proto)) << 80)
+        | (u128::from(key.dst_ip) << 32)
+        | (u128::from(key.dst_port) << 16)
+        | u128::from(key.src_port)
 }
 
 /// Builds the record for one entry at monotonic time `now`.
@@ -128,27 +145,122 @@ pub fn collect(maps: &Maps, filter: &Filter) -> Result<Vec<FlowRecord>> {
         .map(|(ip, pod)| (u32::from(ip), Arc::from(pod.name())))
         .collect();
     let now = monotonic_coarse_ns();
-    let mut records = Vec::new();
+    let name = |ip: u32| names.get(&ip).cloned();
+    // Raw entries are kept and sorted through (key, index) pairs, and the records built
+    // once, in order: at a million flows, moving ~130-byte records during a sort cost more
+    // than the rest of the listing.
+    let mut entries = Vec::new();
+    let everything = filter.is_empty();
     maps.for_each_flow(|key, flow| {
         // The node's own connections are tracked only to keep NAT ports off them (`stats`
         // counts them); they are not translations.
         if flow.flags & FLAG_NODE != 0 {
             return;
         }
-        let r = record(key, flow, names.get(&key.src_ip).cloned(), now, &timeouts);
-        if filter.matches(&r) {
-            records.push(r);
+        if everything || filter.matches(&record(key, flow, name(key.src_ip), now, &timeouts)) {
+            entries.push((*key, *flow));
         }
     })?;
-    // One integer per record: (pod address, protocol, destination, port, pod port).
-    records.sort_unstable_by_key(|r| {
-        (u128::from(u32::from(r.pod_ip)) << 96)
-            | (u128::from(proto_rank(r.proto)) << 80)
-            | (u128::from(u32::from(r.dst_ip)) << 32)
-            | (u128::from(r.dst_port) << 16)
-            | u128::from(r.pod_port)
-    });
-    Ok(records)
+    let mut order: Vec<(u128, u32)> = entries
+        .iter()
+        .zip(0u32..)
+        .map(|((key, _), i)| (sort_key(key), i))
+        .collect();
+    order.sort_unstable();
+    // Consecutive records mostly share a pod: one name lookup per run of them.
+    let mut last: Option<(u32, Option<Arc<str>>)> = None;
+    Ok(order
+        .iter()
+        .map(|&(_, i)| {
+            let (key, flow) = &entries[i as usize];
+            let pod = match &last {
+                Some((ip, pod)) if *ip == key.src_ip => pod.clone(),
+                _ => {
+                    let pod = name(key.src_ip);
+                    last = Some((key.src_ip, pod.clone()));
+                    pod
+                }
+            };
+            record(key, flow, pod, now, &timeouts)
+        })
+        .collect())
+}
+
+/// Writes `records` as the JSON array `serde_json` would write for them, byte for byte,
+/// several times faster: `flows -o json` of a million flows is ~250 MB, and formatting
+/// addresses and numbers through `fmt` dominated its time.
+pub fn write_json(records: &[FlowRecord], out: &mut impl std::io::Write) -> std::io::Result<()> {
+    let mut buf = Vec::with_capacity(1 << 20);
+    buf.push(b'[');
+    for (i, r) in records.iter().enumerate() {
+        if i > 0 {
+            buf.push(b',');
+        }
+        write_record(&mut buf, r);
+        if buf.len() >= (1 << 20) - 512 {
+            out.write_all(&buf)?;
+            buf.clear();
+        }
+    }
+    buf.push(b']');
+    out.write_all(&buf)
+}
+
+fn write_record(buf: &mut Vec<u8>, r: &FlowRecord) {
+    let mut num = itoa::Buffer::new();
+    buf.extend_from_slice(b"{\"proto\":\"");
+    buf.extend_from_slice(r.proto.as_bytes());
+    buf.extend_from_slice(b"\",\"pod\":");
+    match &r.pod {
+        // Pod names are Kubernetes names (no character that needs escaping), but the
+        // escaping is serde_json's all the same.
+        Some(name) => {
+            let _ = serde_json::to_writer(&mut *buf, &**name);
+        }
+        None => buf.extend_from_slice(b"null"),
+    }
+    let mut field = |name: &[u8], value: &[u8], quoted: bool| {
+        buf.extend_from_slice(b",\"");
+        buf.extend_from_slice(name);
+        buf.extend_from_slice(if quoted { b"\":\"" } else { b"\":" });
+        buf.extend_from_slice(value);
+        if quoted {
+            buf.push(b'"');
+        }
+    };
+    let mut addr = [0u8; 15];
+    field(b"pod_ip", ipv4_text(r.pod_ip, &mut addr), true);
+    field(b"pod_port", num.format(r.pod_port).as_bytes(), false);
+    field(b"dst_ip", ipv4_text(r.dst_ip, &mut addr), true);
+    field(b"dst_port", num.format(r.dst_port).as_bytes(), false);
+    field(b"nat_ip", ipv4_text(r.nat_ip, &mut addr), true);
+    field(b"nat_port", num.format(r.nat_port).as_bytes(), false);
+    field(b"state", r.state.as_bytes(), true);
+    field(b"packets_out", num.format(r.packets_out).as_bytes(), false);
+    field(b"bytes_out", num.format(r.bytes_out).as_bytes(), false);
+    field(b"packets_in", num.format(r.packets_in).as_bytes(), false);
+    field(b"bytes_in", num.format(r.bytes_in).as_bytes(), false);
+    field(b"age_s", num.format(r.age_s).as_bytes(), false);
+    field(b"expires_s", num.format(r.expires_s).as_bytes(), false);
+    field(b"ifindex", num.format(r.ifindex).as_bytes(), false);
+    buf.push(b'}');
+}
+
+/// Dotted-quad text of `ip` in `out`, returned as the slice used.
+fn ipv4_text(ip: Ipv4Addr, out: &mut [u8; 15]) -> &[u8] {
+    let mut len = 0;
+    for (i, octet) in ip.octets().into_iter().enumerate() {
+        if i > 0 {
+            out[len] = b'.';
+            len += 1;
+        }
+        let mut digits = itoa::Buffer::new();
+        for &d in digits.format(octet).as_bytes() {
+            out[len] = d;
+            len += 1;
+        }
+    }
+    &out[..len]
 }
 
 /// True when `pod` (as `Filter::pod` takes it) names or addresses a registered pod.
@@ -327,6 +439,42 @@ mod tests {
         assert_eq!(e[0].event, "close");
         assert_eq!(e[0].flow.pod.as_deref(), Some("default/web-0"));
         assert_eq!(e[0].time, "t2");
+    }
+
+    #[test]
+    fn listing_orders_by_pod_then_protocol_destination_and_ports() {
+        let key =
+            |proto, src, sport, dst, dport| sort_key(&FlowKey::new(proto, src, sport, dst, dport));
+        let mut keys = [
+            key(PROTO_UDP, 2, 1, 1, 1),
+            key(PROTO_TCP, 1, 9, 2, 1),
+            key(PROTO_TCP, 1, 9, 1, 2),
+            key(PROTO_TCP, 1, 1, 1, 2),
+            key(PROTO_ICMP, 1, 9, 9, 9),
+            key(99, 1, 0, 0, 0),
+        ];
+        let sorted = [keys[4], keys[3], keys[2], keys[1], keys[5], keys[0]];
+        keys.sort_unstable();
+        assert_eq!(keys, sorted);
+    }
+
+    #[test]
+    fn fast_json_is_serde_json_byte_for_byte() {
+        let mut odd = rec(65535, "established", u64::MAX);
+        odd.pod = Some("ns/\"quoted\"\\name".into());
+        odd.pod_ip = Ipv4Addr::new(0, 0, 0, 0);
+        odd.dst_ip = Ipv4Addr::new(255, 255, 255, 255);
+        odd.bytes_in = 10_000_000_000;
+        let mut nameless = rec(0, "syn_sent", 0);
+        nameless.pod = None;
+        for records in [vec![], vec![rec(1, "closing", 9)], vec![odd, nameless]] {
+            let mut fast = Vec::new();
+            write_json(&records, &mut fast).unwrap();
+            assert_eq!(
+                String::from_utf8(fast).unwrap(),
+                serde_json::to_string(&records).unwrap()
+            );
+        }
     }
 
     #[test]

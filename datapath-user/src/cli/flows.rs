@@ -162,8 +162,8 @@ fn print_records(records: &[FlowRecord], format: Format) -> anyhow::Result<()> {
     match format {
         Format::Json => {
             let stdout = std::io::stdout();
-            let mut out = std::io::BufWriter::new(stdout.lock());
-            serde_json::to_writer(&mut out, records)?;
+            let mut out = stdout.lock();
+            flows::write_json(records, &mut out)?;
             writeln!(out)?;
         }
         Format::Table | Format::Wide => {
