@@ -462,8 +462,8 @@ mod tests {
     fn fast_json_is_serde_json_byte_for_byte() {
         let mut odd = rec(65535, "established", u64::MAX);
         odd.pod = Some("ns/\"quoted\"\\name".into());
-        odd.pod_ip = Ipv4Addr::new(0, 0, 0, 0);
-        odd.dst_ip = Ipv4Addr::new(255, 255, 255, 255);
+        odd.pod_ip = Ipv4Addr::UNSPECIFIED;
+        odd.dst_ip = Ipv4Addr::BROADCAST;
         odd.bytes_in = 10_000_000_000;
         let mut nameless = rec(0, "syn_sent", 0);
         nameless.pod = None;
