@@ -77,10 +77,11 @@ impl Timeouts {
         min
     }
 
-    /// How often the sweep must read the whole flow table so that no flow expires unseen:
+    /// How often the sweep must read the whole flow table to remove every flow on time:
     /// every flow's expiry lies at least the shortest timeout after its last change, so a
     /// full scan that often, which lists the flows due before the next one, catches every
-    /// expiry in time. Capped at `MAX_SCAN_INTERVAL_S`, at least one second.
+    /// expiry in time. Capped at `MAX_SCAN_INTERVAL_S`, at least one second. Scans of large
+    /// tables may come less often ([`crate::scan`]).
     #[must_use]
     pub const fn full_scan_interval_s(&self) -> u32 {
         let shortest = self.shortest();

@@ -15,6 +15,7 @@ pub mod ipv4;
 pub mod maps;
 pub mod pod;
 pub mod port;
+pub mod scan;
 pub mod skb;
 pub mod tcp;
 

@@ -146,6 +146,18 @@ pub fn render(maps: &Maps, sweeper: &Sweeper) -> Result<String> {
             sweeper.restored as f64,
         ),
         (
+            "datapath_sweep_overdue_flows_total",
+            "counter",
+            "Flows a full scan found past their removal time (removed late; the programs already treated them as gone).",
+            sweeper.total_overdue as f64,
+        ),
+        (
+            "datapath_sweep_full_scan_interval_seconds",
+            "gauge",
+            "Interval between full scans of the flow table (longer for large tables of long-lived flows).",
+            sweeper.full_scan_interval.as_secs_f64(),
+        ),
+        (
             "datapath_sweep_last_duration_seconds",
             "gauge",
             "Duration of the last sweep.",

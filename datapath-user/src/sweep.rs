@@ -4,8 +4,11 @@
 //! Its cost follows what expires, not what exists. The whole table is read only once per
 //! full-scan interval (the shortest timeout, at most ten seconds: no flow's expiry is closer
 //! than that to the packet that set it), and each full scan lists the flows that become
-//! removable before the next one. Every tick then looks at those alone. A table of a million
-//! long-lived flows costs one batched read every ten seconds.
+//! removable before the next one. Every tick then looks at those alone. Where a full scan
+//! would cost more than half a percent of a core at that pace (a table of a few hundred
+//! thousand long-lived flows), scans come less often, at most a minute apart, unless they
+//! find flows they were late for in numbers ([`datapath_common::scan`]); the programs treat
+//! a flow past its removal time as gone, so lateness costs memory, not correctness.
 
 use std::{
     collections::{HashMap, HashSet},
@@ -16,6 +19,7 @@ use datapath_common::{
     config::{Config, Timeouts},
     flow::{Flow, FlowKey},
     port::{self, PortHint},
+    scan::{self, ScanOutcome},
 };
 
 use crate::{
@@ -34,6 +38,24 @@ enum Expiry {
 
 const BPF_NOEXIST: u64 = 1;
 
+/// How long past its removal time a flow counts as overdue for a full scan (ticks run every
+/// second, so listed flows are never this late).
+const OVERDUE_AFTER_NS: u64 = 2_000_000_000;
+
+/// CPU time (user and system) of the calling thread: what a full scan costs, whatever else
+/// the machine does.
+fn thread_cpu_time() -> Duration {
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: clock_gettime writes one timespec, which outlives the call.
+    if unsafe { libc::clock_gettime(libc::CLOCK_THREAD_CPUTIME_ID, &raw mut ts) } != 0 {
+        return Duration::ZERO;
+    }
+    Duration::new(ts.tv_sec as u64, ts.tv_nsec as u32)
+}
+
 /// Full scans between two searches for orphan bindings (bindings whose flow the LRU evicted).
 const ORPHAN_SCAN_EVERY: u64 = 6;
 
@@ -42,6 +64,8 @@ const ORPHAN_SCAN_EVERY: u64 = 6;
 pub struct SweepReport {
     /// Flows read by a full scan this tick (0 when the tick only checked due flows).
     pub scanned: usize,
+    /// Flows that full scan found already past their removal time.
+    pub overdue: usize,
     pub expired: usize,
     pub orphan_bindings: usize,
     pub duration: Duration,
@@ -67,6 +91,12 @@ pub struct Sweeper {
     released: Vec<Released>,
     next_full_scan: Option<Instant>,
     full_scans: u64,
+    /// The last full scan's cost and findings, which pace the next ones.
+    last_scan: ScanOutcome,
+    /// The interval between the last full scan and the next one.
+    pub full_scan_interval: Duration,
+    /// Flows removed later than their time (found overdue by a full scan).
+    pub total_overdue: u64,
     /// Bindings found flow-less by the previous orphan search: removed if still so.
     suspects: HashSet<FlowKey>,
     pub total_expired: u64,
@@ -88,6 +118,9 @@ impl Sweeper {
             released: Vec::new(),
             next_full_scan: None,
             full_scans: 0,
+            last_scan: ScanOutcome::default(),
+            full_scan_interval: Duration::ZERO,
+            total_overdue: 0,
             suspects: HashSet::new(),
             total_expired: 0,
             total_orphans: 0,
@@ -125,28 +158,44 @@ impl Sweeper {
         let config = maps.config()?;
         let timeouts = config.timeouts;
         let orphans = self.release_bindings(maps, &config);
-        let (mut scanned, mut orphan_count) = (0, orphans);
+        let (mut scanned, mut overdue, mut orphan_count) = (0, 0, orphans);
         if self.next_full_scan.is_none_or(|at| start >= at) {
-            let window = Duration::from_secs(u64::from(timeouts.full_scan_interval_s()));
+            let punctual_s = timeouts.full_scan_interval_s();
+            // Flows are listed for as far ahead as the last scan paces the next one; a
+            // costlier scan now brings the next one no later than that.
+            let window =
+                Duration::from_millis(scan::next_full_scan_ms(punctual_s, &self.last_scan));
             let search_orphans = self.full_scans.is_multiple_of(ORPHAN_SCAN_EVERY);
-            let (n, live) = self.full_scan(maps, &config, window, search_orphans)?;
-            scanned = n;
+            let cpu_before = thread_cpu_time();
+            let (n, late, live) = self.full_scan(maps, &config, window, search_orphans)?;
+            self.last_scan = ScanOutcome {
+                cost_us: thread_cpu_time().saturating_sub(cpu_before).as_micros() as u64,
+                scanned: n as u64,
+                overdue: late as u64,
+            };
+            (scanned, overdue) = (n, late);
             if let Some(live) = live {
                 orphan_count += self.remove_orphans(maps, &live)?;
             }
             self.full_scans += 1;
-            self.next_full_scan = Some(start + window);
+            self.full_scan_interval = window.min(Duration::from_millis(scan::next_full_scan_ms(
+                punctual_s,
+                &self.last_scan,
+            )));
+            self.next_full_scan = Some(start + self.full_scan_interval);
         }
         let expired = self.remove_due(maps, &timeouts)?;
 
         let report = SweepReport {
             scanned,
+            overdue,
             expired,
             orphan_bindings: orphan_count,
             duration: start.elapsed(),
         };
         self.total_expired += report.expired as u64;
         self.total_orphans += report.orphan_bindings as u64;
+        self.total_overdue += report.overdue as u64;
         self.passes += 1;
         self.last = report;
         self.last_pass_at = Some(Instant::now());
@@ -154,7 +203,8 @@ impl Sweeper {
     }
 
     /// Reads the whole table (thousands of entries per syscall) and lists the flows that
-    /// become removable within `window`; with `search_orphans`, also returns every live key.
+    /// become removable within `window`. Returns how many flows it read, how many of them
+    /// were already past their removal time, and with `search_orphans` every live key.
     ///
     /// It also rebuilds the port hints of the destinations that have one from the flows'
     /// NAT ports (a hint is only ever behind: ports freed since look taken until the next).
@@ -164,10 +214,11 @@ impl Sweeper {
         config: &Config,
         window: Duration,
         search_orphans: bool,
-    ) -> Result<(usize, Option<HashSet<FlowKey>>)> {
+    ) -> Result<(usize, usize, Option<HashSet<FlowKey>>)> {
         let timeouts = &config.timeouts;
-        let horizon = monotonic_coarse_ns().saturating_add(window.as_nanos() as u64);
-        let mut scanned = 0;
+        let now = monotonic_coarse_ns();
+        let horizon = now.saturating_add(window.as_nanos() as u64);
+        let (mut scanned, mut overdue) = (0, 0);
         let mut live = search_orphans.then(HashSet::new);
         let mut due = Vec::new();
         let mut hints: HashMap<FlowKey, Box<PortHint>> = maps
@@ -184,6 +235,11 @@ impl Sweeper {
                 }
             }
             let at_ns = flow.removable_at_ns(key.proto, timeouts);
+            // A tick removes listed flows within a second of their time: anything older
+            // was not listed (born or closed since the last scan).
+            if at_ns.saturating_add(OVERDUE_AFTER_NS) <= now {
+                overdue += 1;
+            }
             if at_ns <= horizon {
                 due.push(Due {
                     key: *key,
@@ -200,7 +256,7 @@ impl Sweeper {
             hint.close_tail(config.port_count());
             let _ = maps.hints.insert(dest, *hint, 0);
         }
-        Ok((scanned, live))
+        Ok((scanned, overdue, live))
     }
 
     /// Removes the listed flows whose time has come; refreshed ones get their new time.

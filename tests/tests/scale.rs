@@ -109,12 +109,15 @@ fn fill(
     }
 }
 
-/// The daemon's cost at a large table: the sweep reads the whole table once per full-scan
-/// interval and otherwise only the flows about to expire. Goals (issue 17): under 1% of a
-/// core with 500k live flows, under 5% while 10k flows/s expire. The bounds asserted here
-/// are generous (this machine is shared); the figures are printed.
+/// The daemon's cost at a large table. Goals (issue 17): under 1% of a core with 500k live
+/// flows, under 5% while 10k flows/s expire; its memory at 1M flows stated. The flows are
+/// written into the pinned table as the programs would (packets for half a million flows are
+/// beyond this machine); the bounds asserted are generous (the machine is shared), the
+/// figures are printed.
 #[test]
 fn the_daemon_costs_little_at_half_a_million_flows() {
+    use std::time::{Duration, Instant};
+
     use datapath_common::flow::PROTO_UDP;
     use datapath_tests::{Lab, LabOptions};
     let lab = Lab::new(LabOptions {
@@ -134,41 +137,71 @@ fn the_daemon_costs_little_at_half_a_million_flows() {
         PROTO_TCP,
         |_| now,
     );
-    // Let a full scan see the table, then measure 20 s (two full scans at the default ten).
-    std::thread::sleep(std::time::Duration::from_secs(11));
+    // Let a full scan see the table, then measure a minute: the scans' pace follows their
+    // cost, so a shorter window would measure where they fall in it.
+    std::thread::sleep(Duration::from_secs(11));
     let (cpu0, _) = cpu_and_peak_rss(pid);
-    std::thread::sleep(std::time::Duration::from_secs(20));
-    let (cpu1, rss_kb) = cpu_and_peak_rss(pid);
-    let idle = (cpu1 - cpu0) / 20.0 * 100.0;
+    std::thread::sleep(Duration::from_secs(60));
+    let (cpu1, _) = cpu_and_peak_rss(pid);
+    let idle = (cpu1 - cpu0) / 60.0 * 100.0;
 
-    // 100k UDP flows that reach their 30 s timeout at 10k per second over the next 10 s.
-    let now = datapath_user::maps::monotonic_coarse_ns();
-    let base = now.saturating_sub(29_000_000_000);
+    // Churn: for 30 s, 10k UDP flows a second arrive, each two seconds from its 30 s
+    // timeout (so 10k a second expire), among the 500k live ones.
+    const CHURN_S: u32 = 30;
+    const PER_S: u32 = 10_000;
+    let (cpu2, _) = cpu_and_peak_rss(pid);
+    let start = Instant::now();
+    for second in 0..CHURN_S {
+        let base = datapath_user::maps::monotonic_coarse_ns().saturating_sub(28_000_000_000);
+        fill(
+            &mut maps,
+            PER_S,
+            500_000 + second * PER_S,
+            FlowState::Unreplied,
+            PROTO_UDP,
+            |_| base,
+        );
+        let next = start + Duration::from_secs(u64::from(second) + 1);
+        std::thread::sleep(next.saturating_duration_since(Instant::now()));
+    }
+    let (cpu3, _) = cpu_and_peak_rss(pid);
+    let churn = (cpu3 - cpu2) / start.elapsed().as_secs_f64() * 100.0;
+    // Churn brings the scans back to the punctual pace (ten seconds): the last arrivals are
+    // gone a scan and a tick later.
+    let deadline = Instant::now() + Duration::from_secs(25);
+    let mut left = 0;
+    while Instant::now() < deadline {
+        std::thread::sleep(Duration::from_secs(1));
+        left = 0;
+        maps.for_each_flow(|_, _| left += 1).unwrap();
+        if left == 500_000 {
+            break;
+        }
+    }
+
+    // Memory at a million flows: after a full scan of them.
     fill(
         &mut maps,
-        100_000,
         500_000,
-        FlowState::Unreplied,
-        PROTO_UDP,
-        |i| base + u64::from(i - 500_000) * 100_000,
+        1_000_000,
+        FlowState::Established,
+        PROTO_TCP,
+        |_| datapath_user::maps::monotonic_coarse_ns(),
     );
-    let (cpu2, _) = cpu_and_peak_rss(pid);
-    std::thread::sleep(std::time::Duration::from_secs(20));
-    let (cpu3, _) = cpu_and_peak_rss(pid);
-    let expiring = (cpu3 - cpu2) / 20.0 * 100.0;
-    let mut left = 0;
-    maps.for_each_flow(|_, _| left += 1).unwrap();
+    std::thread::sleep(Duration::from_secs(65));
+    let (_, rss_kb) = cpu_and_peak_rss(pid);
     eprintln!(
-        "daemon CPU: {idle:.2}% of a core with 500k live flows; {expiring:.2}% while 10k flows/s expire; peak RSS {} MB; {left} flows left",
+        "daemon CPU: {idle:.2}% of a core with 500k live flows; {churn:.2}% while 10k flows/s arrive and expire; peak RSS {} MB after a full scan of 1M flows",
         rss_kb / 1024
     );
     assert_eq!(
         left, 500_000,
-        "the expiring flows were not all removed in time"
+        "the churned flows were not all removed within 25 s of the last one's expiry"
     );
-    assert!(idle < 5.0, "{idle:.2}% of a core with 500k live flows");
+    assert!(idle < 3.0, "{idle:.2}% of a core with 500k live flows");
     assert!(
-        expiring < 15.0,
-        "{expiring:.2}% of a core while 10k flows/s expire"
+        churn < 15.0,
+        "{churn:.2}% of a core while 10k flows/s expire"
     );
+    assert!(rss_kb < 256 * 1024, "peak RSS {} MB", rss_kb / 1024);
 }
