@@ -502,11 +502,7 @@ impl Lab {
 
     /// The ifindex of `ifname` in the node namespace.
     pub fn node_ifindex(&self, ifname: &str) -> Result<u32> {
-        let out = exec(
-            &self.node,
-            &["cat", &format!("/sys/class/net/{ifname}/ifindex")],
-        )?;
-        out.trim().parse().context("ifindex")
+        crate::netns::ifindex_of(&self.node, ifname)
     }
 
     /// The pod namespace of pod `i`.

@@ -75,6 +75,12 @@ fn run_for(lab: &Lab, args: &[&str], limit: Duration) -> Outcome {
     }
 }
 
+/// [`run_for`] with the lab's `--pin-path` appended.
+fn run_pinned(lab: &Lab, args: &[&str], limit: Duration) -> Outcome {
+    let pin = lab.pin_path.to_string_lossy();
+    run_for(lab, &[args, &["--pin-path", &pin]].concat(), limit)
+}
+
 /// Asserts `args` exits non-zero promptly with `expected` in its one error line.
 fn refused(lab: &Lab, args: &[&str], expected: &str) -> String {
     let out = run_for(lab, args, Duration::from_secs(10));
@@ -360,13 +366,7 @@ fn run_checks_every_flag_before_touching_the_kernel() {
     // Pinned maps of another size are kept, with a word; a pod whose veth is gone is named
     // by its address and ifindex.
     let gone = lab.pod(1).clone();
-    let ifindex = exec(
-        &lab.node,
-        &["cat", &format!("/sys/class/net/{}/ifindex", gone.host_veth)],
-    )
-    .unwrap()
-    .trim()
-    .to_string();
+    let ifindex = lab.node_ifindex(&gone.host_veth).unwrap().to_string();
     exec(&lab.node, &["ip", "link", "del", &gone.host_veth]).unwrap();
     lab.opts.run_args = s(&["--flow-table-size", "1024"]);
     lab.start_daemon().unwrap();
@@ -458,19 +458,7 @@ fn flows_options_say_what_they_do() {
     let p0 = lab.pod(0).clone();
     traffic::udp_request(&p0.ns, SERVER_IP, 5353, 41000, b"q").unwrap();
     let pin = lab.pin_path.to_string_lossy().into_owned();
-    let with_pin = |args: &[&str]| {
-        let mut v: Vec<&str> = args.to_vec();
-        v.extend(["--pin-path", &pin]);
-        v.iter().map(ToString::to_string).collect::<Vec<_>>()
-    };
-    let quick = |lab: &Lab, args: &[&str]| {
-        let args = with_pin(args);
-        run_for(
-            lab,
-            &args.iter().map(String::as_str).collect::<Vec<_>>(),
-            Duration::from_secs(10),
-        )
-    };
+    let quick = |lab: &Lab, args: &[&str]| run_pinned(lab, args, Duration::from_secs(10));
 
     // A bare destination address is one host; states in any case.
     let out = quick(
@@ -491,23 +479,15 @@ fn flows_options_say_what_they_do() {
         ),
         (&["flows", "--interval", "1"][..], "--follow"),
     ] {
-        refused(
-            &lab,
-            &with_pin(args)
-                .iter()
-                .map(String::as_str)
-                .collect::<Vec<_>>(),
-            expected,
-        );
+        refused(&lab, &[args, &["--pin-path", &pin]].concat(), expected);
     }
     let out = quick(&lab, &["flows", "--pod", "nosuch/pod"]);
     assert!(out.stderr.contains("no registered pod"), "{}", out.stderr);
 
     // --watch with JSON: arrays only, no terminal escapes.
-    let args = with_pin(&["flows", "--watch", "0.2", "-o", "json"]);
-    let out = run_for(
+    let out = run_pinned(
         &lab,
-        &args.iter().map(String::as_str).collect::<Vec<_>>(),
+        &["flows", "--watch", "0.2", "-o", "json"],
         Duration::from_millis(900),
     );
     assert!(out.status.is_none());
@@ -520,13 +500,12 @@ fn flows_options_say_what_they_do() {
     assert!(arrays.len() >= 2, "{:?}", out.stdout);
 
     // --follow: a CLOSE after `pod del` keeps the pod's name, and events carry their time.
-    let args = with_pin(&["flows", "--follow", "-o", "json", "--interval", "0.05"]);
     let lab_ref = &lab;
     let follow = std::thread::scope(|scope| {
         let handle = scope.spawn(move || {
-            run_for(
+            run_pinned(
                 lab_ref,
-                &args.iter().map(String::as_str).collect::<Vec<_>>(),
+                &["flows", "--follow", "-o", "json", "--interval", "0.05"],
                 Duration::from_secs(3),
             )
         });
@@ -551,19 +530,7 @@ fn flows_options_say_what_they_do() {
 fn stats_and_flows_errors_are_one_line_with_a_hint() {
     let mut lab = lab(LabOptions::default());
     let pin = lab.pin_path.to_string_lossy().into_owned();
-    let with_pin = |args: &[&str]| {
-        let mut v: Vec<&str> = args.to_vec();
-        v.extend(["--pin-path", &pin]);
-        v.iter().map(ToString::to_string).collect::<Vec<_>>()
-    };
-    let quick = |lab: &Lab, args: &[&str]| {
-        let args = with_pin(args);
-        run_for(
-            lab,
-            &args.iter().map(String::as_str).collect::<Vec<_>>(),
-            Duration::from_secs(10),
-        )
-    };
+    let quick = |lab: &Lab, args: &[&str]| run_pinned(lab, args, Duration::from_secs(10));
 
     // Without privileges: one permission error with a hint, not the syscall twice.
     let out = lab.cli_as_nobody(&["stats", "--pin-path", &pin]).unwrap();
