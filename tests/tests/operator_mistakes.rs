@@ -158,7 +158,7 @@ fn a_second_daemon_on_the_same_pin_directory_or_maps_is_refused_with_the_first_p
     let stale = PathBuf::from(format!("/run/datapath-user/stale-{}.lock", lab.id));
     std::fs::create_dir_all("/run/datapath-user").unwrap();
     std::fs::write(&stale, format!("999999\n{pin}-crashed\n")).unwrap();
-    for spelling in &spellings {
+    let refused_with_the_first_pid = |pin_path: &str| {
         let err = refused(
             &lab,
             &[
@@ -168,11 +168,14 @@ fn a_second_daemon_on_the_same_pin_directory_or_maps_is_refused_with_the_first_p
                 "--port-range",
                 "20000-29999",
                 "--pin-path",
-                spelling,
+                pin_path,
             ],
             "already uses",
         );
         assert!(err.contains(&format!("pid {pid}")), "{err}");
+    };
+    for spelling in &spellings {
+        refused_with_the_first_pid(spelling);
     }
     assert!(!stale.exists(), "stale lock file kept");
     // The same maps pinned at a second bpffs directory.
@@ -197,20 +200,7 @@ fn a_second_daemon_on_the_same_pin_directory_or_maps_is_refused_with_the_first_p
         )
         .unwrap();
     }
-    let err = refused(
-        &lab,
-        &[
-            "run",
-            "--uplink",
-            "eth0",
-            "--port-range",
-            "20000-29999",
-            "--pin-path",
-            alias.to_str().unwrap(),
-        ],
-        "already uses",
-    );
-    assert!(err.contains(&format!("pid {pid}")), "{err}");
+    refused_with_the_first_pid(alias.to_str().unwrap());
     drop(alias_cleanup);
 
     // Nothing of the first daemon's changed: its configuration, its pods' egress.
