@@ -1,10 +1,14 @@
 //! Builds the eBPF object (datapath-ebpf's `datapath` binary) and leaves it in OUT_DIR, where
-//! `src/loader.rs` embeds it.
+//! `src/loader.rs` embeds it. Without the `ebpf` feature nothing is built (and nothing
+//! embedded).
 use anyhow::{anyhow, Context as _};
 use aya_build::{Package, Toolchain};
 
 fn main() -> anyhow::Result<()> {
     println!("cargo:rerun-if-env-changed=DATAPATH_EBPF_TOOLCHAIN");
+    if std::env::var_os("CARGO_FEATURE_EBPF").is_none() {
+        return Ok(());
+    }
     let metadata = std::process::Command::new(std::env::var("CARGO").unwrap_or("cargo".into()))
         .args(["locate-project", "--workspace", "--message-format", "plain"])
         .output()

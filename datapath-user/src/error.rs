@@ -85,6 +85,8 @@ pub enum Error {
     },
     #[error("loading the eBPF object: {0}")]
     Load(#[from] aya::EbpfError),
+    #[error("this build of datapath-user has no eBPF object (built without its `ebpf` feature)")]
+    NoObject,
 }
 
 impl Error {

@@ -37,7 +37,11 @@ use crate::{
 };
 
 /// The eBPF object built by this crate's build script.
+#[cfg(feature = "ebpf")]
 static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/datapath"));
+/// Built without the `ebpf` feature: no object, and [`load`] says so.
+#[cfg(not(feature = "ebpf"))]
+static OBJECT: &[u8] = &[];
 
 /// Pinned program the pod side attaches (`pod add` opens it from another process).
 const FROM_POD_PIN: &str = "prog_tc_from_pod";
@@ -55,6 +59,9 @@ pub struct LoadOptions {
 /// Loads the object, re-using maps pinned at `pin_path` (after checking their layout) and
 /// pinning new ones there.
 pub fn load(opts: &LoadOptions) -> Result<Ebpf> {
+    if OBJECT.is_empty() {
+        return Err(Error::NoObject);
+    }
     bpffs::ensure_pin_dir(&opts.pin_path)?;
     maps::check_layout(&opts.pin_path)?;
     let object = object_for_this_kernel(opts.kernel_checksum_helpers);

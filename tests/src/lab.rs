@@ -8,11 +8,14 @@
 //!  router ── 1280-byte MTU link ── far server 198.51.100.20
 //! ```
 //!
+//! Pods are wired by the CNI plugin's code (`datapath_user::cni::wire`), so the lab runs
+//! what ships; the rest (wire, server, router, the datapath's daemon) is the lab's own.
 //! Namespaces carry a per-lab suffix and are deleted when the `Lab` is dropped (also when a
 //! test fails), as are the daemon and the bpffs mount.
 
 use std::{
     io::{BufRead as _, BufReader},
+    net::Ipv4Addr,
     path::{Path, PathBuf},
     process::{Child, Command, Stdio},
     sync::atomic::{AtomicU32, Ordering},
@@ -20,8 +23,9 @@ use std::{
 };
 
 use anyhow::{bail, Context as _, Result};
+use datapath_user::cni::wire;
 
-use crate::netns::{exec, exec_line, run};
+use crate::netns::{exec, exec_line, run, within};
 
 pub const NODE_IP: &str = "192.0.2.10";
 pub const SERVER_IP: &str = "192.0.2.20";
@@ -30,6 +34,12 @@ pub const ROUTER_IP: &str = "192.0.2.1";
 pub const FAR_SERVER_IP: &str = "198.51.100.20";
 pub const FAR_LINK_MTU: u32 = 1280;
 pub const GATEWAY_IP: &str = "169.254.172.1";
+/// The pod end of each pod's veth pair: the plugin's default, as egress-v4 names it.
+pub const POD_IFNAME: &str = datapath_user::cni::conf::DEFAULT_POD_IFNAME;
+/// The pods' prefix: 169.254.172.0/22.
+const POD_PREFIX_LEN: u8 = 22;
+/// The lab's links are Ethernet-sized (the plugin's default, 9001 bytes, is the VPC's).
+const POD_MTU: u32 = 1500;
 
 /// How the node translates pod IPv4.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -146,13 +156,19 @@ impl Lab {
         )?;
         for (ns, tmp, dev) in [(a_ns, &tmp_a, a), (b_ns, &tmp_b, b)] {
             exec_line(ns, &format!("ip link set {tmp} name {dev}"))?;
-            if self.opts.offloads_off {
-                exec_line(
-                    ns,
-                    &format!("ethtool -K {dev} tx off rx off tso off gso off gro off"),
-                )?;
-            }
+            self.set_offloads(ns, dev)?;
             exec_line(ns, &format!("ip link set {dev} up"))?;
+        }
+        Ok(())
+    }
+
+    /// Checksum offloads and TSO/GSO/GRO off on `dev` when the options ask for it.
+    fn set_offloads(&self, ns: &str, dev: &str) -> Result<()> {
+        if self.opts.offloads_off {
+            exec_line(
+                ns,
+                &format!("ethtool -K {dev} tx off rx off tso off gso off gro off"),
+            )?;
         }
         Ok(())
     }
@@ -238,43 +254,31 @@ impl Lab {
 
     fn add_pod(&mut self, i: usize) -> Result<()> {
         let ns = format!("dp-pod{i}-{}", self.id);
-        let ip = format!("169.254.172.{}", i + 2);
+        let ip = Ipv4Addr::new(169, 254, 172, u8::try_from(i + 2)?);
         let host_veth = format!("veth{}{i}", self.id);
         self.add_ns(&ns)?;
-        let node = self.node.clone();
-        self.veth(&node, &host_veth, &ns, "v4if0")?;
-        // The egress-v4 plugin's wiring (design brief, section 1).
-        exec_line(
-            &node,
-            &format!("ip addr add 169.254.172.1/32 dev {host_veth} scope link"),
-        )?;
-        exec_line(
-            &node,
-            &format!("ip route add {ip}/32 dev {host_veth} scope link"),
-        )?;
-        exec_line(&ns, &format!("ip addr add {ip}/22 dev v4if0 noprefixroute"))?;
-        exec_line(&ns, "ip route add 169.254.172.1/32 dev v4if0 scope link")?;
-        exec_line(
-            &ns,
-            &format!("ip route add 169.254.172.0/22 via {GATEWAY_IP} dev v4if0"),
-        )?;
-        exec_line(
-            &ns,
-            &format!("ip route add default via {GATEWAY_IP} dev v4if0"),
-        )?;
+        // The CNI plugin's own wiring (design brief, section 1), as ADD runs it on a node:
+        // from the node's namespace, the pod's given by its nsfs path.
+        let (netns, veth) = (format!("/run/netns/{ns}"), host_veth.clone());
+        within(&self.node, move || {
+            wire::wire_pod(&netns, &veth, POD_IFNAME, POD_MTU, ip, POD_PREFIX_LEN)
+        })??;
+        self.set_offloads(&self.node, &host_veth)?;
+        self.set_offloads(&ns, POD_IFNAME)?;
+        let ip = ip.to_string();
         if self.opts.mode == Mode::Iptables {
             let chain = format!("CNI-E4-{}{i}", self.id);
-            exec_line(&node, &format!("iptables -t nat -N {chain}"))?;
+            exec_line(&self.node, &format!("iptables -t nat -N {chain}"))?;
             exec_line(
-                &node,
+                &self.node,
                 &format!("iptables -t nat -A {chain} -d 224.0.0.0/4 -j ACCEPT"),
             )?;
             exec_line(
-                &node,
+                &self.node,
                 &format!("iptables -t nat -A {chain} -j SNAT --to-source {NODE_IP} --random-fully"),
             )?;
             exec_line(
-                &node,
+                &self.node,
                 &format!("iptables -t nat -A POSTROUTING -s {ip} -j {chain}"),
             )?;
         }
@@ -498,11 +502,7 @@ impl Lab {
 
     /// The ifindex of `ifname` in the node namespace.
     pub fn node_ifindex(&self, ifname: &str) -> Result<u32> {
-        let out = exec(
-            &self.node,
-            &["cat", &format!("/sys/class/net/{ifname}/ifindex")],
-        )?;
-        out.trim().parse().context("ifindex")
+        crate::netns::ifindex_of(&self.node, ifname)
     }
 
     /// The pod namespace of pod `i`.

@@ -28,6 +28,25 @@ pub fn exec_line(ns: &str, line: &str) -> Result<String> {
     exec(ns, &line.split_whitespace().collect::<Vec<_>>())
 }
 
+/// Attribute `attr` of device `dev` in namespace `ns`, from `/sys/class/net` (which `ip netns
+/// exec` mounts for the namespace).
+fn device_attr(ns: &str, dev: &str, attr: &str) -> Result<String> {
+    let out = exec(ns, &["cat", &format!("/sys/class/net/{dev}/{attr}")])?;
+    Ok(out.trim().to_string())
+}
+
+/// The MAC address of `dev` in namespace `ns` (`02:00:...`).
+pub fn mac_of(ns: &str, dev: &str) -> Result<String> {
+    device_attr(ns, dev, "address")
+}
+
+/// The ifindex of `dev` in namespace `ns`.
+pub fn ifindex_of(ns: &str, dev: &str) -> Result<u32> {
+    device_attr(ns, dev, "ifindex")?
+        .parse()
+        .context("reading an ifindex")
+}
+
 /// True when one ping from `ns` to `dst` is answered within a second.
 #[must_use]
 pub fn ping(ns: &str, dst: &str) -> bool {

@@ -44,6 +44,14 @@ fn with_pseudo_header(src: [u8; 4], dst: [u8; 4], proto: u8, segment: &[u8]) -> 
 pub const POD_MAC: [u8; 6] = [0x02, 0, 0, 0, 0, 0x02];
 pub const GW_MAC: [u8; 6] = [0x02, 0, 0, 0, 0, 0x01];
 
+/// An ARP frame (zero but for its EtherType): the programs pass it at their first check.
+#[must_use]
+pub fn arp() -> Vec<u8> {
+    let mut frame = vec![0u8; 42];
+    frame[12..14].copy_from_slice(&0x0806u16.to_be_bytes());
+    frame
+}
+
 /// An IPv4 packet description.
 #[derive(Clone, Debug)]
 pub struct Ipv4Packet {

@@ -9,7 +9,7 @@ use aya::{Ebpf, TestRun as _, TestRunOptions};
 use datapath_common::{
     config::{Config, PortRandomisation, Timeouts, DEFAULT_GATEWAY, DEFAULT_POD_CIDR},
     counters::Counter,
-    flow::{Flow, FlowKey},
+    flow::{Flow, FlowKey, PROTO_TCP},
     maps as names,
     pod::PodInfo,
 };
@@ -19,7 +19,10 @@ use datapath_user::{
     netdev,
 };
 
-use crate::netns::{exec_line, run, within};
+use crate::{
+    netns::{exec_line, run, within},
+    packet::{self, Ipv4Packet, GW_MAC, POD_MAC},
+};
 
 pub const NODE_IP: [u8; 4] = [192, 0, 2, 10];
 pub const SERVER_IP: [u8; 4] = [192, 0, 2, 20];
@@ -295,6 +298,18 @@ impl Harness {
     pub fn binding(&self, reply: &FlowKey) -> Option<FlowKey> {
         self.maps.bindings.get(reply, 0).ok()
     }
+}
+
+/// A TCP frame from the test pod to the server's `dport`, with a 5-byte payload.
+#[must_use]
+pub fn pod_tcp(sport: u16, dport: u16, flags: u8) -> Vec<u8> {
+    Ipv4Packet::new(
+        POD_IP,
+        SERVER_IP,
+        PROTO_TCP,
+        packet::tcp(POD_IP, SERVER_IP, sport, dport, flags, b"hello"),
+    )
+    .frame(POD_MAC, GW_MAC)
 }
 
 /// Host-order address from octets.

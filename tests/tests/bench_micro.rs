@@ -11,23 +11,13 @@ use datapath_common::{
 use datapath_tests::{
     packet::{self, Ipv4Packet, Parsed, GW_MAC, POD_MAC},
     testrun::{
-        addr, with_harness, Harness, HarnessOptions, NODE_IP, OTHER_POD_IP, POD_IP, ROUTER_IP,
-        SERVER_IP, SERVER_MAC,
+        addr, pod_tcp, with_harness, Harness, HarnessOptions, NODE_IP, OTHER_POD_IP, POD_IP,
+        ROUTER_IP, SERVER_IP, SERVER_MAC,
     },
 };
 use serde_json::json;
 
 const RUNS: usize = 5000;
-
-fn pod_tcp(sport: u16, flags: u8) -> Vec<u8> {
-    Ipv4Packet::new(
-        POD_IP,
-        SERVER_IP,
-        PROTO_TCP,
-        packet::tcp(POD_IP, SERVER_IP, sport, 80, flags, b"x"),
-    )
-    .frame(POD_MAC, GW_MAC)
-}
 
 /// Interquartile mean of `RUNS` single runs (see `RunCost`).
 fn typical_ns(
@@ -60,20 +50,19 @@ fn micro_benchmarks() {
         let (pod_if, up_if) = (h.pod_ifindex, h.uplink_ifindex);
         let from_pod = names::PROG_FROM_POD;
         let ingress = names::PROG_UPLINK_INGRESS;
-        let mut arp = vec![0u8; 42];
-        arp[12..14].copy_from_slice(&0x0806u16.to_be_bytes());
+        let arp = packet::arp();
         let base = typical_ns(h, from_pod, pod_if, |_| arp.clone());
         // Established flow and its reply.
-        let syn = Parsed::parse(&h.from_pod(&pod_tcp(45000, TCP_SYN)).1);
+        let syn = Parsed::parse(&h.from_pod(&pod_tcp(45000, 80, TCP_SYN)).1);
         let nat_port = syn.src_port();
-        let est_out = typical_ns(h, from_pod, pod_if, |_| pod_tcp(45000, TCP_ACK));
+        let est_out = typical_ns(h, from_pod, pod_if, |_| pod_tcp(45000, 80, TCP_ACK));
         let reply = Ipv4Packet::new(SERVER_IP, NODE_IP, PROTO_TCP, packet::tcp(SERVER_IP, NODE_IP, 80, nat_port, TCP_ACK, b"y"))
             .frame(SERVER_MAC, GW_MAC);
         let est_in = typical_ns(h, ingress, up_if, |_| reply.clone());
         // A new flow each run (slow path: FIB, port allocation, flow creation).
-        let new_flow = typical_ns(h, from_pod, pod_if, |i| pod_tcp(1000 + i as u16, TCP_SYN));
+        let new_flow = typical_ns(h, from_pod, pod_if, |i| pod_tcp(1000 + i as u16, 80, TCP_SYN));
         // ICMP fragmentation-needed about the established flow.
-        let quoted = Parsed::parse(&pod_tcp(45000, TCP_ACK));
+        let quoted = Parsed::parse(&pod_tcp(45000, 80, TCP_ACK));
         let mut quoted_ip = quoted.ip[..28].to_vec();
         quoted_ip[12..16].copy_from_slice(&NODE_IP);
         quoted_ip[20..22].copy_from_slice(&nat_port.to_be_bytes());
@@ -101,7 +90,7 @@ fn micro_benchmarks() {
             }
             let secs = start.elapsed().as_secs_f64();
             filled = target;
-            let cost = net(typical_ns(h, from_pod, pod_if, |_| pod_tcp(45000, TCP_ACK)));
+            let cost = net(typical_ns(h, from_pod, pod_if, |_| pod_tcp(45000, 80, TCP_ACK)));
             scale.insert(format!("established out at {target} flows (ns)"), json!(cost));
             if added > 0 {
                 scale.insert(format!("userspace insert rate to {target} (flows/s)"), json!((f64::from(added) / secs).round()));

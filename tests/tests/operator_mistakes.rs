@@ -75,6 +75,12 @@ fn run_for(lab: &Lab, args: &[&str], limit: Duration) -> Outcome {
     }
 }
 
+/// [`run_for`] with the lab's `--pin-path` appended.
+fn run_pinned(lab: &Lab, args: &[&str], limit: Duration) -> Outcome {
+    let pin = lab.pin_path.to_string_lossy();
+    run_for(lab, &[args, &["--pin-path", &pin]].concat(), limit)
+}
+
 /// Asserts `args` exits non-zero promptly with `expected` in its one error line.
 fn refused(lab: &Lab, args: &[&str], expected: &str) -> String {
     let out = run_for(lab, args, Duration::from_secs(10));
@@ -152,7 +158,7 @@ fn a_second_daemon_on_the_same_pin_directory_or_maps_is_refused_with_the_first_p
     let stale = PathBuf::from(format!("/run/datapath-user/stale-{}.lock", lab.id));
     std::fs::create_dir_all("/run/datapath-user").unwrap();
     std::fs::write(&stale, format!("999999\n{pin}-crashed\n")).unwrap();
-    for spelling in &spellings {
+    let refused_with_the_first_pid = |pin_path: &str| {
         let err = refused(
             &lab,
             &[
@@ -162,11 +168,14 @@ fn a_second_daemon_on_the_same_pin_directory_or_maps_is_refused_with_the_first_p
                 "--port-range",
                 "20000-29999",
                 "--pin-path",
-                spelling,
+                pin_path,
             ],
             "already uses",
         );
         assert!(err.contains(&format!("pid {pid}")), "{err}");
+    };
+    for spelling in &spellings {
+        refused_with_the_first_pid(spelling);
     }
     assert!(!stale.exists(), "stale lock file kept");
     // The same maps pinned at a second bpffs directory.
@@ -191,20 +200,7 @@ fn a_second_daemon_on_the_same_pin_directory_or_maps_is_refused_with_the_first_p
         )
         .unwrap();
     }
-    let err = refused(
-        &lab,
-        &[
-            "run",
-            "--uplink",
-            "eth0",
-            "--port-range",
-            "20000-29999",
-            "--pin-path",
-            alias.to_str().unwrap(),
-        ],
-        "already uses",
-    );
-    assert!(err.contains(&format!("pid {pid}")), "{err}");
+    refused_with_the_first_pid(alias.to_str().unwrap());
     drop(alias_cleanup);
 
     // Nothing of the first daemon's changed: its configuration, its pods' egress.
@@ -360,13 +356,7 @@ fn run_checks_every_flag_before_touching_the_kernel() {
     // Pinned maps of another size are kept, with a word; a pod whose veth is gone is named
     // by its address and ifindex.
     let gone = lab.pod(1).clone();
-    let ifindex = exec(
-        &lab.node,
-        &["cat", &format!("/sys/class/net/{}/ifindex", gone.host_veth)],
-    )
-    .unwrap()
-    .trim()
-    .to_string();
+    let ifindex = lab.node_ifindex(&gone.host_veth).unwrap().to_string();
     exec(&lab.node, &["ip", "link", "del", &gone.host_veth]).unwrap();
     lab.opts.run_args = s(&["--flow-table-size", "1024"]);
     lab.start_daemon().unwrap();
@@ -458,19 +448,7 @@ fn flows_options_say_what_they_do() {
     let p0 = lab.pod(0).clone();
     traffic::udp_request(&p0.ns, SERVER_IP, 5353, 41000, b"q").unwrap();
     let pin = lab.pin_path.to_string_lossy().into_owned();
-    let with_pin = |args: &[&str]| {
-        let mut v: Vec<&str> = args.to_vec();
-        v.extend(["--pin-path", &pin]);
-        v.iter().map(ToString::to_string).collect::<Vec<_>>()
-    };
-    let quick = |lab: &Lab, args: &[&str]| {
-        let args = with_pin(args);
-        run_for(
-            lab,
-            &args.iter().map(String::as_str).collect::<Vec<_>>(),
-            Duration::from_secs(10),
-        )
-    };
+    let quick = |lab: &Lab, args: &[&str]| run_pinned(lab, args, Duration::from_secs(10));
 
     // A bare destination address is one host; states in any case.
     let out = quick(
@@ -491,23 +469,15 @@ fn flows_options_say_what_they_do() {
         ),
         (&["flows", "--interval", "1"][..], "--follow"),
     ] {
-        refused(
-            &lab,
-            &with_pin(args)
-                .iter()
-                .map(String::as_str)
-                .collect::<Vec<_>>(),
-            expected,
-        );
+        refused(&lab, &[args, &["--pin-path", &pin]].concat(), expected);
     }
     let out = quick(&lab, &["flows", "--pod", "nosuch/pod"]);
     assert!(out.stderr.contains("no registered pod"), "{}", out.stderr);
 
     // --watch with JSON: arrays only, no terminal escapes.
-    let args = with_pin(&["flows", "--watch", "0.2", "-o", "json"]);
-    let out = run_for(
+    let out = run_pinned(
         &lab,
-        &args.iter().map(String::as_str).collect::<Vec<_>>(),
+        &["flows", "--watch", "0.2", "-o", "json"],
         Duration::from_millis(900),
     );
     assert!(out.status.is_none());
@@ -520,13 +490,12 @@ fn flows_options_say_what_they_do() {
     assert!(arrays.len() >= 2, "{:?}", out.stdout);
 
     // --follow: a CLOSE after `pod del` keeps the pod's name, and events carry their time.
-    let args = with_pin(&["flows", "--follow", "-o", "json", "--interval", "0.05"]);
     let lab_ref = &lab;
     let follow = std::thread::scope(|scope| {
         let handle = scope.spawn(move || {
-            run_for(
+            run_pinned(
                 lab_ref,
-                &args.iter().map(String::as_str).collect::<Vec<_>>(),
+                &["flows", "--follow", "-o", "json", "--interval", "0.05"],
                 Duration::from_secs(3),
             )
         });
@@ -551,19 +520,7 @@ fn flows_options_say_what_they_do() {
 fn stats_and_flows_errors_are_one_line_with_a_hint() {
     let mut lab = lab(LabOptions::default());
     let pin = lab.pin_path.to_string_lossy().into_owned();
-    let with_pin = |args: &[&str]| {
-        let mut v: Vec<&str> = args.to_vec();
-        v.extend(["--pin-path", &pin]);
-        v.iter().map(ToString::to_string).collect::<Vec<_>>()
-    };
-    let quick = |lab: &Lab, args: &[&str]| {
-        let args = with_pin(args);
-        run_for(
-            lab,
-            &args.iter().map(String::as_str).collect::<Vec<_>>(),
-            Duration::from_secs(10),
-        )
-    };
+    let quick = |lab: &Lab, args: &[&str]| run_pinned(lab, args, Duration::from_secs(10));
 
     // Without privileges: one permission error with a hint, not the syscall twice.
     let out = lab.cli_as_nobody(&["stats", "--pin-path", &pin]).unwrap();

@@ -20,7 +20,8 @@ const DEFAULT_MTU: u32 = 9001;
 const DEFAULT_STATE_DIR: &str = "/var/lib/datapath-cni";
 
 /// A CNI error, printed as the spec's error JSON.
-#[derive(Debug)]
+#[derive(Debug, thiserror::Error)]
+#[error("{msg}: {details}")]
 pub struct CniError {
     pub code: u32,
     pub msg: String,

@@ -221,9 +221,8 @@ fn add_steps(
     let allocated = ipam::exec(conf, env, "ADD")?;
     created.address = true;
     let (ip, prefix_len) = ipam::address(&allocated)?;
-    wire::create_pair(netns, host_veth, pod_if, conf.mtu())?;
+    wire::wire_pod(netns, host_veth, pod_if, conf.mtu(), ip, prefix_len)?;
     created.veth = Some(host_veth.to_string());
-    wire::configure(netns, host_veth, pod_if, ip, prefix_len)?;
     let pin_path = conf.pin_path();
     let ifindex = crate::netdev::ifindex(host_veth).map_err(|e| CniError::datapath(&e))?;
     pods::register(&pin_path, ip, ifindex, &env.pod_name()).map_err(|e| match e {

@@ -63,9 +63,27 @@ pub fn has_address(netns: &str, dev: &str, ip: Ipv4Addr, prefix_len: u8) -> Resu
         .map_err(io("reading the pod's addresses"))
 }
 
-/// Creates the veth pair, the pod end `pod_if` directly in `netns`. Its own step, so a
-/// failed ADD knows whether the pair is its own.
-pub fn create_pair(netns: &str, host_veth: &str, pod_if: &str, mtu: u32) -> Result<()> {
+/// The whole wiring of one pod, as ADD does it between IPAM and registration: the veth pair
+/// (`host_veth` here, `pod_if` in the network namespace whose nsfs file is `netns`, e.g.
+/// `/run/netns/NAME`), both ends with `mtu`, addressed and routed ([`configure`]). "Here" is
+/// the calling thread's network namespace. On failure the pair is deleted again, so an
+/// error leaves nothing behind.
+pub fn wire_pod(
+    netns: &str,
+    host_veth: &str,
+    pod_if: &str,
+    mtu: u32,
+    ip: Ipv4Addr,
+    prefix_len: u8,
+) -> Result<()> {
+    create_pair(netns, host_veth, pod_if, mtu)?;
+    configure(netns, host_veth, pod_if, ip, prefix_len).inspect_err(|_| {
+        let _ = delete_host_veth(host_veth);
+    })
+}
+
+/// Creates the veth pair, the pod end `pod_if` directly in `netns`.
+fn create_pair(netns: &str, host_veth: &str, pod_if: &str, mtu: u32) -> Result<()> {
     let ns = std::fs::File::open(netns).map_err(|e| CniError::io(format!("{netns}: {e}")))?;
     host()?
         .create_veth(host_veth, pod_if, mtu, &ns)
@@ -73,7 +91,7 @@ pub fn create_pair(netns: &str, host_veth: &str, pod_if: &str, mtu: u32) -> Resu
 }
 
 /// Addresses both ends and adds the routes.
-pub fn configure(
+fn configure(
     netns: &str,
     host_veth: &str,
     pod_if: &str,
