@@ -19,6 +19,25 @@ use serde_json::json;
 
 const RUNS: usize = 5000;
 
+/// Flows taken in turn by the many-flow figures (first pod port).
+const ROTATION: u16 = 512;
+const ROTATION_FIRST_PORT: u16 = 20_000;
+
+fn reply_to(nat_port: u16) -> Vec<u8> {
+    Ipv4Packet::new(SERVER_IP, NODE_IP, PROTO_TCP, packet::tcp(SERVER_IP, NODE_IP, 80, nat_port, TCP_ACK, b"y"))
+        .frame(SERVER_MAC, GW_MAC)
+}
+
+/// Interquartile mean of one run for each of the `ROTATION` flows in turn (`frame(i)` is
+/// flow i's packet), after a pass that refreshes them all: a flow idle for over a second
+/// takes the revalidation path, which is not the figure.
+fn rotation_ns(h: &mut Harness, prog: &str, ifindex: u32, frame: impl Fn(usize) -> Vec<u8>) -> f64 {
+    for i in 0..usize::from(ROTATION) {
+        h.run(prog, &frame(i), ifindex).unwrap();
+    }
+    h.run_cost(prog, ifindex, usize::from(ROTATION), frame).unwrap().interquartile_mean
+}
+
 /// Interquartile mean of `RUNS` single runs (see `RunCost`).
 fn typical_ns(
     h: &mut Harness,
@@ -56,11 +75,18 @@ fn micro_benchmarks() {
         let syn = Parsed::parse(&h.from_pod(&pod_tcp(45000, 80, TCP_SYN)).1);
         let nat_port = syn.src_port();
         let est_out = typical_ns(h, from_pod, pod_if, |_| pod_tcp(45000, 80, TCP_ACK));
-        let reply = Ipv4Packet::new(SERVER_IP, NODE_IP, PROTO_TCP, packet::tcp(SERVER_IP, NODE_IP, 80, nat_port, TCP_ACK, b"y"))
-            .frame(SERVER_MAC, GW_MAC);
+        let reply = reply_to(nat_port);
         let est_in = typical_ns(h, ingress, up_if, |_| reply.clone());
         // A new flow each run (slow path: FIB, port allocation, flow creation).
         let new_flow = typical_ns(h, from_pod, pod_if, |i| pod_tcp(1000 + i as u16, 80, TCP_SYN));
+        // Those flows go, so that the smallest table below holds the 1k flows it says.
+        let made: Vec<(FlowKey, FlowKey)> = h.maps.bindings.iter().flatten()
+            .filter(|(_, owner)| owner.dst_port == 80 && (1000..1000 + RUNS as u16).contains(&owner.src_port))
+            .collect();
+        for (binding, owner) in made {
+            let _ = h.maps.bindings.remove(&binding);
+            let _ = h.maps.conntrack.remove(&owner);
+        }
         // ICMP fragmentation-needed about the established flow.
         let quoted = Parsed::parse(&pod_tcp(45000, 80, TCP_ACK));
         let mut quoted_ip = quoted.ip[..28].to_vec();
@@ -76,7 +102,10 @@ fn micro_benchmarks() {
             "ICMP error in": net(icmp_in), "drop (pod to pod)": net(drop), "frame passed at the first check (subtracted)": base,
         });
 
-        // Lookup cost as the table grows.
+        // Lookup cost as the table grows: the flow above, and `ROTATION` flows in turn.
+        let rotation_nat: Vec<u16> = (0..ROTATION)
+            .map(|i| Parsed::parse(&h.from_pod(&pod_tcp(ROTATION_FIRST_PORT + i, 80, TCP_SYN)).1).src_port())
+            .collect();
         let mut scale = serde_json::Map::new();
         let now = datapath_user::maps::monotonic_coarse_ns();
         let mut filled = h.maps.conntrack.keys().flatten().count() as u32;
@@ -92,6 +121,12 @@ fn micro_benchmarks() {
             filled = target;
             let cost = net(typical_ns(h, from_pod, pod_if, |_| pod_tcp(45000, 80, TCP_ACK)));
             scale.insert(format!("established out at {target} flows (ns)"), json!(cost));
+            let cost = net(typical_ns(h, ingress, up_if, |_| reply.clone()));
+            scale.insert(format!("reply in at {target} flows (ns)"), json!(cost));
+            let cost = net(rotation_ns(h, from_pod, pod_if, |i| pod_tcp(ROTATION_FIRST_PORT + i as u16, 80, TCP_ACK)));
+            scale.insert(format!("established out at {target} flows, {ROTATION} in turn (ns)"), json!(cost));
+            let cost = net(rotation_ns(h, ingress, up_if, |i| reply_to(rotation_nat[i])));
+            scale.insert(format!("reply in at {target} flows, {ROTATION} in turn (ns)"), json!(cost));
             if added > 0 {
                 scale.insert(format!("userspace insert rate to {target} (flows/s)"), json!((f64::from(added) / secs).round()));
             }
