@@ -1,21 +1,24 @@
 //! `cargo xtask bench`: plain routing, the iptables egress-v4 setup and the datapath, side by
 //! side on the same lab in one run, modes alternating within each repetition.
 //!
-//! Workloads (design brief, section 5): small-packet forwarding rate with a cheap sender
-//! (trafgen in the pod) and a cheap sink (nftables netdev-ingress drop on the server), against
-//! a floor run (the same sender on the node's uplink); new TCP connections/s and TCP
-//! transactions/s with parallel clients; TCP bulk (iperf3). Plus the BPF_PROG_TEST_RUN
-//! micro-benchmarks of each path.
+//! Workloads (BENCHMARKS.md, "Machine and method"): small-packet forwarding rate with a cheap
+//! sender (trafgen in the pod) and a cheap sink (nftables netdev-ingress drop on the server),
+//! against a floor run (the same sender on the node's uplink), because end-to-end rates are
+//! diluted by the sender and the sink; new TCP connections/s and TCP transactions/s with
+//! parallel clients (one client is bound by wake-up latency, not by the node's path); TCP bulk
+//! (iperf3). Plus the BPF_PROG_TEST_RUN micro-benchmarks of each path. The report puts each
+//! figure beside its goal (`goals`).
 
+mod goals;
 mod report;
 mod workloads;
 
-use std::{collections::BTreeMap, time::Instant};
+use std::{path::Path, time::Instant};
 
-use anyhow::{bail, Result};
+use anyhow::{bail, Context as _, Result};
 use datapath_tests::{lab::Mode, Lab, LabOptions};
 
-use report::{serde_json_string, Report};
+use report::{serde_json_string, Report, Samples};
 use workloads::{micro_benchmarks, packet_rate, run_workload};
 
 /// How long and how often.
@@ -83,8 +86,7 @@ pub fn run(quick: bool, only: &[String]) -> Result<()> {
             .as_secs()
     ));
     std::fs::create_dir_all(&out_dir)?;
-    // samples[workload][mode] = one value per repetition.
-    let mut samples: BTreeMap<&str, BTreeMap<&str, Vec<f64>>> = BTreeMap::new();
+    let mut samples = Samples::new();
     let mut floor = Vec::new();
     let mut exhausted = Vec::new();
     let with_floor = selected("pps");
@@ -131,11 +133,11 @@ pub fn run(quick: bool, only: &[String]) -> Result<()> {
         serde_json::Value::Null
     };
     let report = Report {
-        plan: &plan,
-        samples: &samples,
-        floor: &floor,
-        micro: &micro,
-        exhausted: &exhausted,
+        plan,
+        samples,
+        floor,
+        micro,
+        exhausted,
     };
     let json = report.json();
     let md = report.markdown();
@@ -144,5 +146,16 @@ pub fn run(quick: bool, only: &[String]) -> Result<()> {
     std::fs::write(out_dir.join("modes.svg"), report.svg())?;
     println!("{md}");
     println!("results in {}", out_dir.display());
+    Ok(())
+}
+
+/// Prints the report of a kept run (`results/reference`, a `results/bench-*`), figures
+/// beside their goals, from its `results.json`; measures nothing and writes nothing.
+pub fn show(run_dir: &Path) -> Result<()> {
+    let path = run_dir.join("results.json");
+    let text =
+        std::fs::read_to_string(&path).with_context(|| format!("reading {}", path.display()))?;
+    let results = serde_json::from_str(&text).with_context(|| format!("{}", path.display()))?;
+    println!("{}", Report::from_json(&results)?.markdown());
     Ok(())
 }

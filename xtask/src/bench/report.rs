@@ -1,10 +1,17 @@
-//! The report of one run: medians and spreads as JSON, a Markdown table and an SVG plot.
+//! The report of one run: medians and spreads, each figure beside its goal, as JSON, a
+//! Markdown table and an SVG plot.
 
 use std::{collections::BTreeMap, fmt::Write as _};
 
-use super::{mode_name, Plan, MODES, WORKLOADS};
+use anyhow::{Context as _, Result};
+use serde_json::Value;
 
-pub(super) fn serde_json_string(v: &serde_json::Value) -> String {
+use super::{goals, mode_name, Plan, MODES, WORKLOADS};
+
+/// `samples[workload][mode]`: one figure per repetition.
+pub(super) type Samples = BTreeMap<&'static str, BTreeMap<&'static str, Vec<f64>>>;
+
+pub(super) fn serde_json_string(v: &Value) -> String {
     serde_json::to_string_pretty(v).unwrap_or_default()
 }
 
@@ -32,16 +39,64 @@ fn spread(v: &[f64]) -> f64 {
 /// A figure per mode, for the plot.
 type Metric<'a> = Box<dyn Fn(&str) -> f64 + 'a>;
 
-pub(super) struct Report<'a> {
-    pub(super) plan: &'a Plan,
-    pub(super) samples: &'a BTreeMap<&'a str, BTreeMap<&'a str, Vec<f64>>>,
-    pub(super) floor: &'a [f64],
-    pub(super) micro: &'a serde_json::Value,
+pub(super) struct Report {
+    pub(super) plan: Plan,
+    pub(super) samples: Samples,
+    /// The floor run's packet rate, one per repetition (with the `pps` workload).
+    pub(super) floor: Vec<f64>,
+    /// The BPF_PROG_TEST_RUN figures as `bench_micro` writes them; null when not run.
+    pub(super) micro: Value,
     /// The datapath's `drop_port_exhausted` at the end of each repetition.
-    pub(super) exhausted: &'a [u64],
+    pub(super) exhausted: Vec<u64>,
 }
 
-impl Report<'_> {
+impl Report {
+    /// A kept run read back from the `results.json` that [`Report::json`] wrote.
+    pub(super) fn from_json(results: &Value) -> Result<Self> {
+        let count = |key: &str| {
+            results[key]
+                .as_u64()
+                .with_context(|| format!("no {key:?} in the results"))
+        };
+        let plan = Plan {
+            reps: count("repetitions")? as usize,
+            seconds: results["seconds"]
+                .as_f64()
+                .context("no \"seconds\" in the results")?,
+            clients: count("clients")? as usize,
+        };
+        let figures = |v: &Value| -> Vec<f64> {
+            v.as_array()
+                .map(|a| a.iter().filter_map(Value::as_f64).collect())
+                .unwrap_or_default()
+        };
+        let mut samples = Samples::new();
+        for workload in WORKLOADS {
+            for mode in MODES.map(mode_name) {
+                let runs = figures(&results["modes"][mode][workload]["samples"]);
+                if !runs.is_empty() {
+                    samples.entry(workload).or_default().insert(mode, runs);
+                }
+            }
+        }
+        let exhausted = results["datapath_drop_port_exhausted"]
+            .as_array()
+            .map(|a| a.iter().filter_map(Value::as_u64).collect())
+            .unwrap_or_default();
+        Ok(Self {
+            plan,
+            samples,
+            floor: figures(&results["floor_pps"]["samples"]),
+            micro: results["micro"].clone(),
+            exhausted,
+        })
+    }
+
+    /// Whether this run measured `workload` (not left out by `--only`).
+    pub(super) fn ran(&self, workload: &str) -> bool {
+        self.samples.contains_key(workload)
+    }
+
     /// The repetitions of one workload in one mode.
     fn runs(&self, workload: &str, mode: &str) -> &[f64] {
         self.samples
@@ -50,20 +105,20 @@ impl Report<'_> {
             .map_or(&[], Vec::as_slice)
     }
 
-    fn med(&self, workload: &str, mode: &str) -> f64 {
+    pub(super) fn med(&self, workload: &str, mode: &str) -> f64 {
         median(self.runs(workload, mode))
     }
 
     /// Node cost per packet (ns): 1/rate(mode) - 1/rate(floor).
-    fn node_cost_ns(&self, mode: &str) -> f64 {
-        let (rate, floor) = (self.med("pps", mode), median(self.floor));
+    pub(super) fn node_cost_ns(&self, mode: &str) -> f64 {
+        let (rate, floor) = (self.med("pps", mode), median(&self.floor));
         if rate == 0.0 || floor == 0.0 {
             return 0.0;
         }
         (1.0 / rate - 1.0 / floor) * 1e9
     }
 
-    pub(super) fn json(&self) -> serde_json::Value {
+    pub(super) fn json(&self) -> Value {
         let mut modes = serde_json::Map::new();
         for mode in MODES.map(mode_name) {
             let mut m = serde_json::Map::new();
@@ -79,8 +134,9 @@ impl Report<'_> {
         }
         serde_json::json!({
             "repetitions": self.plan.reps, "seconds": self.plan.seconds, "clients": self.plan.clients,
-            "floor_pps": { "samples": self.floor, "median": median(self.floor) },
+            "floor_pps": { "samples": self.floor, "median": median(&self.floor) },
             "modes": modes, "micro": self.micro, "datapath_drop_port_exhausted": self.exhausted,
+            "goals": goals::json(&goals::goals(self)),
         })
     }
 
@@ -91,6 +147,11 @@ impl Report<'_> {
             s,
             "{} repetition(s) of {} s, {} parallel clients; medians, spread = (max-min)/median.\n",
             self.plan.reps, self.plan.seconds, self.plan.clients
+        );
+        let _ = writeln!(
+            s,
+            "Goals (issue 17, BENCHMARKS.md):\n\n{}",
+            goals::markdown(&goals::goals(self))
         );
         let _ = writeln!(
             s,
@@ -176,7 +237,7 @@ impl Report<'_> {
             let _ = writeln!(
                 s,
                 "\nfloor (sender on the uplink, no forwarding): {:.1} kpps",
-                median(self.floor) / 1e3
+                median(&self.floor) / 1e3
             );
         }
         let _ = writeln!(
