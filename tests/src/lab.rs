@@ -1,4 +1,4 @@
-//! The node of the design brief in network namespaces:
+//! A node wired as in production (ARCHITECTURE.md, "The node") in network namespaces:
 //!
 //! ```text
 //!  pod i (v4if0 169.254.172.(i+2)/22) ── vethXi ─┐
@@ -243,7 +243,7 @@ impl Lab {
         self.add_ns(&ns)?;
         let node = self.node.clone();
         self.veth(&node, &host_veth, &ns, "v4if0")?;
-        // The egress-v4 plugin's wiring (design brief, section 1).
+        // The egress-v4 plugin's wiring (ARCHITECTURE.md, "The node").
         exec_line(
             &node,
             &format!("ip addr add 169.254.172.1/32 dev {host_veth} scope link"),

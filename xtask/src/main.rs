@@ -12,7 +12,10 @@ use anyhow::{bail, Context as _, Result};
 use clap::{Parser, Subcommand};
 
 #[derive(Parser)]
-#[command(name = "cargo xtask", about = "Setup, test and demo of the datapath")]
+#[command(
+    name = "cargo xtask",
+    about = "Setup, build, test, demo, benchmarks and VM lab of the datapath"
+)]
 struct Cli {
     #[command(subcommand)]
     command: Task,
