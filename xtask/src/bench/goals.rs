@@ -5,7 +5,7 @@ use std::fmt::Write as _;
 
 use serde_json::{json, Value};
 
-use super::report::Report;
+use super::{report::Report, title};
 
 /// The side of a bound a figure has to be on.
 #[derive(Clone, Copy, Debug, PartialEq)]
@@ -96,7 +96,7 @@ pub(super) enum Verdict {
 /// One figure and the bound it has to meet.
 #[derive(Clone, Debug, PartialEq)]
 pub(super) struct Goal {
-    pub(super) name: &'static str,
+    pub(super) name: String,
     pub(super) unit: Unit,
     pub(super) bound: Bound,
     pub(super) figure: Figure,
@@ -147,16 +147,17 @@ pub(super) fn goals(report: &Report) -> Vec<Goal> {
 
 /// The goals of the lab workloads, relative to the other modes of the same run.
 fn workload_goals(report: &Report) -> Vec<Goal> {
-    let vs = |workload: &str, other: &str| {
-        report
-            .ran(workload)
-            .then(|| {
-                ratio(
-                    report.med(workload, "datapath"),
-                    report.med(workload, other),
-                )
-            })
-            .flatten()
+    // The datapath's figure over `mode`'s.
+    let versus = |workload: &'static str, mode: &str, bound| Goal {
+        name: format!("{}, datapath / {mode}", title(workload)),
+        unit: Unit::Ratio,
+        bound,
+        figure: Figure::ThisRun(
+            report
+                .ran(workload)
+                .then(|| ratio(report.med(workload, "datapath"), report.med(workload, mode)))
+                .flatten(),
+        ),
     };
     let node_cost = (report.ran("pps") && !report.floor.is_empty())
         .then(|| {
@@ -166,52 +167,38 @@ fn workload_goals(report: &Report) -> Vec<Goal> {
             )
         })
         .flatten();
-    let exhaustion_drops = report
-        .ran("tcp_crr")
-        .then(|| report.exhausted.iter().sum::<u64>() as f64);
     vec![
         Goal {
-            name: "node cost per small packet, datapath / iptables",
+            name: "node cost per small packet, datapath / iptables".into(),
             unit: Unit::Ratio,
             bound: Bound::AtMost(0.4),
             figure: Figure::ThisRun(node_cost),
         },
+        versus("tcp_crr", "iptables", Bound::AtLeast(1.05)),
+        versus("tcp_crr", "plain", Bound::AtLeast(1.0)),
         Goal {
-            name: "new TCP connections/s, 4 clients in 1 pod, client closes first, datapath / iptables",
-            unit: Unit::Ratio,
-            bound: Bound::AtLeast(1.05),
-            figure: Figure::ThisRun(vs("tcp_crr", "iptables")),
-        },
-        Goal {
-            name: "new TCP connections/s, 4 clients in 1 pod, client closes first, datapath / plain",
-            unit: Unit::Ratio,
-            bound: Bound::AtLeast(1.0),
-            figure: Figure::ThisRun(vs("tcp_crr", "plain")),
-        },
-        Goal {
-            name: "drop_port_exhausted in the datapath runs",
+            name: "drop_port_exhausted in the datapath runs".into(),
             unit: Unit::Drops,
             bound: Bound::AtMost(0.0),
-            figure: Figure::ThisRun(exhaustion_drops),
+            figure: Figure::ThisRun(
+                report
+                    .ran("tcp_crr")
+                    .then(|| report.exhausted.iter().sum::<u64>() as f64),
+            ),
         },
-        Goal {
-            name: "TCP transactions/s, 4 pods, datapath / iptables",
-            unit: Unit::Ratio,
-            bound: Bound::AtLeast(1.10),
-            figure: Figure::ThisRun(vs("tcp_rr", "iptables")),
-        },
-        Goal {
-            name: "TCP bulk, datapath / iptables",
-            unit: Unit::Ratio,
-            bound: Bound::AtLeast(1.0),
-            figure: Figure::ThisRun(vs("tcp_bulk", "iptables")),
-        },
+        versus("tcp_rr", "iptables", Bound::AtLeast(1.10)),
+        versus("tcp_bulk", "iptables", Bound::AtLeast(1.0)),
     ]
 }
 
 /// The goals of the BPF_PROG_TEST_RUN figures (`micro` as `bench_micro` writes it).
 fn micro_goals(micro: &Value) -> Vec<Goal> {
-    let path = |name: &str| micro["paths"][name].as_f64();
+    let path = |key: &str, path: &str, most| Goal {
+        name: format!("BPF_PROG_TEST_RUN: {path}"),
+        unit: Unit::Nanoseconds,
+        bound: Bound::AtMost(most),
+        figure: Figure::ThisRun(micro["paths"][key].as_f64()),
+    };
     let scale = &micro["scale"];
     let at_flows = |n: u32| scale[format!("established out at {n} flows (ns)")].as_f64();
     let large_over_small = at_flows(1_000_000)
@@ -224,26 +211,16 @@ fn micro_goals(micro: &Value) -> Vec<Goal> {
             .and_then(|(_, by_fill)| by_fill["99%"]["exhaustion_drops"].as_f64())
     });
     vec![
+        path("established out", "established flow, pod → wire", 60.0),
+        path("reply in", "reply, wire → pod", 70.0),
         Goal {
-            name: "BPF_PROG_TEST_RUN: established flow, pod → wire",
-            unit: Unit::Nanoseconds,
-            bound: Bound::AtMost(60.0),
-            figure: Figure::ThisRun(path("established out")),
-        },
-        Goal {
-            name: "BPF_PROG_TEST_RUN: reply, wire → pod",
-            unit: Unit::Nanoseconds,
-            bound: Bound::AtMost(70.0),
-            figure: Figure::ThisRun(path("reply in")),
-        },
-        Goal {
-            name: "BPF_PROG_TEST_RUN: established flow at 1M flows / at 1k flows",
+            name: "BPF_PROG_TEST_RUN: established flow at 1M flows / at 1k flows".into(),
             unit: Unit::Ratio,
             bound: Bound::AtMost(1.5),
             figure: Figure::ThisRun(large_over_small),
         },
         Goal {
-            name: "new flows refused with 99% of one destination's NAT ports held (of 200)",
+            name: "new flows refused with 99% of one destination's NAT ports held (of 200)".into(),
             unit: Unit::Drops,
             bound: Bound::AtMost(0.0),
             figure: Figure::ThisRun(drops_at_99_percent),
@@ -253,25 +230,28 @@ fn micro_goals(micro: &Value) -> Vec<Goal> {
 
 /// The goals only the scale test measures.
 fn scale_test_goals() -> [Goal; 3] {
+    let goal = |name: &str, unit, bound| Goal {
+        name: name.into(),
+        unit,
+        bound,
+        figure: Figure::MeasuredBy(SCALE_TEST),
+    };
     [
-        Goal {
-            name: "`datapath-user flows -o json` with 1M flows",
-            unit: Unit::Seconds,
-            bound: Bound::AtMost(1.0),
-            figure: Figure::MeasuredBy(SCALE_TEST),
-        },
-        Goal {
-            name: "daemon CPU with 500k live flows",
-            unit: Unit::PercentOfCore,
-            bound: Bound::Below(1.0),
-            figure: Figure::MeasuredBy(SCALE_TEST),
-        },
-        Goal {
-            name: "daemon CPU while 10k flows/s expire",
-            unit: Unit::PercentOfCore,
-            bound: Bound::Below(5.0),
-            figure: Figure::MeasuredBy(SCALE_TEST),
-        },
+        goal(
+            "`datapath-user flows -o json` with 1M flows",
+            Unit::Seconds,
+            Bound::AtMost(1.0),
+        ),
+        goal(
+            "daemon CPU with 500k live flows",
+            Unit::PercentOfCore,
+            Bound::Below(1.0),
+        ),
+        goal(
+            "daemon CPU while 10k flows/s expire",
+            Unit::PercentOfCore,
+            Bound::Below(5.0),
+        ),
     ]
 }
 
@@ -328,7 +308,7 @@ mod tests {
     #[test]
     fn a_goal_without_a_figure_is_neither_met_nor_missed() {
         let goal = |figure| Goal {
-            name: "x",
+            name: "x".into(),
             unit: Unit::Nanoseconds,
             bound: Bound::AtMost(60.0),
             figure,
@@ -354,8 +334,11 @@ mod tests {
         assert_eq!(ratio(3.0, 0.0), None);
     }
 
-    fn verdicts(goals: &[Goal]) -> Vec<(&'static str, Verdict)> {
-        goals.iter().map(|g| (g.name, g.verdict())).collect()
+    fn verdicts(goals: &[Goal]) -> Vec<(&str, Verdict)> {
+        goals
+            .iter()
+            .map(|g| (g.name.as_str(), g.verdict()))
+            .collect()
     }
 
     /// A run of `--only tcp_crr,tcp_bulk`: the other goals are not run, not missed.
@@ -400,7 +383,7 @@ mod tests {
         // Medians: datapath 21.5, iptables 20 (the upper middle of two).
         assert_eq!(crr.figure, Figure::ThisRun(Some(21.5 / 20.0)));
         assert_eq!(crr.verdict(), Verdict::Met);
-        let bulk = by_name("TCP bulk, datapath / iptables");
+        let bulk = by_name("TCP bulk (iperf3), datapath / iptables");
         assert_eq!(bulk.verdict(), Verdict::Missed);
         let drops = by_name("drop_port_exhausted in the datapath runs");
         assert_eq!(drops.figure, Figure::ThisRun(Some(2.0)));
@@ -423,7 +406,7 @@ mod tests {
         assert_eq!(written.len(), goals(&report).len());
         let bulk = written
             .iter()
-            .find(|g| g["figure"] == "TCP bulk, datapath / iptables")
+            .find(|g| g["figure"] == "TCP bulk (iperf3), datapath / iptables")
             .unwrap();
         assert_eq!(bulk["met"], false);
         assert_eq!(bulk["goal"], "≥ 1.00x");

@@ -29,18 +29,47 @@ struct Plan {
 }
 
 const MODES: [Mode; 3] = [Mode::Plain, Mode::Iptables, Mode::Datapath];
+/// Each workload: its name (`--only`, results.json), what the report calls its figure, and
+/// the unit the report shows it in (the figure divided by the last field).
 /// `tcp_crr`: 4 clients in one pod, the client closing first (the pod holds TIME_WAIT and
 /// cycles through its whole port range); `tcp_crr_rst`: 4 pods, one client each, closing
 /// with RST; `_1pod`: one client in one pod.
-const WORKLOADS: [&str; 7] = [
-    "pps",
-    "tcp_crr",
-    "tcp_crr_rst",
-    "tcp_rr",
-    "tcp_crr_1pod",
-    "tcp_rr_1pod",
-    "tcp_bulk",
+const WORKLOADS: [(&str, &str, &str, f64); 7] = [
+    ("pps", "small packets forwarded", "kpps", 1e3),
+    (
+        "tcp_crr",
+        "new TCP connections/s, 4 clients in 1 pod, client closes first",
+        "k/s",
+        1e3,
+    ),
+    (
+        "tcp_crr_rst",
+        "new TCP connections/s, 4 pods, closed by RST",
+        "k/s",
+        1e3,
+    ),
+    ("tcp_rr", "TCP transactions/s, 4 pods", "k/s", 1e3),
+    (
+        "tcp_crr_1pod",
+        "new TCP connections/s, 1 client, client closes first",
+        "k/s",
+        1e3,
+    ),
+    ("tcp_rr_1pod", "TCP transactions/s, 1 pod", "k/s", 1e3),
+    ("tcp_bulk", "TCP bulk (iperf3)", "Gbit/s", 1e9),
 ];
+
+fn workload_names() -> impl Iterator<Item = &'static str> {
+    WORKLOADS.iter().map(|&(name, ..)| name)
+}
+
+/// What the report calls `workload`'s figure.
+fn title(workload: &'static str) -> &'static str {
+    WORKLOADS
+        .iter()
+        .find(|&&(name, ..)| name == workload)
+        .map_or(workload, |&(_, title, ..)| title)
+}
 
 fn mode_name(mode: Mode) -> &'static str {
     match mode {
@@ -52,15 +81,15 @@ fn mode_name(mode: Mode) -> &'static str {
 
 pub fn run(quick: bool, only: &[String]) -> Result<()> {
     for w in only {
-        if !WORKLOADS.contains(&w.as_str()) && w != "micro" {
+        if !workload_names().any(|name| name == w) && w != "micro" {
             bail!(
                 "unknown workload {w:?}: expected one of {}, micro",
-                WORKLOADS.join(", ")
+                workload_names().collect::<Vec<_>>().join(", ")
             );
         }
     }
     let selected = |w: &str| only.is_empty() || only.iter().any(|o| o == w);
-    let workloads: Vec<&str> = WORKLOADS.into_iter().filter(|w| selected(w)).collect();
+    let workloads: Vec<&str> = workload_names().filter(|w| selected(w)).collect();
     if !datapath_tests::is_root() {
         bail!("the benchmark builds network namespaces and loads BPF programs: run it as root");
     }

@@ -6,7 +6,7 @@ use std::{collections::BTreeMap, fmt::Write as _};
 use anyhow::{Context as _, Result};
 use serde_json::Value;
 
-use super::{goals, mode_name, Plan, MODES, WORKLOADS};
+use super::{goals, mode_name, workload_names, Plan, MODES, WORKLOADS};
 
 /// `samples[workload][mode]`: one figure per repetition.
 pub(super) type Samples = BTreeMap<&'static str, BTreeMap<&'static str, Vec<f64>>>;
@@ -71,7 +71,7 @@ impl Report {
                 .unwrap_or_default()
         };
         let mut samples = Samples::new();
-        for workload in WORKLOADS {
+        for workload in workload_names() {
             for mode in MODES.map(mode_name) {
                 let runs = figures(&results["modes"][mode][workload]["samples"]);
                 if !runs.is_empty() {
@@ -122,7 +122,7 @@ impl Report {
         let mut modes = serde_json::Map::new();
         for mode in MODES.map(mode_name) {
             let mut m = serde_json::Map::new();
-            for w in WORKLOADS {
+            for w in workload_names() {
                 let v = self.runs(w, mode);
                 m.insert(w.into(), serde_json::json!({ "samples": v, "median": median(v), "spread_pct": spread(v) }));
             }
@@ -184,55 +184,15 @@ impl Report {
             "ns",
             true,
         );
-        row(
-            &mut s,
-            "small packets forwarded",
-            &|m| self.med("pps", m) / 1e3,
-            "kpps",
-            false,
-        );
-        row(
-            &mut s,
-            "new TCP connections/s, 4 clients in 1 pod, client closes first",
-            &|m| self.med("tcp_crr", m) / 1e3,
-            "k/s",
-            false,
-        );
-        row(
-            &mut s,
-            "new TCP connections/s, 4 pods, closed by RST",
-            &|m| self.med("tcp_crr_rst", m) / 1e3,
-            "k/s",
-            false,
-        );
-        row(
-            &mut s,
-            "TCP transactions/s, 4 pods",
-            &|m| self.med("tcp_rr", m) / 1e3,
-            "k/s",
-            false,
-        );
-        row(
-            &mut s,
-            "new TCP connections/s, 1 client, client closes first",
-            &|m| self.med("tcp_crr_1pod", m) / 1e3,
-            "k/s",
-            false,
-        );
-        row(
-            &mut s,
-            "TCP transactions/s, 1 pod",
-            &|m| self.med("tcp_rr_1pod", m) / 1e3,
-            "k/s",
-            false,
-        );
-        row(
-            &mut s,
-            "TCP bulk (iperf3)",
-            &|m| self.med("tcp_bulk", m) / 1e9,
-            "Gbit/s",
-            false,
-        );
+        for (workload, title, unit, divisor) in WORKLOADS {
+            row(
+                &mut s,
+                title,
+                &|m| self.med(workload, m) / divisor,
+                unit,
+                false,
+            );
+        }
         if !self.floor.is_empty() {
             let _ = writeln!(
                 s,
@@ -246,10 +206,7 @@ impl Report {
             self.exhausted
         );
         let _ = writeln!(s, "\nspread per mode (%):\n");
-        for w in WORKLOADS
-            .into_iter()
-            .filter(|w| self.samples.contains_key(w))
-        {
+        for w in workload_names().filter(|w| self.ran(w)) {
             let _ = write!(s, "- {w}:");
             for mode in MODES.map(mode_name) {
                 let v = self.runs(w, mode);
