@@ -1,6 +1,7 @@
 //! Expiry arithmetic on arbitrary flow entries (as read back from the maps): each result is
 //! checked against the same rule computed independently here, in 128-bit arithmetic, from
-//! the documented state → timeout table (design brief; `datapath_common::flow::FlowState`).
+//! the documented state → timeout table (README.md, `--timeout-*`;
+//! `datapath_common::flow::FlowState`).
 #![no_main]
 
 use datapath_common::{

@@ -1,4 +1,4 @@
-//! The node of the design brief in network namespaces:
+//! A node wired as in production (ARCHITECTURE.md, "The node") in network namespaces:
 //!
 //! ```text
 //!  pod i (v4if0 169.254.172.(i+2)/22) ── vethXi ─┐
@@ -257,7 +257,7 @@ impl Lab {
         let ip = Ipv4Addr::new(169, 254, 172, u8::try_from(i + 2)?);
         let host_veth = format!("veth{}{i}", self.id);
         self.add_ns(&ns)?;
-        // The CNI plugin's own wiring (design brief, section 1), as ADD runs it on a node:
+        // The CNI plugin's own wiring (ARCHITECTURE.md, "The node"), as ADD runs it on a node:
         // from the node's namespace, the pod's given by its nsfs path.
         let (netns, veth) = (format!("/run/netns/{ns}"), host_veth.clone());
         within(&self.node, move || {

@@ -1,4 +1,4 @@
-//! The lab of the design brief built from network namespaces, shared by the integration
+//! The lab (a node, its pods, a server) in network namespaces, shared by the integration
 //! tests, `cargo xtask demo` and the benchmarks.
 
 pub mod capture;

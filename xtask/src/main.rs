@@ -12,7 +12,10 @@ use anyhow::{bail, Context as _, Result};
 use clap::{Parser, Subcommand};
 
 #[derive(Parser)]
-#[command(name = "cargo xtask", about = "Setup, test and demo of the datapath")]
+#[command(
+    name = "cargo xtask",
+    about = "Setup, build, test, demo, benchmarks and VM lab of the datapath"
+)]
 struct Cli {
     #[command(subcommand)]
     command: Task,
@@ -43,7 +46,8 @@ enum Task {
     Demo,
     /// Plain routing vs the iptables egress-v4 setup vs the datapath on the same lab, in one
     /// run: packet rate and node cost per packet, new TCP connections/s, TCP transactions/s,
-    /// TCP bulk; BPF_PROG_TEST_RUN micro-benchmarks and scale figures. Writes results/bench-*/.
+    /// TCP bulk; BPF_PROG_TEST_RUN micro-benchmarks and scale figures. Prints each figure
+    /// beside its goal. Writes results/bench-*/.
     Bench {
         /// One short repetition (about a minute) instead of three.
         #[arg(long)]
@@ -53,6 +57,10 @@ enum Task {
         /// Example: `cargo xtask bench --only tcp_crr,tcp_crr_rst`.
         #[arg(long, value_delimiter = ',', value_name = "WORKLOAD,...")]
         only: Vec<String>,
+        /// Measure nothing: print the report of a kept run from its results.json, figures
+        /// beside their goals. Example: `cargo xtask bench --report results/reference`.
+        #[arg(long, value_name = "RUN_DIR", conflicts_with_all = ["quick", "only"])]
+        report: Option<PathBuf>,
     },
     /// The behaviour suite on Debian's 6.1 (or 6.12) cloud kernel: node, router (1280-byte
     /// link) and server VMs in QEMU on bridges in a namespace of this run. Builds and caches
@@ -67,7 +75,11 @@ fn main() {
         Task::Build { release } => setup::ensure().and_then(|()| build(release)),
         Task::Test { args } => test::run(&args),
         Task::Demo => demo::run(),
-        Task::Bench { quick, only } => bench::run(quick, &only),
+        Task::Bench {
+            report: Some(run_dir),
+            ..
+        } => bench::show(&run_dir),
+        Task::Bench { quick, only, .. } => bench::run(quick, &only),
         Task::VmLab(args) => vm_lab::run(&args),
     };
     if let Err(e) = result {

@@ -3,7 +3,7 @@
 
 use std::io::Read as _;
 
-use datapath_user::cni::{self, CniError, Env, NetConf};
+use datapath_user::cni::{self, CniError, Env, ErrorCode, NetConf};
 
 fn main() -> std::process::ExitCode {
     if std::env::args().nth(1).as_deref() == Some("--version") {
@@ -40,6 +40,10 @@ fn execute(stdin: &[u8]) -> Result<Option<serde_json::Value>, CniError> {
         "ADD" => cni::add(&conf, &env).map(Some),
         "DEL" => cni::del(&conf, &env).map(|()| None),
         "CHECK" => cni::check(&conf, &env).map(|()| None),
-        other => Err(CniError::new(4, "unknown CNI_COMMAND", other)),
+        other => Err(CniError::new(
+            ErrorCode::InvalidEnvironment,
+            "unknown CNI_COMMAND",
+            other,
+        )),
     }
 }

@@ -19,18 +19,36 @@ pub const DEFAULT_POD_IFNAME: &str = "v4if0";
 const DEFAULT_MTU: u32 = 9001;
 const DEFAULT_STATE_DIR: &str = "/var/lib/datapath-cni";
 
+/// The error codes the plugin returns: those of the CNI spec's well-known codes it uses (the
+/// spec reserves 1-99; 2, "unsupported field", is never ours: unknown keys are ignored) and
+/// ours from 100.
+#[repr(u32)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ErrorCode {
+    IncompatibleVersion = 1,
+    UnknownContainer = 3,
+    InvalidEnvironment = 4,
+    Io = 5,
+    Decode = 6,
+    InvalidConfig = 7,
+    /// The runtime retries the ADD later.
+    TryAgainLater = 11,
+    /// The datapath refused or could not take the pod.
+    Datapath = 100,
+}
+
 /// A CNI error, printed as the spec's error JSON.
 #[derive(Debug, thiserror::Error)]
 #[error("{msg}: {details}")]
 pub struct CniError {
-    pub code: u32,
+    pub code: ErrorCode,
     pub msg: String,
     pub details: String,
 }
 
 impl CniError {
     #[must_use]
-    pub fn new(code: u32, msg: impl Into<String>, details: impl Into<String>) -> Self {
+    pub fn new(code: ErrorCode, msg: impl Into<String>, details: impl Into<String>) -> Self {
         Self {
             code,
             msg: msg.into(),
@@ -39,29 +57,40 @@ impl CniError {
     }
     #[must_use]
     pub fn config(details: impl Into<String>) -> Self {
-        Self::new(7, "invalid network config", details)
+        Self::new(ErrorCode::InvalidConfig, "invalid network config", details)
     }
     #[must_use]
     pub fn env(details: impl Into<String>) -> Self {
-        Self::new(4, "invalid environment variables", details)
+        Self::new(
+            ErrorCode::InvalidEnvironment,
+            "invalid environment variables",
+            details,
+        )
     }
     #[must_use]
     pub fn io(details: impl Into<String>) -> Self {
-        Self::new(5, "I/O failure", details)
+        Self::new(ErrorCode::Io, "I/O failure", details)
     }
-    /// Code 11 ("try again later"): the runtime retries the ADD.
     #[must_use]
     pub fn try_again(details: impl Into<String>) -> Self {
-        Self::new(11, "datapath not running on this node", details)
+        Self::new(
+            ErrorCode::TryAgainLater,
+            "datapath not running on this node",
+            details,
+        )
     }
     #[must_use]
     pub fn datapath(e: &crate::Error) -> Self {
-        Self::new(100, "datapath registration failed", e.to_string())
+        Self::new(
+            ErrorCode::Datapath,
+            "datapath registration failed",
+            e.to_string(),
+        )
     }
 
     #[must_use]
     pub fn to_json(&self, cni_version: &str) -> Value {
-        json!({ "cniVersion": cni_version, "code": self.code, "msg": self.msg, "details": self.details })
+        json!({ "cniVersion": cni_version, "code": self.code as u32, "msg": self.msg, "details": self.details })
     }
 }
 
@@ -149,14 +178,14 @@ impl NetConf {
     pub fn parse(stdin: &[u8]) -> Result<Self> {
         let conf: Self = serde_json::from_slice(stdin).map_err(|e| {
             CniError::new(
-                6,
+                ErrorCode::Decode,
                 "failed to decode the network configuration",
                 e.to_string(),
             )
         })?;
         if !SUPPORTED_VERSIONS.contains(&conf.cni_version.as_str()) {
             return Err(CniError::new(
-                1,
+                ErrorCode::IncompatibleVersion,
                 "incompatible CNI version",
                 format!(
                     "{} (supported: {})",
@@ -345,19 +374,51 @@ mod tests {
     }
 
     #[test]
+    fn errors_carry_the_spec_s_numeric_codes() {
+        let json = CniError::try_again("no daemon").to_json("1.0.0");
+        assert_eq!(json["code"], 11);
+        assert_eq!(json["cniVersion"], "1.0.0");
+        assert_eq!(CniError::config("x").to_json("1.0.0")["code"], 7);
+    }
+
+    #[test]
     fn configs_are_validated() {
         assert!(conf("").is_ok());
-        assert_eq!(NetConf::parse(b"{not json").unwrap_err().code, 6);
+        assert_eq!(
+            NetConf::parse(b"{not json").unwrap_err().code,
+            ErrorCode::Decode
+        );
         let old = br#"{"cniVersion":"0.1.0","name":"n","type":"datapath-cni"}"#;
-        assert_eq!(NetConf::parse(old).unwrap_err().code, 1);
-        assert_eq!(conf(r#","mtu":10"#).unwrap_err().code, 7);
-        assert_eq!(conf(r#","mtu":"10""#).unwrap_err().code, 7);
-        assert_eq!(conf(r#","mtu":"lots""#).unwrap_err().code, 6);
+        assert_eq!(
+            NetConf::parse(old).unwrap_err().code,
+            ErrorCode::IncompatibleVersion
+        );
+        assert_eq!(
+            conf(r#","mtu":10"#).unwrap_err().code,
+            ErrorCode::InvalidConfig
+        );
+        assert_eq!(
+            conf(r#","mtu":"10""#).unwrap_err().code,
+            ErrorCode::InvalidConfig
+        );
+        assert_eq!(
+            conf(r#","mtu":"lots""#).unwrap_err().code,
+            ErrorCode::Decode
+        );
         let missing = br#"{"cniVersion":"1.0.0","type":"datapath-cni"}"#;
-        assert_eq!(NetConf::parse(missing).unwrap_err().code, 6);
-        assert_eq!(conf(r#","randomizeSNAT":"fully""#).unwrap_err().code, 7);
-        assert_eq!(conf(r#","nodeIP":"2001:db8::1""#).unwrap_err().code, 7);
-        assert_eq!(conf(r#","enabled":"maybe""#).unwrap_err().code, 6);
+        assert_eq!(NetConf::parse(missing).unwrap_err().code, ErrorCode::Decode);
+        assert_eq!(
+            conf(r#","randomizeSNAT":"fully""#).unwrap_err().code,
+            ErrorCode::InvalidConfig
+        );
+        assert_eq!(
+            conf(r#","nodeIP":"2001:db8::1""#).unwrap_err().code,
+            ErrorCode::InvalidConfig
+        );
+        assert_eq!(
+            conf(r#","enabled":"maybe""#).unwrap_err().code,
+            ErrorCode::Decode
+        );
         // Disabled, an IPv6 node IP is not ours to judge.
         assert!(conf(r#","enabled":"false","nodeIP":"2001:db8::1""#).is_ok());
     }

@@ -10,7 +10,7 @@ use std::{
 
 use serde_json::{json, Value};
 
-use super::conf::{CniError, Env, NetConf, Result};
+use super::conf::{CniError, Env, ErrorCode, NetConf, Result};
 
 /// The IPAM binary named by `ipam.type`, searched in CNI_PATH; `None` when it is missing.
 pub fn binary(conf: &NetConf, env: &Env) -> Result<Option<PathBuf>> {
@@ -31,7 +31,7 @@ pub fn binary(conf: &NetConf, env: &Env) -> Result<Option<PathBuf>> {
 pub fn exec(conf: &NetConf, env: &Env, command: &str) -> Result<Value> {
     let binary = binary(conf, env)?.ok_or_else(|| {
         CniError::new(
-            5,
+            ErrorCode::Io,
             "IPAM plugin not found",
             format!(
                 "{} in CNI_PATH {}",
@@ -67,13 +67,17 @@ pub fn exec(conf: &NetConf, env: &Env, command: &str) -> Result<Value> {
             .ok()
             .and_then(|v| v["msg"].as_str().map(String::from))
             .unwrap_or_else(|| String::from_utf8_lossy(&out.stderr).trim().to_string());
-        return Err(CniError::new(5, format!("IPAM {command} failed"), msg));
+        return Err(CniError::new(
+            ErrorCode::Io,
+            format!("IPAM {command} failed"),
+            msg,
+        ));
     }
     if stdout.trim().is_empty() {
         return Ok(Value::Null);
     }
     serde_json::from_str(&stdout)
-        .map_err(|e| CniError::new(6, "IPAM output is not JSON", e.to_string()))
+        .map_err(|e| CniError::new(ErrorCode::Decode, "IPAM output is not JSON", e.to_string()))
 }
 
 /// The pod's IPv4 and prefix from an IPAM result.
@@ -81,14 +85,24 @@ pub fn address(result: &Value) -> Result<(Ipv4Addr, u8)> {
     let address = result["ips"]
         .as_array()
         .and_then(|ips| ips.iter().find_map(|ip| ip["address"].as_str()))
-        .ok_or_else(|| CniError::new(5, "IPAM returned no address", result.to_string()))?;
-    let (ip, len) = address
-        .split_once('/')
-        .ok_or_else(|| CniError::new(5, "IPAM returned a bad address", address.to_string()))?;
+        .ok_or_else(|| {
+            CniError::new(
+                ErrorCode::Io,
+                "IPAM returned no address",
+                result.to_string(),
+            )
+        })?;
+    let (ip, len) = address.split_once('/').ok_or_else(|| {
+        CniError::new(
+            ErrorCode::Io,
+            "IPAM returned a bad address",
+            address.to_string(),
+        )
+    })?;
     match (ip.parse::<Ipv4Addr>(), len.parse::<u8>()) {
         (Ok(ip), Ok(len)) if len <= 32 => Ok((ip, len)),
         _ => Err(CniError::new(
-            5,
+            ErrorCode::Io,
             "IPAM returned a bad address",
             address.to_string(),
         )),

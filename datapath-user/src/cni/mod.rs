@@ -5,9 +5,9 @@
 //! CNI spec 0.3.0 to 1.0: ADD, DEL (idempotent, also when the netns is gone), CHECK (from
 //! 0.4.0), VERSION.
 //!
-//! The plugin never creates the datapath's maps: ADD fails with a retryable error (code 11)
-//! until a daemon has the datapath attached, so a chain installed early cannot wire pods the
-//! datapath would not translate.
+//! The plugin never creates the datapath's maps: ADD fails with a retryable error ("try again
+//! later") until a daemon has the datapath attached, so a chain installed early cannot wire
+//! pods the datapath would not translate.
 
 pub mod conf;
 pub mod ipam;
@@ -23,7 +23,7 @@ use serde::{Deserialize, Serialize};
 use serde_json::{json, Value};
 
 use conf::Result;
-pub use conf::{convert_result, CniError, Env, NetConf, SUPPORTED_VERSIONS};
+pub use conf::{convert_result, CniError, Env, ErrorCode, NetConf, SUPPORTED_VERSIONS};
 
 use crate::pods;
 
@@ -159,7 +159,7 @@ pub fn add(conf: &NetConf, env: &Env) -> Result<Value> {
     }
     if !Path::new(&netns).exists() {
         return Err(CniError::new(
-            3,
+            ErrorCode::UnknownContainer,
             "container network namespace not found",
             netns,
         ));
@@ -179,7 +179,7 @@ pub fn add(conf: &NetConf, env: &Env) -> Result<Value> {
             return Ok(result(conf, &netns, &record));
         }
         return Err(CniError::new(
-            4,
+            ErrorCode::InvalidEnvironment,
             "container already added",
             format!(
                 "{} has {} on {} from an earlier ADD that is no longer complete; DEL it first",
@@ -190,14 +190,14 @@ pub fn add(conf: &NetConf, env: &Env) -> Result<Value> {
     let host_veth = host_veth_name(&env.container_id);
     if wire::link_exists(&host_veth) {
         return Err(CniError::new(
-            4,
+            ErrorCode::InvalidEnvironment,
             "container already has a host veth",
             format!("{host_veth} exists; DEL the container first"),
         ));
     }
     if wire::link_exists_in(&netns, &pod_if) {
         return Err(CniError::new(
-            4,
+            ErrorCode::InvalidEnvironment,
             "interface exists in the container",
             format!("{pod_if} in {netns}"),
         ));
@@ -283,7 +283,7 @@ pub fn del(conf: &NetConf, env: &Env) -> Result<()> {
 pub fn check(conf: &NetConf, env: &Env) -> Result<()> {
     if !conf.supports_check() {
         return Err(CniError::new(
-            1,
+            ErrorCode::IncompatibleVersion,
             "incompatible CNI version",
             format!(
                 "CHECK exists from CNI 0.4.0; the config says {}",
@@ -295,8 +295,13 @@ pub fn check(conf: &NetConf, env: &Env) -> Result<()> {
     if !conf.enabled {
         return Ok(());
     }
-    let record = read_record(conf, env)
-        .ok_or_else(|| CniError::new(3, "container unknown", env.container_id.clone()))?;
+    let record = read_record(conf, env).ok_or_else(|| {
+        CniError::new(
+            ErrorCode::UnknownContainer,
+            "container unknown",
+            env.container_id.clone(),
+        )
+    })?;
     let ifindex = crate::netdev::ifindex(&record.host_veth)
         .map_err(|_| CniError::io(format!("host veth {} is missing", record.host_veth)))?;
     let maps = crate::maps::Maps::open(&record.pin_path).map_err(|e| CniError::datapath(&e))?;
@@ -304,7 +309,7 @@ pub fn check(conf: &NetConf, env: &Env) -> Result<()> {
         Ok(pod) if pod.host_ifindex == ifindex => {}
         _ => {
             return Err(CniError::new(
-                100,
+                ErrorCode::Datapath,
                 "pod not registered in the datapath",
                 record.ip.to_string(),
             ))

@@ -1,4 +1,4 @@
-//! The egress-v4 wiring (design brief, section 1): a veth pair, the pod end in the
+//! The egress-v4 plugin's wiring (ARCHITECTURE.md, "The node"): a veth pair, the pod end in the
 //! container's netns with the pod address and routes via the gateway, the host end addressed
 //! with the gateway /32 and a /32 route to the pod. All over rtnetlink ([`super::netlink`]).
 
