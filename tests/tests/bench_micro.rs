@@ -24,8 +24,13 @@ const ROTATION: u16 = 512;
 const ROTATION_FIRST_PORT: u16 = 20_000;
 
 fn reply_to(nat_port: u16) -> Vec<u8> {
-    Ipv4Packet::new(SERVER_IP, NODE_IP, PROTO_TCP, packet::tcp(SERVER_IP, NODE_IP, 80, nat_port, TCP_ACK, b"y"))
-        .frame(SERVER_MAC, GW_MAC)
+    Ipv4Packet::new(
+        SERVER_IP,
+        NODE_IP,
+        PROTO_TCP,
+        packet::tcp(SERVER_IP, NODE_IP, 80, nat_port, TCP_ACK, b"y"),
+    )
+    .frame(SERVER_MAC, GW_MAC)
 }
 
 /// Interquartile mean of one run for each of the `ROTATION` flows in turn (`frame(i)` is
@@ -35,7 +40,9 @@ fn rotation_ns(h: &mut Harness, prog: &str, ifindex: u32, frame: impl Fn(usize) 
     for i in 0..usize::from(ROTATION) {
         h.run(prog, &frame(i), ifindex).unwrap();
     }
-    h.run_cost(prog, ifindex, usize::from(ROTATION), frame).unwrap().interquartile_mean
+    h.run_cost(prog, ifindex, usize::from(ROTATION), frame)
+        .unwrap()
+        .interquartile_mean
 }
 
 /// Interquartile mean of `RUNS` single runs (see `RunCost`).
@@ -58,6 +65,81 @@ fn memlock_bytes(pinned: &std::path::Path) -> u64 {
         .unwrap();
     let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap_or_default();
     v["bytes_memlock"].as_u64().unwrap_or(0)
+}
+
+/// Lookup cost as the table grows to 1M flows: the established flow (pod port 45000) and its
+/// `reply`, and `ROTATION` flows in turn; `base` is subtracted.
+fn table_growth(
+    h: &mut Harness,
+    base: f64,
+    reply: &[u8],
+) -> serde_json::Map<String, serde_json::Value> {
+    let (pod_if, up_if) = (h.pod_ifindex, h.uplink_ifindex);
+    let (from_pod, ingress) = (names::PROG_FROM_POD, names::PROG_UPLINK_INGRESS);
+    let net = |v: f64| (v - base).max(0.0).round();
+    let mut scale = serde_json::Map::new();
+    // Lookup cost as the table grows: the flow above, and `ROTATION` flows in turn.
+    let rotation_nat: Vec<u16> = (0..ROTATION)
+        .map(|i| {
+            Parsed::parse(&h.from_pod(&pod_tcp(ROTATION_FIRST_PORT + i, 80, TCP_SYN)).1).src_port()
+        })
+        .collect();
+    let now = datapath_user::maps::monotonic_coarse_ns();
+    let mut filled = h.maps.conntrack.keys().flatten().count() as u32;
+    for target in [1_000u32, 100_000, 1_000_000] {
+        let start = std::time::Instant::now();
+        let added = target.saturating_sub(filled);
+        for i in filled..target {
+            let key = FlowKey::new(
+                PROTO_UDP,
+                0xa9fe_ac00 | (i % 1024),
+                2000 + (i / 1024) as u16,
+                0xcb00_7100 | (i % 251),
+                53,
+            );
+            let flow = Flow {
+                created_ns: now,
+                last_seen_ns: now,
+                nat_ip: addr(NODE_IP),
+                nat_port: 1,
+                state: FlowState::Replied as u8,
+                ..Flow::default()
+            };
+            h.maps.conntrack.insert(key, flow, 0).unwrap();
+        }
+        let secs = start.elapsed().as_secs_f64();
+        filled = target;
+        let cost = net(typical_ns(h, from_pod, pod_if, |_| {
+            pod_tcp(45000, 80, TCP_ACK)
+        }));
+        scale.insert(
+            format!("established out at {target} flows (ns)"),
+            json!(cost),
+        );
+        let cost = net(typical_ns(h, ingress, up_if, |_| reply.to_vec()));
+        scale.insert(format!("reply in at {target} flows (ns)"), json!(cost));
+        let cost = net(rotation_ns(h, from_pod, pod_if, |i| {
+            pod_tcp(ROTATION_FIRST_PORT + i as u16, 80, TCP_ACK)
+        }));
+        scale.insert(
+            format!("established out at {target} flows, {ROTATION} in turn (ns)"),
+            json!(cost),
+        );
+        let cost = net(rotation_ns(h, ingress, up_if, |i| {
+            reply_to(rotation_nat[i])
+        }));
+        scale.insert(
+            format!("reply in at {target} flows, {ROTATION} in turn (ns)"),
+            json!(cost),
+        );
+        if added > 0 {
+            scale.insert(
+                format!("userspace insert rate to {target} (flows/s)"),
+                json!((f64::from(added) / secs).round()),
+            );
+        }
+    }
+    scale
 }
 
 #[test]
@@ -102,35 +184,8 @@ fn micro_benchmarks() {
             "ICMP error in": net(icmp_in), "drop (pod to pod)": net(drop), "frame passed at the first check (subtracted)": base,
         });
 
-        // Lookup cost as the table grows: the flow above, and `ROTATION` flows in turn.
-        let rotation_nat: Vec<u16> = (0..ROTATION)
-            .map(|i| Parsed::parse(&h.from_pod(&pod_tcp(ROTATION_FIRST_PORT + i, 80, TCP_SYN)).1).src_port())
-            .collect();
-        let mut scale = serde_json::Map::new();
+        let mut scale = table_growth(h, base, &reply);
         let now = datapath_user::maps::monotonic_coarse_ns();
-        let mut filled = h.maps.conntrack.keys().flatten().count() as u32;
-        for target in [1_000u32, 100_000, 1_000_000] {
-            let start = std::time::Instant::now();
-            let added = target.saturating_sub(filled);
-            for i in filled..target {
-                let key = FlowKey::new(PROTO_UDP, 0xa9fe_ac00 | (i % 1024), 2000 + (i / 1024) as u16, 0xcb00_7100 | (i % 251), 53);
-                let flow = Flow { created_ns: now, last_seen_ns: now, nat_ip: addr(NODE_IP), nat_port: 1, state: FlowState::Replied as u8, ..Flow::default() };
-                h.maps.conntrack.insert(key, flow, 0).unwrap();
-            }
-            let secs = start.elapsed().as_secs_f64();
-            filled = target;
-            let cost = net(typical_ns(h, from_pod, pod_if, |_| pod_tcp(45000, 80, TCP_ACK)));
-            scale.insert(format!("established out at {target} flows (ns)"), json!(cost));
-            let cost = net(typical_ns(h, ingress, up_if, |_| reply.clone()));
-            scale.insert(format!("reply in at {target} flows (ns)"), json!(cost));
-            let cost = net(rotation_ns(h, from_pod, pod_if, |i| pod_tcp(ROTATION_FIRST_PORT + i as u16, 80, TCP_ACK)));
-            scale.insert(format!("established out at {target} flows, {ROTATION} in turn (ns)"), json!(cost));
-            let cost = net(rotation_ns(h, ingress, up_if, |i| reply_to(rotation_nat[i])));
-            scale.insert(format!("reply in at {target} flows, {ROTATION} in turn (ns)"), json!(cost));
-            if added > 0 {
-                scale.insert(format!("userspace insert rate to {target} (flows/s)"), json!((f64::from(added) / secs).round()));
-            }
-        }
         let pin = h.maps.path.clone();
         let per_flow = (memlock_bytes(&pin.join("CONNTRACK")) + memlock_bytes(&pin.join("NAT_BINDINGS"))) / (1 << 20);
         scale.insert("memory per flow (bytes, CONNTRACK + NAT_BINDINGS, from memlock)".into(), json!(per_flow));

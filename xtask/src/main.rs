@@ -46,14 +46,15 @@ enum Task {
     Demo,
     /// Plain routing vs the iptables egress-v4 setup vs the datapath on the same lab, in one
     /// run: packet rate and node cost per packet, new TCP connections/s, TCP transactions/s,
-    /// TCP bulk; BPF_PROG_TEST_RUN micro-benchmarks and scale figures. Prints each figure
-    /// beside its goal. Writes results/bench-*/.
+    /// TCP bulk; BPF_PROG_TEST_RUN micro-benchmarks; the scale test (`flows` over 1M flows,
+    /// the daemon's CPU at 500k). Prints each figure beside its goal. Writes results/bench-*/.
     Bench {
         /// One short repetition (about a minute) instead of three.
         #[arg(long)]
         quick: bool,
         /// Run only these workloads (comma-separated): pps, tcp_crr, tcp_crr_rst, tcp_rr,
-        /// tcp_crr_1pod, tcp_rr_1pod, tcp_bulk, micro (the BPF_PROG_TEST_RUN figures).
+        /// tcp_crr_1pod, tcp_rr_1pod, tcp_bulk, micro (the BPF_PROG_TEST_RUN figures), scale
+        /// (the scale test, about four minutes).
         /// Example: `cargo xtask bench --only tcp_crr,tcp_crr_rst`.
         #[arg(long, value_delimiter = ',', value_name = "WORKLOAD,...")]
         only: Vec<String>,

@@ -141,7 +141,7 @@ const SCALE_TEST: &str = "cargo build --release -p datapath-user && sudo \
 pub(super) fn goals(report: &Report) -> Vec<Goal> {
     let mut goals = workload_goals(report);
     goals.extend(micro_goals(&report.micro));
-    goals.extend(scale_test_goals());
+    goals.extend(scale_test_goals(&report.scale));
     goals
 }
 
@@ -200,10 +200,20 @@ fn micro_goals(micro: &Value) -> Vec<Goal> {
         figure: Figure::ThisRun(micro["paths"][key].as_f64()),
     };
     let scale = &micro["scale"];
-    let at_flows = |n: u32| scale[format!("established out at {n} flows (ns)")].as_f64();
-    let large_over_small = at_flows(1_000_000)
-        .zip(at_flows(1_000))
-        .and_then(|(large, small)| ratio(large, small));
+    // The figure `what` at 1M flows over the same at 1k.
+    let growth = |what: &str, path: &str| {
+        let at = |n: u32| scale[what.replace("{n}", &n.to_string())].as_f64();
+        Goal {
+            name: format!("BPF_PROG_TEST_RUN: {path} at 1M flows / at 1k flows"),
+            unit: Unit::Ratio,
+            bound: Bound::AtMost(1.5),
+            figure: Figure::ThisRun(
+                at(1_000_000)
+                    .zip(at(1_000))
+                    .and_then(|(large, small)| ratio(large, small)),
+            ),
+        }
+    };
     let drops_at_99_percent = scale.as_object().and_then(|scale| {
         scale
             .iter()
@@ -213,12 +223,16 @@ fn micro_goals(micro: &Value) -> Vec<Goal> {
     vec![
         path("established out", "established flow, pod → wire", 60.0),
         path("reply in", "reply, wire → pod", 70.0),
-        Goal {
-            name: "BPF_PROG_TEST_RUN: established flow at 1M flows / at 1k flows".into(),
-            unit: Unit::Ratio,
-            bound: Bound::AtMost(1.5),
-            figure: Figure::ThisRun(large_over_small),
-        },
+        growth("established out at {n} flows (ns)", "established flow"),
+        growth("reply in at {n} flows (ns)", "reply"),
+        growth(
+            "established out at {n} flows, 512 in turn (ns)",
+            "established flows, 512 in turn",
+        ),
+        growth(
+            "reply in at {n} flows, 512 in turn (ns)",
+            "replies, 512 flows in turn",
+        ),
         Goal {
             name: "new flows refused with 99% of one destination's NAT ports held (of 200)".into(),
             unit: Unit::Drops,
@@ -228,27 +242,35 @@ fn micro_goals(micro: &Value) -> Vec<Goal> {
     ]
 }
 
-/// The goals only the scale test measures.
-fn scale_test_goals() -> [Goal; 3] {
-    let goal = |name: &str, unit, bound| Goal {
+/// The goals the scale test measures (`scale` as it writes them; null when the bench left
+/// it out, and then the command that measures them is named).
+fn scale_test_goals(scale: &Value) -> [Goal; 3] {
+    let goal = |name: &str, key: &str, unit, bound| Goal {
         name: name.into(),
         unit,
         bound,
-        figure: Figure::MeasuredBy(SCALE_TEST),
+        figure: if scale.is_null() {
+            Figure::MeasuredBy(SCALE_TEST)
+        } else {
+            Figure::ThisRun(scale[key].as_f64())
+        },
     };
     [
         goal(
             "`datapath-user flows -o json` with 1M flows",
+            "flows_json_1m_s",
             Unit::Seconds,
             Bound::AtMost(1.0),
         ),
         goal(
             "daemon CPU with 500k live flows",
+            "daemon_cpu_500k_live_pct",
             Unit::PercentOfCore,
             Bound::Below(1.0),
         ),
         goal(
-            "daemon CPU while 10k flows/s expire",
+            "daemon CPU while 10k flows/s arrive and expire",
+            "daemon_cpu_10k_expiring_per_s_pct",
             Unit::PercentOfCore,
             Bound::Below(5.0),
         ),
@@ -369,6 +391,7 @@ mod tests {
             samples,
             floor: Vec::new(),
             micro: Value::Null,
+            scale: Value::Null,
             exhausted: vec![0, 2, 0],
         }
     }

@@ -19,7 +19,7 @@ use anyhow::{bail, Context as _, Result};
 use datapath_tests::{lab::Mode, Lab, LabOptions};
 
 use report::{serde_json_string, Report, Samples};
-use workloads::{micro_benchmarks, packet_rate, run_workload};
+use workloads::{micro_benchmarks, packet_rate, run_workload, scale_test};
 
 /// How long and how often.
 struct Plan {
@@ -81,9 +81,9 @@ fn mode_name(mode: Mode) -> &'static str {
 
 pub fn run(quick: bool, only: &[String]) -> Result<()> {
     for w in only {
-        if !workload_names().any(|name| name == w) && w != "micro" {
+        if !workload_names().any(|name| name == w) && w != "micro" && w != "scale" {
             bail!(
-                "unknown workload {w:?}: expected one of {}, micro",
+                "unknown workload {w:?}: expected one of {}, micro, scale",
                 workload_names().collect::<Vec<_>>().join(", ")
             );
         }
@@ -95,18 +95,11 @@ pub fn run(quick: bool, only: &[String]) -> Result<()> {
     }
     crate::setup::ensure()?;
     crate::build(false)?;
-    let plan = if quick {
-        Plan {
-            reps: 1,
-            seconds: 2.0,
-            clients: 4,
-        }
-    } else {
-        Plan {
-            reps: 3,
-            seconds: 5.0,
-            clients: 4,
-        }
+    // One short repetition, or three of five seconds.
+    let plan = Plan {
+        reps: if quick { 1 } else { 3 },
+        seconds: if quick { 2.0 } else { 5.0 },
+        clients: 4,
     };
     let out_dir = crate::workspace().join("results").join(format!(
         "bench-{}",
@@ -155,17 +148,22 @@ pub fn run(quick: bool, only: &[String]) -> Result<()> {
             }
         }
     }
-    let micro = if selected("micro") {
-        eprintln!("micro-benchmarks (BPF_PROG_TEST_RUN) ...");
-        micro_benchmarks(&out_dir)?
-    } else {
-        serde_json::Value::Null
-    };
+    let micro = part(
+        selected("micro"),
+        "micro-benchmarks (BPF_PROG_TEST_RUN)",
+        || micro_benchmarks(&out_dir),
+    )?;
+    let scale = part(
+        selected("scale"),
+        "scale test (flows over 1M flows, the daemon at 500k; about four minutes)",
+        || scale_test(&out_dir),
+    )?;
     let report = Report {
         plan,
         samples,
         floor,
         micro,
+        scale,
         exhausted,
     };
     let json = report.json();
@@ -176,6 +174,19 @@ pub fn run(quick: bool, only: &[String]) -> Result<()> {
     println!("{md}");
     println!("results in {}", out_dir.display());
     Ok(())
+}
+
+/// The figures of a part measured outside the lab (`micro`, `scale`), null when left out.
+fn part(
+    selected: bool,
+    what: &str,
+    measure: impl FnOnce() -> Result<serde_json::Value>,
+) -> Result<serde_json::Value> {
+    if !selected {
+        return Ok(serde_json::Value::Null);
+    }
+    eprintln!("{what} ...");
+    measure()
 }
 
 /// Prints the report of a kept run (`results/reference`, a `results/bench-*`), figures

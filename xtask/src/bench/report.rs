@@ -46,6 +46,8 @@ pub(super) struct Report {
     pub(super) floor: Vec<f64>,
     /// The BPF_PROG_TEST_RUN figures as `bench_micro` writes them; null when not run.
     pub(super) micro: Value,
+    /// The scale test's figures (`tests/tests/scale.rs`); null when not run.
+    pub(super) scale: Value,
     /// The datapath's `drop_port_exhausted` at the end of each repetition.
     pub(super) exhausted: Vec<u64>,
 }
@@ -88,6 +90,7 @@ impl Report {
             samples,
             floor: figures(&results["floor_pps"]["samples"]),
             micro: results["micro"].clone(),
+            scale: results["scale"].clone(),
             exhausted,
         })
     }
@@ -135,7 +138,7 @@ impl Report {
         serde_json::json!({
             "repetitions": self.plan.reps, "seconds": self.plan.seconds, "clients": self.plan.clients,
             "floor_pps": { "samples": self.floor, "median": median(&self.floor) },
-            "modes": modes, "micro": self.micro, "datapath_drop_port_exhausted": self.exhausted,
+            "modes": modes, "micro": self.micro, "scale": self.scale, "datapath_drop_port_exhausted": self.exhausted,
             "goals": goals::json(&goals::goals(self)),
         })
     }
@@ -213,6 +216,15 @@ impl Report {
                 let _ = write!(s, " {mode} {:.0}%", spread(v));
             }
             let _ = writeln!(s);
+        }
+        if let Some(scale) = self.scale.as_object() {
+            let _ = writeln!(
+                s,
+                "\nScale test (`tests/tests/scale.rs`, release daemon):\n"
+            );
+            for (k, v) in scale {
+                let _ = writeln!(s, "- {k}: {v}");
+            }
         }
         if self.micro.is_null() {
             return s; // not run (`--only`)

@@ -13,7 +13,11 @@ use std::{
 };
 
 use anyhow::{bail, Context as _, Result};
-use datapath_tests::{lab::SERVER_IP, netns::exec, Lab};
+use datapath_tests::{
+    lab::SERVER_IP,
+    netns::{exec, mac_of},
+    Lab,
+};
 
 use super::Plan;
 
@@ -49,12 +53,6 @@ pub(super) fn run_workload(lab: &Lab, plan: &Plan, workload: &str) -> Result<f64
         "tcp_rr_1pod" => tcp_loop(lab, plan, (1, 1), Loop::Transactions, 7004)?,
         _ => iperf3(lab, plan.seconds)?,
     })
-}
-
-fn mac_of(ns: &str, dev: &str) -> Result<String> {
-    let out = exec(ns, &["cat", &format!("/sys/class/net/{dev}/address")]);
-    // /sys inside `ip netns exec` belongs to the namespace.
-    Ok(out?.trim().to_string())
 }
 
 /// Small UDP packets per second reaching the server, sent by trafgen for `seconds`.
@@ -272,6 +270,31 @@ fn iperf3(lab: &Lab, seconds: f64) -> Result<f64> {
 }
 
 /// Runs the ignored `bench_micro` test, which writes its figures as JSON.
+/// The scale test (`tests/tests/scale.rs`: `flows` over 1M flows, the daemon's CPU at 500k
+/// and under churn, its memory at 1M) with the release daemon, about four minutes.
+pub(super) fn scale_test(out_dir: &Path) -> Result<serde_json::Value> {
+    let path = out_dir.join("scale.json");
+    let build = crate::cargo()
+        .args(["build", "--release", "-p", "datapath-user"])
+        .status()?;
+    if !build.success() {
+        bail!("building the release datapath-user failed");
+    }
+    let status = crate::cargo()
+        .args(["test", "-p", "datapath-tests", "--test", "scale", "--"])
+        .args(["--nocapture", "--test-threads=1"])
+        .env(
+            "DATAPATH_USER_BIN",
+            crate::workspace().join("target/release/datapath-user"),
+        )
+        .env("DATAPATH_BENCH_SCALE_OUT", &path)
+        .status()?;
+    if !status.success() {
+        bail!("the scale test failed");
+    }
+    Ok(serde_json::from_str(&std::fs::read_to_string(&path)?)?)
+}
+
 pub(super) fn micro_benchmarks(out_dir: &Path) -> Result<serde_json::Value> {
     let path = out_dir.join("micro.json");
     let status = crate::cargo()
