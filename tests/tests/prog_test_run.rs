@@ -5,6 +5,7 @@ use datapath_common::{
     config::PortRandomisation,
     counters::Counter,
     flow::{FlowKey, FlowState, PROTO_ICMP, PROTO_TCP, PROTO_UDP},
+    maps as names,
     tcp::{TCP_ACK, TCP_FIN, TCP_SYN},
 };
 use datapath_tests::{
@@ -941,6 +942,30 @@ fn an_unconfigured_uplink_drops_pod_sources_and_passes_the_node() {
         .frame(UPLINK_MAC, SERVER_MAC);
         let (verdict, _) = h.to_wire(&node);
         assert_eq!(verdict, TC_ACT_OK);
+    })
+    .unwrap();
+}
+
+/// The slow path run on its own (the pod-side program only tail-calls it with an IPv4 packet
+/// from a registered pod, once configured): what it cannot handle is counted for what it is,
+/// not as a malformed packet.
+#[test]
+fn the_slow_path_names_why_it_drops() {
+    with_harness(HarnessOptions::default(), |h| {
+        let pod_if = h.pod_ifindex;
+        let mut arp = vec![0u8; 42];
+        arp[12..14].copy_from_slice(&0x0806u16.to_be_bytes());
+        let (verdict, _) = h.run(names::PROG_FROM_POD_SLOW, &arp, pod_if).unwrap();
+        assert_eq!(verdict, TC_ACT_SHOT);
+        assert_eq!(h.counter(Counter::DropInternal), 1);
+        // SAFETY: Config is plain data; all zero is "not configured".
+        let unconfigured: datapath_common::config::Config = unsafe { std::mem::zeroed() };
+        h.maps.config.set(0, unconfigured, 0).unwrap();
+        let syn = pod_tcp(40300, 80, TCP_SYN);
+        let (verdict, _) = h.run(names::PROG_FROM_POD_SLOW, &syn, pod_if).unwrap();
+        assert_eq!(verdict, TC_ACT_SHOT);
+        assert_eq!(h.counter(Counter::DropNotConfigured), 1);
+        assert_eq!(h.counter(Counter::DropMalformed), 0);
     })
     .unwrap();
 }
