@@ -52,7 +52,7 @@ pub fn allocate(ctx: &TcContext, cfg: &Config, key: &FlowKey, now: u64) -> Resul
         node_ip: cfg.node_ip,
         port_min: cfg.port_min,
         mode: cfg.randomisation,
-        outcome: SEARCHING,
+        found: 0,
         port: 0,
         probes: 0,
         hint_probes: 0,
@@ -61,10 +61,10 @@ pub fn allocate(ctx: &TcContext, cfg: &Config, key: &FlowKey, now: u64) -> Resul
     // A destination with a hint (one whose range was once found busy) is searched through
     // it first: its clear bits are ports that are free unless the hint is behind.
     let hinted = PORT_HINTS.get_ptr_mut(port::hint_key(key)).is_some();
-    if let Some(w) = SCRATCH_PROBE.get_ptr_mut(0) {
-        // SAFETY: this CPU's slot, used only while this program runs on it.
-        unsafe { (*w).hint_words = 0 };
-    }
+    // The probes need their working memory (they stop at once without it).
+    let w = SCRATCH_PROBE.get_ptr_mut(0).ok_or(Counter::DropInternal)?;
+    // SAFETY: this CPU's slot, used only while this program runs on it.
+    unsafe { (*w).hint_words = 0 };
     // bpf_loop: the verifier checks a probe once instead of once per attempt.
     // SAFETY: the callbacks have bpf_loop's signature and take `ctx` as the PortSearch given
     // here, which outlives the calls.
@@ -77,7 +77,7 @@ pub fn allocate(ctx: &TcContext, cfg: &Config, key: &FlowKey, now: u64) -> Resul
                 0,
             );
         }
-        if search.outcome == SEARCHING {
+        if search.found == 0 {
             search.hint_probes = search.probes;
             bpf_loop(
                 port::max_probes(port_count),
@@ -87,22 +87,12 @@ pub fn allocate(ctx: &TcContext, cfg: &Config, key: &FlowKey, now: u64) -> Resul
             );
         }
     }
-    match search.outcome {
-        FOUND => {
-            count_index(alloc_probe_index(search.probes));
-            Ok(search.port)
-        }
-        NO_SCRATCH => Err(Counter::DropInternal),
-        _ => Err(Counter::DropPortExhausted),
+    if search.found == 0 {
+        return Err(Counter::DropPortExhausted);
     }
+    count_index(alloc_probe_index(search.probes));
+    Ok(search.port)
 }
-
-/// `PortSearch::outcome`: still looking (every candidate taken once the loops end).
-const SEARCHING: u8 = 0;
-/// `PortSearch::outcome`: `port` is claimed.
-const FOUND: u8 = 1;
-/// `PortSearch::outcome`: the probe's working memory was missing.
-const NO_SCRATCH: u8 = 2;
 
 /// State of a NAT port search, shared with the `bpf_loop` callbacks.
 #[repr(C)]
@@ -114,7 +104,8 @@ struct PortSearch {
     node_ip: u32,
     port_min: u16,
     mode: u8,
-    outcome: u8,
+    /// 1 once `port` is claimed.
+    found: u8,
     port: u16,
     probes: u32,
     /// Steps the hint phase took (the scan's candidates are numbered after them).
@@ -134,14 +125,10 @@ struct ProbeScratch {
     hint_words: u32,
 }
 
-/// The search behind a `bpf_loop` callback's context, this CPU's working memory, and the
-/// step number; gives the destination a hint once its random candidates all failed. `None`
-/// (the search marked) when the working memory is missing.
+/// The search behind a `bpf_loop` callback's context, its step `attempt` recorded; gives the
+/// destination a hint once its random candidates all failed.
 #[inline(always)]
-fn begin_step(
-    attempt: u64,
-    ctx: *mut c_void,
-) -> Option<(&'static mut PortSearch, &'static mut ProbeScratch)> {
+fn begin_step(attempt: u64, ctx: *mut c_void) -> &'static mut PortSearch {
     // SAFETY: bpf_loop passes back the PortSearch `allocate` gave it, alive and not otherwise
     // borrowed while the loop runs.
     let s = unsafe { &mut *ctx.cast::<PortSearch>() };
@@ -152,25 +139,23 @@ fn begin_step(
             let _ = PORT_HINTS.insert(port::hint_key(&s.key), empty, u64::from(BPF_NOEXIST));
         }
     }
-    let Some(scratch) = SCRATCH_PROBE.get_ptr_mut(0) else {
-        s.outcome = NO_SCRATCH;
-        return None;
-    };
-    // SAFETY: this CPU's slot, used only while this program runs on it.
-    Some((s, unsafe { &mut *scratch }))
+    s
 }
 
 /// One step of the hint phase: the next port whose hint bit is clear, claimed if it is free
 /// (the bit is set either way: it is taken now). Returns 1 to stop the loop.
 extern "C" fn probe_hint(attempt: u64, ctx: *mut c_void) -> i64 {
-    let Some((s, w)) = begin_step(attempt, ctx) else {
+    let s = begin_step(attempt, ctx);
+    let Some(scratch) = SCRATCH_PROBE.get_ptr_mut(0) else {
         return 1;
     };
+    // SAFETY: this CPU's slot, used only while this program runs on it.
+    let w = unsafe { &mut *scratch };
     w.owner = port::hint_key(&s.key);
     let Some(hint) = PORT_HINTS.get_ptr_mut(w.owner) else {
         return 1;
     };
-    let words = s.port_count.div_ceil(64);
+    let words = s.port_count.div_ceil(u64::BITS);
     if w.hint_words >= port::HINT_WORDS_TRIED || w.hint_words >= words {
         return 1;
     }
@@ -187,7 +172,7 @@ extern "C" fn probe_hint(attempt: u64, ctx: *mut c_void) -> i64 {
     }
     let bit = port::lowest_clear_bit(*word);
     *word |= 1 << bit;
-    let offset = index as u32 * 64 + bit;
+    let offset = index as u32 * u64::BITS + bit;
     if offset >= s.port_count {
         return 0;
     }
@@ -202,7 +187,7 @@ extern "C" fn probe_hint(attempt: u64, ctx: *mut c_void) -> i64 {
     {
         return 0;
     }
-    s.outcome = FOUND;
+    s.found = 1;
     s.port = candidate;
     1
 }
@@ -213,9 +198,7 @@ extern "C" fn probe_hint(attempt: u64, ctx: *mut c_void) -> i64 {
 /// It looks before it claims: a failed insert into an LRU map costs more than a look-up
 /// (the kernel takes a free node first), and most steps of a scan in a full range fail.
 extern "C" fn probe_port(attempt: u64, ctx: *mut c_void) -> i64 {
-    let Some((s, w)) = begin_step(attempt, ctx) else {
-        return 1;
-    };
+    let s = begin_step(attempt, ctx);
     let candidate = port::candidate(
         PortRandomisation::from_u8(s.mode),
         s.seed,
@@ -224,6 +207,11 @@ extern "C" fn probe_port(attempt: u64, ctx: *mut c_void) -> i64 {
         s.port_min,
         s.port_count,
     );
+    let Some(scratch) = SCRATCH_PROBE.get_ptr_mut(0) else {
+        return 1;
+    };
+    // SAFETY: this CPU's slot, used only while this program runs on it.
+    let w = unsafe { &mut *scratch };
     w.binding = s.key.reply_tuple(s.node_ip, candidate);
     // SAFETY: a NAT_BINDINGS value, valid while the program runs; copied out at once.
     let claim = match unsafe { NAT_BINDINGS.get(w.binding) } {
@@ -259,7 +247,7 @@ extern "C" fn probe_port(attempt: u64, ctx: *mut c_void) -> i64 {
         }
         count(Counter::PortReclaimed);
     }
-    s.outcome = FOUND;
+    s.found = 1;
     s.port = candidate;
     1
 }

@@ -38,43 +38,39 @@ fn scratch_flow() -> Result<&'static mut Flow, Counter> {
     }
 }
 
+/// Where a new flow comes from.
+#[derive(Clone, Copy)]
+pub struct Origin {
+    /// The pod's host veth; 0 for a node connection.
+    pub pod_ifindex: u32,
+    /// The pod's link-layer addresses, when its own packet brought them.
+    pub macs: Option<PodMacs>,
+    /// `FLAG_*` bits saying who created the flow.
+    pub flags: u8,
+}
+
 /// Creates the flow for pod tuple `key`, allocating a NAT port whose reply tuple is free both
 /// in the binding table and among the node's own sockets.
 #[inline(always)]
-#[allow(clippy::too_many_arguments)]
 pub fn create(
     ctx: &TcContext,
     cfg: &Config,
     key: &FlowKey,
-    pod_ifindex: u32,
-    macs: Option<PodMacs>,
-    extra_flags: u8,
+    origin: Origin,
     tcp_flags: u8,
     now: u64,
 ) -> Result<FlowRef, Counter> {
     let nat_port = alloc::allocate(ctx, cfg, key, now)?;
-    insert_flow(
-        cfg,
-        key,
-        nat_port,
-        pod_ifindex,
-        macs,
-        extra_flags,
-        tcp_flags,
-        now,
-    )
+    insert_flow(cfg, key, nat_port, origin, tcp_flags, now)
 }
 
 /// Inserts the flow entry for `key` whose binding to `nat_port` is already claimed.
 #[inline(always)]
-#[allow(clippy::too_many_arguments)]
 pub fn insert_flow(
     cfg: &Config,
     key: &FlowKey,
     nat_port: u16,
-    pod_ifindex: u32,
-    macs: Option<PodMacs>,
-    flags: u8,
+    origin: Origin,
     tcp_flags: u8,
     now: u64,
 ) -> Result<FlowRef, Counter> {
@@ -83,9 +79,9 @@ pub fn insert_flow(
     flow.start(
         now,
         (cfg.node_ip, nat_port),
-        pod_ifindex,
-        (state, fin_flags | flags),
-        macs,
+        origin.pod_ifindex,
+        (state, fin_flags | origin.flags),
+        origin.macs,
     );
     // Another CPU may have created it meanwhile: then use theirs (the insert fails).
     if CONNTRACK.insert(key, *flow, u64::from(BPF_NOEXIST)).is_ok() {
@@ -108,9 +104,10 @@ pub fn for_binding(pod_key: &FlowKey, reply: &FlowKey) -> Result<FlowRef, Counte
         let _ = NAT_BINDINGS.remove(reply);
         return Err(Counter::DropUntrackedInbound);
     };
+    let now = now_ns();
     let flow = scratch_flow()?;
     flow.start(
-        now_ns(),
+        now,
         (reply.dst_ip, reply.dst_port),
         pod.host_ifindex,
         (FlowState::rebuilt(pod_key.proto), 0),

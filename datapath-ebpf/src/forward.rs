@@ -180,11 +180,10 @@ pub fn send(ctx: &TcContext, hop: &NextHop) -> Result<i32, Counter> {
 #[inline(always)]
 pub fn to_pod(ctx: &TcContext, flow: FlowRef) -> Result<i32, Counter> {
     let rc = if flow.read(|f| f.flags & FLAG_HAS_MACS != 0) {
-        let (gateway_mac, pod_mac, ifindex) =
-            flow.read(|f| (f.gateway_mac, f.pod_mac, f.pod_ifindex));
+        let (gateway_mac, pod_mac) = flow.read(|f| (f.gateway_mac, f.pod_mac));
         set_macs(ctx, gateway_mac, pod_mac)?;
         // SAFETY: a helper taking plain integers.
-        unsafe { bpf_redirect_peer(ifindex, 0) }
+        unsafe { bpf_redirect_peer(flow.read(|f| f.pod_ifindex), 0) }
     } else {
         let ifindex = flow.read(|f| f.pod_ifindex);
         // SAFETY: a null parameter block makes the kernel route on the packet's destination.

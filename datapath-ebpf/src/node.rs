@@ -17,7 +17,7 @@ use datapath_common::{
 use crate::{
     alloc,
     clock::now_ns,
-    conntrack,
+    conntrack::{self, Origin},
     flow_ref::{is_reclaimable, FlowRef},
     maps::{count, CONNTRACK, NAT_BINDINGS},
     nat::{self, Side},
@@ -92,8 +92,12 @@ fn track(ctx: &TcContext, cfg: &Config, key: &FlowKey, tcp_flags: u8, now: u64) 
             }
         }
     };
-    let flow =
-        conntrack::insert_flow(cfg, key, nat_port, 0, None, FLAG_NODE, tcp_flags, now).ok()?;
+    let origin = Origin {
+        pod_ifindex: 0,
+        macs: None,
+        flags: FLAG_NODE,
+    };
+    let flow = conntrack::insert_flow(cfg, key, nat_port, origin, tcp_flags, now).ok()?;
     count(Counter::NodeFlowTracked);
     Some(flow)
 }

@@ -5,7 +5,7 @@ use aya_ebpf::programs::TcContext;
 use datapath_common::{
     config::Config,
     counters::Counter,
-    flow::{FlowKey, PodMacs, FLAG_FROM_EGRESS, PROTO_ICMP},
+    flow::{FlowKey, FLAG_FROM_EGRESS, PROTO_ICMP},
     headers::{Fragment, Ipv4, L4},
     pod::PodInfo,
     tcp::Direction,
@@ -13,7 +13,7 @@ use datapath_common::{
 
 use crate::{
     clock::now_ns,
-    conntrack,
+    conntrack::{self, Origin},
     flow_ref::FlowRef,
     forward::{self, Route},
     icmp,
@@ -124,15 +124,6 @@ pub fn at_egress(
     Ok(PASS)
 }
 
-/// Where a new outbound flow comes from: the pod's host veth, the pod's MACs when its own
-/// packet brought them, and flags saying which program created it.
-#[derive(Clone, Copy)]
-struct Origin {
-    pod_ifindex: u32,
-    macs: Option<PodMacs>,
-    flags: u8,
-}
-
 /// Finds or creates the flow for an outbound pod packet and accounts the packet.
 #[inline(always)]
 #[allow(clippy::too_many_arguments)]
@@ -146,18 +137,7 @@ fn snat_flow(
     origin: Origin,
     now: u64,
 ) -> Result<FlowRef, Counter> {
-    let create = || {
-        conntrack::create(
-            ctx,
-            cfg,
-            key,
-            origin.pod_ifindex,
-            origin.macs,
-            origin.flags,
-            l4.tcp_flags,
-            now,
-        )
-    };
+    let create = || conntrack::create(ctx, cfg, key, origin, l4.tcp_flags, now);
     // One call site for `create`: everything in it is inlined, and the port search is the
     // verifier's costliest part.
     let existing = existing.filter(|&flow| {

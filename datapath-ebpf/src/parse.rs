@@ -234,18 +234,20 @@ pub fn l4(ctx: &TcContext, ip: &Ipv4) -> Result<L4, Counter> {
         });
     let head = head.map_err(|()| Counter::DropMalformed)?;
     let field = |at: usize| u16::from_be_bytes([head[at], head[at + 1]]);
-    let csum_off = off + l4_csum_offset(ip.proto);
     Ok(match ip.proto {
-        PROTO_TCP | PROTO_UDP => L4 {
+        PROTO_TCP => L4 {
             src_port: field(SRC_PORT_OFF),
             dst_port: field(DST_PORT_OFF),
-            tcp_flags: if ip.proto == PROTO_TCP {
-                head[TCP_FLAGS_OFF]
-            } else {
-                0
-            },
+            tcp_flags: head[TCP_FLAGS_OFF],
             icmp_type: 0,
-            csum_off,
+            csum_off: off + l4_csum_offset(PROTO_TCP),
+        },
+        PROTO_UDP => L4 {
+            src_port: field(SRC_PORT_OFF),
+            dst_port: field(DST_PORT_OFF),
+            tcp_flags: 0,
+            icmp_type: 0,
+            csum_off: off + l4_csum_offset(PROTO_UDP),
         },
         _ => {
             let icmp_type = head[offset_of!(Icmpv4Hdr, type_)];
@@ -259,7 +261,7 @@ pub fn l4(ctx: &TcContext, ip: &Ipv4) -> Result<L4, Counter> {
                 dst_port,
                 tcp_flags: 0,
                 icmp_type,
-                csum_off,
+                csum_off: off + ICMP_CSUM_OFF,
             }
         }
     })
