@@ -85,9 +85,11 @@ impl FlowRef {
     #[inline(always)]
     pub fn account(self, proto: u8, dir: Direction, l3_len: u32, tcp_flags: u8, now: u64) {
         self.count_packet(dir, l3_len, now);
-        let (state, flags) = self.read(|f| (f.state(), f.flags));
-        let Some(state) = state else { return };
+        let Some(state) = self.read(Flow::state) else {
+            return;
+        };
         if proto == PROTO_TCP {
+            let flags = self.read(|f| f.flags);
             let fins = flags & tcp::CLOSE_FLAGS;
             let (next, next_fins) = tcp::next_state(state, fins, tcp_flags, dir);
             if next != state || next_fins != fins {
@@ -95,12 +97,13 @@ impl FlowRef {
                     // The same tuple is back with a new connection: flow and port reused.
                     count(Counter::FlowReused);
                 }
-                self.set_state(next, (flags & !tcp::CLOSE_FLAGS) | next_fins);
+                self.set_state(next);
+                self.set_flags((flags & !tcp::CLOSE_FLAGS) | next_fins);
             }
         } else if dir == Direction::In {
             let next = state.after_inbound(false);
             if next != state {
-                self.set_state(next, flags);
+                self.set_state(next);
             }
         }
     }
@@ -113,12 +116,15 @@ impl FlowRef {
     }
 
     #[inline(always)]
-    fn set_state(self, state: FlowState, flags: u8) {
-        // SAFETY: see the type: whole fields written.
-        unsafe {
-            (*self.0).state = state as u8;
-            (*self.0).flags = flags;
-        }
+    fn set_state(self, state: FlowState) {
+        // SAFETY: see the type: one whole field written.
+        unsafe { (*self.0).state = state as u8 };
+    }
+
+    #[inline(always)]
+    fn set_flags(self, flags: u8) {
+        // SAFETY: see the type: one whole field written.
+        unsafe { (*self.0).flags = flags };
     }
 
     #[inline(always)]
