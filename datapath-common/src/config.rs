@@ -41,7 +41,8 @@ pub struct Timeouts {
 }
 
 impl Timeouts {
-    /// The brief's defaults (TCP established per RFC 5382).
+    /// The defaults: TCP established per RFC 5382, the others after
+    /// nf_conntrack's (README, `--timeout-*`).
     pub const DEFAULT: Self = Self {
         tcp_syn: 60,
         tcp_established: 7440,

@@ -1,4 +1,8 @@
 //! Verdict counters: one per-CPU slot for each way a packet can leave the programs.
+//!
+//! A new counter goes at the end, so every other keeps its index. The pinned layout records
+//! how many there are ([`crate::maps::LayoutInfo`]): a daemon refuses a `COUNTERS` map pinned
+//! by a build with another count rather than misread it.
 
 /// Whether a counter counts translated, passed or dropped packets.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -77,7 +81,7 @@ counters! {
     PassNode = 14, "pass_node", Passed;
     /// Inbound non-first fragments with no tracked first fragment, passed to the node.
     PassFragmentUntracked = 15, "pass_fragment_untracked", Passed;
-    /// Truncated or malformed IPv4/TCP/UDP/ICMP headers.
+    /// Truncated or malformed IPv4/TCP/UDP/ICMP headers (the outer ones, or those an ICMP error quotes).
     DropMalformed = 16, "drop_malformed", Dropped;
     /// Pod packets whose source is not the pod registered on the interface they came from.
     DropSpoofedSource = 17, "drop_spoofed_source", Dropped;
@@ -89,7 +93,7 @@ counters! {
     DropUntrackedInbound = 20, "drop_untracked_inbound", Dropped;
     /// New flows for which no free NAT port was found within the probe budget.
     DropPortExhausted = 21, "drop_port_exhausted", Dropped;
-    /// New flows the flow table refused.
+    /// New flows the flow table refused (the entry was not there right after its insert).
     DropTableFull = 22, "drop_table_full", Dropped;
     /// Pod IPv4 with a protocol other than TCP, UDP and ICMP.
     DropUnsupportedProtocol = 23, "drop_unsupported_protocol", Dropped;
@@ -135,6 +139,12 @@ counters! {
     AllocProbes513To1024 = 43, "alloc_probes_513_1024", Event;
     /// NAT port allocations that succeeded with more than 1024 candidates.
     AllocProbesOver1024 = 44, "alloc_probes_over_1024", Event;
+    /// Translations that could not write the packet: a header field parsing had found could not be read back or written (a load or store helper refused, or the data was no longer directly reachable).
+    DropWriteError = 45, "drop_write_error", Dropped;
+    /// Translations whose TCP/UDP or IPv4 checksum update a kernel helper (bpf_l4_csum_replace, bpf_l3_csum_replace) refused.
+    DropChecksumError = 46, "drop_checksum_error", Dropped;
+    /// Packets the programs could not handle for a reason of their own: a per-CPU working-memory slot missing, or the slow path finding a packet that is not the one the fast path checked. A datapath bug.
+    DropInternal = 47, "drop_internal", Dropped;
 }
 
 /// The first bucket of the probe-count histogram of NAT port allocations: bucket `i` counts
@@ -212,6 +222,10 @@ mod tests {
             alloc_probe_index(70_000),
             Counter::AllocProbesOver1024 as u32
         );
-        assert_eq!(Counter::AllocProbesOver1024 as usize, Counter::COUNT - 1);
+        assert_eq!(
+            ALLOC_PROBE_FIRST as u32 + ALLOC_PROBE_BUCKETS - 1,
+            Counter::AllocProbesOver1024 as u32,
+            "the histogram ends at its last bucket"
+        );
     }
 }

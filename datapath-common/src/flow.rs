@@ -1,6 +1,9 @@
 //! Flow-table keys and entries, and the per-state timeout choice.
 
-use crate::config::Timeouts;
+use crate::{
+    config::Timeouts,
+    headers::{Ipv4, L4},
+};
 
 pub const PROTO_ICMP: u8 = 1;
 pub const PROTO_TCP: u8 = 6;
@@ -33,6 +36,12 @@ impl FlowKey {
             _pad: 0,
             _pad2: 0,
         }
+    }
+
+    /// The tuple of a parsed packet (one that carries an L4 header).
+    #[must_use]
+    pub const fn from_packet(ip: &Ipv4, l4: &L4) -> Self {
+        Self::new(ip.proto, ip.src, l4.src_port, ip.dst, l4.dst_port)
     }
 
     /// The tuple of a packet flowing the other way.
@@ -110,6 +119,27 @@ impl FlowState {
         }
     }
 
+    /// The state and close flags (`FLAG_FIN_*`) of a flow its first outbound packet creates
+    /// (`tcp_flags`: that packet's, if it is TCP).
+    #[must_use]
+    pub const fn opened_by(proto: u8, tcp_flags: u8) -> (Self, u8) {
+        match proto {
+            PROTO_TCP => crate::tcp::initial_state(tcp_flags),
+            _ => (Self::Unreplied, 0),
+        }
+    }
+
+    /// The state of a flow rebuilt from its NAT binding for a reply (LRU pressure evicted the
+    /// entry, not the binding): a TCP connection is taken as established, as one picked up
+    /// mid-stream is; anything else as not yet replied, its reply being accounted next.
+    #[must_use]
+    pub const fn rebuilt(proto: u8) -> Self {
+        match proto {
+            PROTO_TCP => Self::Established,
+            _ => Self::Unreplied,
+        }
+    }
+
     /// How long a flow in this state lives without packets, in seconds.
     #[must_use]
     pub const fn timeout(self, proto: u8, timeouts: &Timeouts) -> u32 {
@@ -179,6 +209,14 @@ pub struct Flow {
     pub _pad: [u8; 6],
 }
 
+/// Link-layer addresses seen on a pod's packet: replies can then be handed to the pod's
+/// interface without a neighbour lookup.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct PodMacs {
+    pub pod: [u8; 6],
+    pub gateway: [u8; 6],
+}
+
 /// How long a finished TCP connection keeps its NAT port before another connection may take
 /// it, when the pod closed first (or a RST ended it): late packets of the old connection (the
 /// last ACK, a retransmitted FIN) still find it meanwhile, and the remote has no state left.
@@ -188,9 +226,46 @@ pub const PORT_REUSE_GRACE_NS: u64 = 1_000_000_000;
 pub const PORT_REUSE_REMOTE_TIME_WAIT_NS: u64 = 60_000_000_000;
 
 impl Flow {
+    /// Makes this entry, all zero (a fresh scratch slot), a new flow at `now` translated to
+    /// `nat_ip:nat_port` for the pod behind `pod_ifindex` (0: a node connection), in `state`
+    /// with `flags`; with the pod's link-layer addresses if they are known.
+    ///
+    /// In place, field by field: the programs build a flow in a per-CPU map slot (the BPF
+    /// stack cannot hold one) that they zero word by word, and a whole-struct store there
+    /// would bring back the zeroing as a `memset` call the 6.1 verifier walks byte by byte.
+    pub fn start(
+        &mut self,
+        now: u64,
+        (nat_ip, nat_port): (u32, u16),
+        pod_ifindex: u32,
+        (state, flags): (FlowState, u8),
+        macs: Option<PodMacs>,
+    ) {
+        self.created_ns = now;
+        self.last_seen_ns = now;
+        self.revalidated_ns = now;
+        self.nat_ip = nat_ip;
+        self.nat_port = nat_port;
+        self.pod_ifindex = pod_ifindex;
+        self.state = state as u8;
+        self.flags = flags;
+        if let Some(macs) = macs {
+            self.pod_mac = macs.pod;
+            self.gateway_mac = macs.gateway;
+            self.flags |= FLAG_HAS_MACS;
+        }
+    }
+
     #[must_use]
     pub const fn state(&self) -> Option<FlowState> {
         FlowState::from_u8(self.state)
+    }
+
+    /// True when the flow's binding check and cached route (`revalidated_ns`) are recent
+    /// enough to trust at `now`.
+    #[must_use]
+    pub const fn is_fresh(&self, now: u64) -> bool {
+        now.wrapping_sub(self.revalidated_ns) < REVALIDATE_INTERVAL_NS
     }
 
     /// How long the flow must have been idle before its NAT port may go to another
@@ -259,6 +334,19 @@ impl Flow {
     }
 }
 
+/// True when the NAT port of a binding whose flow is `holder` (`None`: gone) may serve a new
+/// connection at `now`: the flow is gone, or is a TCP connection that is over and idle long
+/// enough to be safe for the remote end ([`Flow::port_reusable`]). Without this, a pod
+/// opening connections to one destination faster than range / closing-timeout runs out of
+/// ports.
+#[must_use]
+pub const fn is_reclaimable(holder: Option<&Flow>, proto: u8, now: u64) -> bool {
+    match holder {
+        None => true,
+        Some(flow) => flow.port_reusable(proto, now),
+    }
+}
+
 /// Key of an inbound fragment train: (src, dst, IP id, proto), host order.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -281,6 +369,12 @@ impl FragKey {
             _pad: 0,
         }
     }
+
+    /// The fragment train a parsed packet belongs to.
+    #[must_use]
+    pub const fn from_packet(ip: &Ipv4) -> Self {
+        Self::new(ip.src, ip.dst, ip.id, ip.proto)
+    }
 }
 
 /// Lower-case protocol name.
@@ -297,7 +391,7 @@ pub const fn proto_name(proto: u8) -> &'static str {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::ipv4::addr;
+    use crate::{headers::Fragment, ipv4::addr};
 
     #[test]
     fn reply_tuple_mirrors_the_translated_packet() {
@@ -320,6 +414,131 @@ mod tests {
             )
         );
         assert_eq!(pod.reversed().reversed(), pod);
+    }
+
+    #[test]
+    fn keys_come_from_the_parsed_packet() {
+        let ip = Ipv4 {
+            src: addr(169, 254, 172, 2),
+            dst: addr(192, 0, 2, 20),
+            proto: PROTO_UDP,
+            ttl: 64,
+            id: 7,
+            fragment: Fragment::First,
+            l4_off: 34,
+            l3_len: 40,
+        };
+        let l4 = L4 {
+            src_port: 40000,
+            dst_port: 53,
+            tcp_flags: 0,
+            icmp_type: 0,
+            csum_off: 40,
+        };
+        assert_eq!(
+            FlowKey::from_packet(&ip, &l4),
+            FlowKey::new(PROTO_UDP, ip.src, 40000, ip.dst, 53)
+        );
+        assert_eq!(
+            FragKey::from_packet(&ip),
+            FragKey::new(ip.src, ip.dst, 7, PROTO_UDP)
+        );
+    }
+
+    #[test]
+    fn a_started_flow_holds_what_it_was_given_and_nothing_else() {
+        let macs = PodMacs {
+            pod: [2, 0, 0, 0, 0, 2],
+            gateway: [2, 0, 0, 0, 0, 1],
+        };
+        let mut flow = Flow::default();
+        flow.start(
+            5,
+            (addr(192, 0, 2, 10), 33000),
+            9,
+            FlowState::opened_by(PROTO_TCP, crate::tcp::TCP_SYN),
+            Some(macs),
+        );
+        assert_eq!(
+            flow,
+            Flow {
+                created_ns: 5,
+                last_seen_ns: 5,
+                revalidated_ns: 5,
+                nat_ip: addr(192, 0, 2, 10),
+                nat_port: 33000,
+                pod_ifindex: 9,
+                state: FlowState::SynSent as u8,
+                flags: FLAG_HAS_MACS,
+                pod_mac: macs.pod,
+                gateway_mac: macs.gateway,
+                ..Flow::default()
+            }
+        );
+        let mut node = Flow::default();
+        node.start(
+            5,
+            (addr(192, 0, 2, 10), 40000),
+            0,
+            (FlowState::rebuilt(PROTO_UDP), FLAG_NODE),
+            None,
+        );
+        assert_eq!(node.state(), Some(FlowState::Unreplied));
+        assert_eq!(node.flags, FLAG_NODE, "no MACs, no MAC flag");
+        assert_eq!((node.pod_mac, node.gateway_mac), ([0; 6], [0; 6]));
+    }
+
+    #[test]
+    fn opening_and_rebuilt_states_follow_the_protocol() {
+        use crate::tcp::{TCP_ACK, TCP_FIN, TCP_SYN};
+        assert_eq!(
+            FlowState::opened_by(PROTO_TCP, TCP_SYN),
+            (FlowState::SynSent, 0)
+        );
+        assert_eq!(
+            FlowState::opened_by(PROTO_TCP, TCP_FIN | TCP_ACK),
+            (FlowState::Closing, FLAG_FIN_OUT)
+        );
+        assert_eq!(
+            FlowState::opened_by(PROTO_UDP, TCP_SYN),
+            (FlowState::Unreplied, 0),
+            "TCP flags mean nothing to UDP"
+        );
+        assert_eq!(FlowState::rebuilt(PROTO_TCP), FlowState::Established);
+        assert_eq!(FlowState::rebuilt(PROTO_ICMP), FlowState::Unreplied);
+    }
+
+    #[test]
+    fn freshness_lasts_one_revalidation_interval() {
+        let flow = Flow {
+            revalidated_ns: 10,
+            ..Flow::default()
+        };
+        assert!(flow.is_fresh(10));
+        assert!(flow.is_fresh(10 + REVALIDATE_INTERVAL_NS - 1));
+        assert!(!flow.is_fresh(10 + REVALIDATE_INTERVAL_NS));
+        // A clock behind the flow's (another CPU's, a tick late) reads as stale: the packet
+        // takes the full path.
+        assert!(!flow.is_fresh(9));
+    }
+
+    #[test]
+    fn a_binding_is_reclaimable_when_its_flow_is_gone_or_over() {
+        let over = Flow {
+            last_seen_ns: 0,
+            state: FlowState::Reset as u8,
+            ..Flow::default()
+        };
+        let live = Flow {
+            state: FlowState::Established as u8,
+            ..over
+        };
+        let later = PORT_REUSE_GRACE_NS;
+        assert!(is_reclaimable(None, PROTO_TCP, 0));
+        assert!(is_reclaimable(Some(&over), PROTO_TCP, later));
+        assert!(!is_reclaimable(Some(&over), PROTO_TCP, later - 1));
+        assert!(!is_reclaimable(Some(&live), PROTO_TCP, later * 1000));
+        assert!(!is_reclaimable(Some(&over), PROTO_UDP, later * 1000));
     }
 
     #[test]

@@ -11,6 +11,7 @@ pub mod config;
 pub mod counters;
 pub mod csum;
 pub mod flow;
+pub mod headers;
 pub mod ipv4;
 pub mod maps;
 pub mod pod;

@@ -28,6 +28,27 @@ pub const PROG_UPLINK_INGRESS: &str = "tc_uplink_ingress";
 /// Program attached to TC egress of the uplink.
 pub const PROG_UPLINK_EGRESS: &str = "tc_uplink_egress";
 
+/// Every map named above: each must be a map of the eBPF object (a test of `datapath-user`
+/// checks the built object).
+pub const MAPS: [&str; 9] = [
+    CONNTRACK,
+    NAT_BINDINGS,
+    PODS,
+    CONFIG,
+    COUNTERS,
+    FRAGMENTS,
+    PORT_HINTS,
+    LAYOUT,
+    SLOW_PATH,
+];
+/// Every program, in the order the loader loads them.
+pub const PROGRAMS: [&str; 4] = [
+    PROG_FROM_POD,
+    PROG_FROM_POD_SLOW,
+    PROG_UPLINK_INGRESS,
+    PROG_UPLINK_EGRESS,
+];
+
 /// Default size of the flow table (512Ki flows).
 pub const DEFAULT_FLOW_TABLE_SIZE: u32 = 512 * 1024;
 /// Maximum number of pods on a node (the /22 holds 1,024 addresses).

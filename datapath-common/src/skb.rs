@@ -45,13 +45,36 @@ const AND_IMM: u8 = 0x57;
 /// `r0 = imm`, 64-bit.
 const MOV_IMM: u8 = 0xb7;
 
-/// The sequence as compiled into the programs (the eBPF crate writes these bytes).
+/// `ip_summed` is a two-bit field.
+const IP_SUMMED_BITS: u32 = 2;
+const IP_SUMMED_MASK: i32 = (1 << IP_SUMMED_BITS) - 1;
+
+/// The sequence as compiled into the programs (the eBPF crate emits [`TEMPLATE_WORDS`]).
 pub const TEMPLATE: [Insn; 4] = [
     insn(CALL_KFUNC, REGS_KFUNC, 0, KFUNC_MARKER.cast_signed()),
     insn(LOAD_BYTE, 0, 0, 0),
     insn(RSH_IMM, 0, 0, 0),
-    insn(AND_IMM, 0, 0, 3),
+    insn(AND_IMM, 0, 0, IP_SUMMED_MASK),
 ];
+
+/// [`TEMPLATE`] as little-endian 32-bit words: what the eBPF crate's inline assembly emits
+/// (`.4byte` directives take integers), so the programs carry exactly the bytes the loader
+/// looks for.
+pub const TEMPLATE_WORDS: [u32; 8] = {
+    let bytes = TEMPLATE.as_flattened();
+    let mut words = [0; 8];
+    let mut i = 0;
+    while i < words.len() {
+        words[i] = u32::from_le_bytes([
+            bytes[4 * i],
+            bytes[4 * i + 1],
+            bytes[4 * i + 2],
+            bytes[4 * i + 3],
+        ]);
+        i += 1;
+    }
+    words
+};
 
 /// The sequence for a kernel that lacks the kfunc: the state reads as [`CSUM_UNKNOWN`].
 pub const FALLBACK: [Insn; 4] = [insn(MOV_IMM, 0, 0, CSUM_UNKNOWN as i32); 4];
@@ -60,10 +83,10 @@ pub const FALLBACK: [Insn; 4] = [insn(MOV_IMM, 0, 0, CSUM_UNKNOWN as i32); 4];
 /// `sk_buff.ip_summed` starts `bit_offset` bits into the struct.
 #[must_use]
 pub fn resolved(kfunc_id: u32, bit_offset: u32) -> Option<[Insn; 4]> {
-    let byte = i16::try_from(bit_offset / 8).ok()?;
-    let shift = bit_offset % 8;
+    let byte = i16::try_from(bit_offset / u8::BITS).ok()?;
+    let shift = bit_offset % u8::BITS;
     // The two bits must sit in one byte for a single byte load.
-    if shift > 6 {
+    if shift > u8::BITS - IP_SUMMED_BITS {
         return None;
     }
     Some([
@@ -101,6 +124,13 @@ mod tests {
         assert_eq!(TEMPLATE[0][0], CALL_KFUNC);
         assert_eq!(TEMPLATE[0][1] >> 4, 2, "src_reg = BPF_PSEUDO_KFUNC_CALL");
         assert_eq!(TEMPLATE[0][4..], KFUNC_MARKER.to_le_bytes());
+    }
+
+    #[test]
+    fn template_words_are_the_template_bytes() {
+        for (word, bytes) in TEMPLATE_WORDS.iter().zip(TEMPLATE.as_flattened().chunks(4)) {
+            assert_eq!(word.to_le_bytes(), bytes);
+        }
     }
 
     #[test]

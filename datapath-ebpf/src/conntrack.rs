@@ -1,521 +1,134 @@
-//! The flow table: lookup, creation with NAT port allocation, per-packet accounting.
+//! The flow table: creating flows (with their NAT port), keeping their bindings, and
+//! rebuilding a flow from its binding.
 
-use core::intrinsics::{atomic_xadd, AtomicOrdering};
-
-use aya_ebpf::{
-    bindings::{__sk_buff, bpf_sock_tuple, BPF_F_CURRENT_NETNS, BPF_NOEXIST},
-    cty::c_void,
-    helpers::{
-        bpf_get_prandom_u32, bpf_jiffies64, bpf_ktime_get_coarse_ns, bpf_loop, bpf_sk_lookup_udp,
-        bpf_sk_release, bpf_skc_lookup_tcp,
-    },
-    programs::TcContext,
-};
+use aya_ebpf::{bindings::BPF_NOEXIST, macros::map, maps::PerCpuArray, programs::TcContext};
 use datapath_common::{
-    config::{Config, PortRandomisation},
-    counters::{alloc_probe_index, Counter},
-    flow::{Flow, FlowKey, FlowState, FLAG_HAS_MACS, PROTO_TCP, PROTO_UDP, REVALIDATE_INTERVAL_NS},
-    pod::PodInfo,
-    port,
-    tcp::{self, Direction},
+    config::Config,
+    counters::Counter,
+    flow::{Flow, FlowKey, FlowState, PodMacs},
 };
 
-use crate::maps::{
-    count, count_index, scratch_flow, CLOCK, CONFIG, CONNTRACK, EMPTY_HINT, NAT_BINDINGS, PODS,
-    PORT_HINTS, SCRATCH_PROBE,
+use crate::{
+    alloc,
+    clock::now_ns,
+    flow_ref::FlowRef,
+    maps::{any_registered_pod, count, CONNTRACK, NAT_BINDINGS},
 };
 
-/// CLOCK_MONOTONIC (coarse) nanoseconds. The coarse clock only moves when the tick advances
-/// jiffies, and the verifier inlines `bpf_jiffies64` into one load, so the clock's value for
-/// the current jiffy is kept in `CLOCK` and the helper is called once a tick instead of once
-/// a packet. (Two CPUs refreshing the slot at once may pair a jiffy with the previous tick's
-/// time: at most a tick off, and timeouts are seconds.)
-#[inline(always)]
-pub fn now_ns() -> u64 {
-    // SAFETY: helpers without arguments.
-    let jiffies = unsafe { bpf_jiffies64() };
-    let Some(cached) = CLOCK.get_ptr_mut(0) else {
-        // SAFETY: as above.
-        return unsafe { bpf_ktime_get_coarse_ns() };
-    };
-    // SAFETY: a map value of plain integers; racing writers are covered above.
-    let cached = unsafe { &mut *cached };
-    if cached.jiffies != jiffies {
-        cached.jiffies = jiffies;
-        // SAFETY: as above.
-        cached.ns = unsafe { bpf_ktime_get_coarse_ns() };
-    }
-    cached.ns
-}
+/// Per-CPU scratch space for building a new flow entry: the 512-byte BPF stack cannot spare it.
+#[map]
+static SCRATCH_FLOW: PerCpuArray<Flow> = PerCpuArray::with_max_entries(1, 0);
 
+/// A zeroed flow entry in this CPU's scratch slot.
 #[inline(always)]
-pub fn config() -> Result<&'static Config, Counter> {
-    match CONFIG.get(0) {
-        Some(cfg) if cfg.node_ip != 0 => Ok(cfg),
-        _ => Err(Counter::DropNotConfigured),
+fn scratch_flow() -> Result<&'static mut Flow, Counter> {
+    let flow = SCRATCH_FLOW.get_ptr_mut(0).ok_or(Counter::DropInternal)?;
+    // Word by word, volatile: a `write_bytes` here becomes (once the fields set afterwards
+    // are subtracted) a call to the byte-loop `memset`, which the 6.1 verifier walks byte by
+    // byte on every path into it: tc_from_pod_slow then exceeds its 1M-instruction limit.
+    // SAFETY: this CPU's slot, used only while this program runs on it (so the `&mut` is the
+    // only reference); Flow is a multiple of 8 bytes long and 8-byte aligned (a map value),
+    // and zero is valid for every field.
+    unsafe {
+        let words = flow.cast::<u64>();
+        for i in 0..size_of::<Flow>() / size_of::<u64>() {
+            core::ptr::write_volatile(words.add(i), 0);
+        }
+        Ok(&mut *flow)
     }
 }
 
-/// The pod registered for `addr`, if it is attached to `ifindex`.
-#[inline(always)]
-pub fn registered_pod(addr: u32, ifindex: u32) -> Result<&'static PodInfo, Counter> {
-    // SAFETY: PODS values are only replaced whole by userspace.
-    match unsafe { PODS.get(addr) } {
-        Some(pod) if pod.host_ifindex == ifindex => Ok(pod),
-        _ => Err(Counter::DropSpoofedSource),
-    }
-}
-
-/// The pod registered for `addr` on any interface (packets that came through the host stack).
-#[inline(always)]
-pub fn any_registered_pod(addr: u32) -> Result<&'static PodInfo, Counter> {
-    // SAFETY: as above.
-    unsafe { PODS.get(addr) }.ok_or(Counter::DropSpoofedSource)
-}
-
-/// Link-layer addresses seen on a pod's packet: replies can then be handed to the pod's
-/// interface without a neighbour lookup.
+/// Where a new flow comes from.
 #[derive(Clone, Copy)]
-pub struct PodMacs {
-    pub pod: [u8; 6],
-    pub gateway: [u8; 6],
+pub struct Origin {
+    /// The pod's host veth; 0 for a node connection.
+    pub pod_ifindex: u32,
+    /// The pod's link-layer addresses, when its own packet brought them.
+    pub macs: Option<PodMacs>,
+    /// `FLAG_*` bits saying who created the flow.
+    pub flags: u8,
 }
 
 /// Creates the flow for pod tuple `key`, allocating a NAT port whose reply tuple is free both
 /// in the binding table and among the node's own sockets.
 #[inline(always)]
-#[allow(clippy::too_many_arguments)]
 pub fn create(
     ctx: &TcContext,
     cfg: &Config,
     key: &FlowKey,
-    pod_ifindex: u32,
-    macs: Option<PodMacs>,
-    extra_flags: u8,
+    origin: Origin,
     tcp_flags: u8,
     now: u64,
-) -> Result<*mut Flow, Counter> {
-    let nat_port = allocate(ctx, cfg, key, now)?;
-    let (pod_mac, gateway_mac, mac_flag) = match macs {
-        Some(m) => (m.pod, m.gateway, FLAG_HAS_MACS),
-        None => ([0; 6], [0; 6], 0),
-    };
-    insert_flow(
-        cfg,
-        key,
-        nat_port,
-        pod_ifindex,
-        (pod_mac, gateway_mac),
-        mac_flag | extra_flags,
-        tcp_flags,
-        now,
-    )
+) -> Result<FlowRef, Counter> {
+    let nat_port = alloc::allocate(ctx, cfg, key, now)?;
+    insert_flow(cfg, key, nat_port, origin, tcp_flags, now)
 }
 
 /// Inserts the flow entry for `key` whose binding to `nat_port` is already claimed.
 #[inline(always)]
-#[allow(clippy::too_many_arguments)]
 pub fn insert_flow(
     cfg: &Config,
     key: &FlowKey,
     nat_port: u16,
-    pod_ifindex: u32,
-    (pod_mac, gateway_mac): ([u8; 6], [u8; 6]),
-    flags: u8,
+    origin: Origin,
     tcp_flags: u8,
     now: u64,
-) -> Result<*mut Flow, Counter> {
-    let (state, fin_flags) = match key.proto {
-        PROTO_TCP => tcp::initial_state(tcp_flags),
-        _ => (FlowState::Unreplied, 0),
-    };
-    let flow = scratch_flow().ok_or(Counter::DropTableFull)?;
-    flow.created_ns = now;
-    flow.last_seen_ns = now;
-    flow.revalidated_ns = now;
-    flow.nat_ip = cfg.node_ip;
-    flow.pod_ifindex = pod_ifindex;
-    flow.nat_port = nat_port;
-    flow.state = state as u8;
-    flow.flags = fin_flags | flags;
-    flow.pod_mac = pod_mac;
-    flow.gateway_mac = gateway_mac;
+) -> Result<FlowRef, Counter> {
+    let (state, fin_flags) = FlowState::opened_by(key.proto, tcp_flags);
+    let flow = scratch_flow()?;
+    flow.start(
+        now,
+        (cfg.node_ip, nat_port),
+        origin.pod_ifindex,
+        (state, fin_flags | origin.flags),
+        origin.macs,
+    );
     // Another CPU may have created it meanwhile: then use theirs (the insert fails).
     if CONNTRACK.insert(key, *flow, u64::from(BPF_NOEXIST)).is_ok() {
         count(Counter::FlowCreated);
     } else {
         let _ = NAT_BINDINGS.remove(key.reply_tuple(cfg.node_ip, nat_port));
     }
-    CONNTRACK.get_ptr_mut(key).ok_or(Counter::DropTableFull)
+    FlowRef::find(key).ok_or(Counter::DropTableFull)
 }
 
-/// Finds and claims a NAT port for `key` (a pod tuple, or a node connection whose own port a
-/// pod flow holds), counting the number of candidates it took.
+/// The flow behind a NAT binding (`pod_key`, found under `reply`). If LRU pressure evicted the
+/// flow but not its binding, the flow is rebuilt from the binding and the pod map rather than
+/// dropping the reply.
 #[inline(always)]
-pub fn allocate(ctx: &TcContext, cfg: &Config, key: &FlowKey, now: u64) -> Result<u16, Counter> {
-    let port_count = cfg.port_count();
-    let mut search = PortSearch {
-        skb: ctx.skb.skb,
-        key: *key,
-        // SAFETY: helper without arguments.
-        seed: port::probe_seed(cfg.randomisation(), key, unsafe { bpf_get_prandom_u32() }),
-        port_count,
-        node_ip: cfg.node_ip,
-        port_min: cfg.port_min,
-        mode: cfg.randomisation,
-        found: 0,
-        port: 0,
-        probes: 0,
-        hint_probes: 0,
+pub fn for_binding(pod_key: &FlowKey, reply: &FlowKey) -> Result<FlowRef, Counter> {
+    if let Some(flow) = FlowRef::find(pod_key) {
+        return Ok(flow);
+    }
+    let Ok(pod) = any_registered_pod(pod_key.src_ip) else {
+        let _ = NAT_BINDINGS.remove(reply);
+        return Err(Counter::DropUntrackedInbound);
+    };
+    let now = now_ns();
+    let flow = scratch_flow()?;
+    flow.start(
         now,
-    };
-    // A destination with a hint (one whose range was once found busy) is searched through
-    // it first: its clear bits are ports that are free unless the hint is behind.
-    let hinted = PORT_HINTS.get_ptr_mut(port::hint_key(key)).is_some();
-    if let Some(w) = SCRATCH_PROBE.get_ptr_mut(0) {
-        // SAFETY: this CPU's slot, used only while this program runs on it.
-        unsafe { (*w).hint_words = 0 };
-    }
-    // bpf_loop: the verifier checks a probe once instead of once per attempt.
-    // SAFETY: the callbacks match bpf_loop's contract and only touch `search`.
-    unsafe {
-        if hinted {
-            bpf_loop(
-                port::HINT_ITERATIONS,
-                probe_hint as *mut c_void,
-                (&raw mut search).cast(),
-                0,
-            );
-        }
-        if search.found == 0 {
-            search.hint_probes = search.probes;
-            bpf_loop(
-                port::max_probes(port_count),
-                probe_port as *mut c_void,
-                (&raw mut search).cast(),
-                0,
-            );
-        }
-    }
-    if search.found == 0 {
-        return Err(Counter::DropPortExhausted);
-    }
-    count_index(alloc_probe_index(search.probes));
-    Ok(search.port)
-}
-
-/// One step of the hint phase: the next port whose hint bit is clear, claimed if it is free
-/// (the bit is set either way: it is taken now). Returns 1 to stop the loop.
-extern "C" fn probe_hint(attempt: u64, ctx: *mut c_void) -> i64 {
-    // SAFETY: bpf_loop passes back the PortSearch given to it.
-    let s = unsafe { &mut *ctx.cast::<PortSearch>() };
-    s.probes = s.hint_probes + attempt as u32 + 1;
-    if attempt == u64::from(port::RANDOM_PROBES) {
-        // The random candidates all failed: this destination is busy; give it a hint.
-        if let Some(empty) = EMPTY_HINT.get(0) {
-            let _ = PORT_HINTS.insert(port::hint_key(&s.key), empty, u64::from(BPF_NOEXIST));
-        }
-    }
-    let Some(scratch) = SCRATCH_PROBE.get_ptr_mut(0) else {
-        return 1;
-    };
-    // SAFETY: this CPU's slot, used only while this program runs on it.
-    let w = unsafe { &mut *scratch };
-    w.owner = port::hint_key(&s.key);
-    let Some(hint) = PORT_HINTS.get_ptr_mut(w.owner) else {
-        return 1;
-    };
-    let words = s.port_count.div_ceil(64);
-    if w.hint_words >= port::HINT_WORDS_TRIED || w.hint_words >= words {
-        return 1;
-    }
-    let index = ((port::mix32(s.seed ^ 0x27d4_eb2f) + w.hint_words) % words) as usize;
-    if index >= port::HINT_WORDS {
-        return 1;
-    }
-    // SAFETY: a map value pointer, index checked above. A racing CPU may lose a bit: it is
-    // only a hint.
-    let word = unsafe { &mut (*hint).words[index] };
-    if *word == u64::MAX {
-        w.hint_words += 1;
-        return 0;
-    }
-    let bit = port::lowest_clear_bit(*word);
-    *word |= 1 << bit;
-    let offset = index as u32 * 64 + bit;
-    if offset >= s.port_count {
-        return 0;
-    }
-    let candidate = s.port_min + offset as u16;
-    w.binding = s.key.reply_tuple(s.node_ip, candidate);
-    // SAFETY: map value read.
-    if unsafe { NAT_BINDINGS.get(w.binding) }.is_some()
-        || node_socket_owns(s.skb, &w.binding, &mut w.tuple)
-        || NAT_BINDINGS
-            .insert(w.binding, s.key, u64::from(BPF_NOEXIST))
-            .is_err()
-    {
-        return 0;
-    }
-    s.found = 1;
-    s.port = candidate;
-    1
-}
-
-/// State of a NAT port search, shared with the `bpf_loop` callback.
-#[repr(C)]
-struct PortSearch {
-    skb: *mut __sk_buff,
-    key: FlowKey,
-    seed: u32,
-    port_count: u32,
-    node_ip: u32,
-    port_min: u16,
-    mode: u8,
-    found: u8,
-    port: u16,
-    probes: u32,
-    /// Steps the hint phase took (the scan's candidates are numbered after them).
-    hint_probes: u32,
-    now: u64,
-}
-
-/// The probe callback's working memory, in a per-CPU map: its frame counts against the
-/// 512-byte stack on top of its caller's, which has none to spare.
-#[repr(C)]
-pub struct ProbeScratch {
-    binding: FlowKey,
-    owner: FlowKey,
-    tuple: bpf_sock_tuple,
-    /// Full hint words passed over. Here rather than in `PortSearch`: a counter on the
-    /// stack compared with a constant makes the verifier walk the loop once per value.
-    hint_words: u32,
-}
-
-/// One probe: claims the candidate's reply tuple in NAT_BINDINGS unless it is taken (by
-/// another live flow or a node socket). Returns 1 to stop the loop.
-///
-/// It looks before it claims: a failed insert into an LRU map costs more than a look-up
-/// (the kernel takes a free node first), and most steps of a scan in a full range fail.
-extern "C" fn probe_port(attempt: u64, ctx: *mut c_void) -> i64 {
-    // SAFETY: bpf_loop passes back the PortSearch given to it.
-    let s = unsafe { &mut *ctx.cast::<PortSearch>() };
-    s.probes = s.hint_probes + attempt as u32 + 1;
-    if attempt == u64::from(port::RANDOM_PROBES) {
-        // The random candidates all failed: this destination is busy; give it a hint.
-        if let Some(empty) = EMPTY_HINT.get(0) {
-            let _ = PORT_HINTS.insert(port::hint_key(&s.key), empty, u64::from(BPF_NOEXIST));
-        }
-    }
-    let candidate = port::candidate(
-        PortRandomisation::from_u8(s.mode),
-        s.seed,
-        attempt as u32,
-        s.key.src_port,
-        s.port_min,
-        s.port_count,
+        (reply.dst_ip, reply.dst_port),
+        pod.host_ifindex,
+        (FlowState::rebuilt(pod_key.proto), 0),
+        None,
     );
-    let Some(scratch) = SCRATCH_PROBE.get_ptr_mut(0) else {
-        return 1;
-    };
-    // SAFETY: this CPU's slot, used only while this program runs on it.
-    let w = unsafe { &mut *scratch };
-    w.binding = s.key.reply_tuple(s.node_ip, candidate);
-    // SAFETY: map value read.
-    let claim = match unsafe { NAT_BINDINGS.get(w.binding) } {
-        None => Claim::Free,
-        Some(owner) => {
-            copy_key(&mut w.owner, owner);
-            if w.owner == s.key {
-                // Ours: the flow entry was evicted, the binding survived.
-                Claim::Ours
-            } else if is_reclaimable(&w.owner, s.now) {
-                // Another connection's, over (or gone): taken over.
-                Claim::Reclaim
-            } else {
-                return 0;
-            }
-        }
-    };
-    // No node socket (a TIME_WAIT one included) may answer to the tuple.
-    if claim != Claim::Ours && node_socket_owns(s.skb, &w.binding, &mut w.tuple) {
-        return 0;
-    }
-    if claim == Claim::Free {
-        if NAT_BINDINGS
-            .insert(w.binding, s.key, u64::from(BPF_NOEXIST))
-            .is_err()
-        {
-            return 0;
-        }
-    } else if claim == Claim::Reclaim {
-        let _ = CONNTRACK.remove(w.owner);
-        if NAT_BINDINGS.insert(w.binding, s.key, 0).is_err() {
-            return 0;
-        }
-        count(Counter::PortReclaimed);
-    }
-    s.found = 1;
-    s.port = candidate;
-    1
-}
-
-/// Copies a flow key word by word, volatile: a struct copy under the probe callback becomes a
-/// call to `memmove`, a third frame that 6.1's verifier counts (with each frame rounded up to
-/// 32 bytes the chain exceeds the 512-byte stack and tc_from_pod_slow is refused).
-#[inline(always)]
-fn copy_key(dst: &mut FlowKey, src: &FlowKey) {
-    let src = core::ptr::from_ref(src).cast::<u32>();
-    let dst = core::ptr::from_mut(dst).cast::<u32>();
-    for i in 0..size_of::<FlowKey>() / 4 {
-        // SAFETY: both are FlowKeys (4-byte aligned, plain data).
-        unsafe { core::ptr::write_volatile(dst.add(i), core::ptr::read_volatile(src.add(i))) };
-    }
-}
-
-#[derive(Clone, Copy, PartialEq, Eq)]
-enum Claim {
-    Free,
-    Ours,
-    Reclaim,
-}
-
-/// True when the flow holding a NAT binding is a TCP connection that is over and idle long
-/// enough to be safe for the remote end (`Flow::port_reusable`), or is gone: its port can
-/// serve a new connection. Without this, a pod opening connections to one destination faster
-/// than range / closing-timeout runs out of ports.
-#[inline(always)]
-fn is_reclaimable(owner: &FlowKey, now: u64) -> bool {
-    // SAFETY: map value read.
-    match unsafe { CONNTRACK.get(owner) } {
-        None => true,
-        Some(flow) => flow.port_reusable(owner.proto, now),
-    }
-}
-
-/// True when the node itself has a socket that would take packets with this reply tuple
-/// (a connected socket with the same 4-tuple or a listener on the port).
-#[inline(always)]
-pub fn node_socket_owns(skb: *mut __sk_buff, reply: &FlowKey, tuple: &mut bpf_sock_tuple) -> bool {
-    if reply.proto != PROTO_TCP && reply.proto != PROTO_UDP {
-        return false;
-    }
-    // SAFETY: writing the IPv4 member of the union.
-    unsafe {
-        let v4 = &mut tuple.__bindgen_anon_1.ipv4;
-        v4.saddr = reply.src_ip.to_be();
-        v4.daddr = reply.dst_ip.to_be();
-        v4.sport = reply.src_port.to_be();
-        v4.dport = reply.dst_port.to_be();
-    }
-    let size = 12; // sizeof(tuple.ipv4)
-    let netns = BPF_F_CURRENT_NETNS as u64;
-    let skb = skb.cast();
-    // SAFETY: valid context, tuple and size; a returned socket is released right away.
-    unsafe {
-        let sk = if reply.proto == PROTO_TCP {
-            bpf_skc_lookup_tcp(skb, &raw mut *tuple, size, netns, 0)
-        } else {
-            bpf_sk_lookup_udp(skb, &raw mut *tuple, size, netns, 0)
-        };
-        if sk.is_null() {
-            return false;
-        }
-        bpf_sk_release(sk.cast());
-    }
-    true
-}
-
-/// Accounts one packet of `l3_len` bytes going `dir` and advances the state machine.
-#[inline(always)]
-pub fn account(flow: *mut Flow, proto: u8, dir: Direction, l3_len: u32, tcp_flags: u8, now: u64) {
-    count_packet(flow, dir, l3_len, now);
-    // SAFETY: as in `count_packet`; state bytes are written whole.
-    unsafe {
-        let f = &mut *flow;
-        let Some(state) = f.state() else { return };
-        if proto == PROTO_TCP {
-            let fins = f.flags & tcp::CLOSE_FLAGS;
-            let (next, next_fins) = tcp::next_state(state, fins, tcp_flags, dir);
-            if next != state || next_fins != fins {
-                if next == FlowState::SynSent && state != FlowState::SynSent {
-                    // The same tuple is back with a new connection: flow and port reused.
-                    count(Counter::FlowReused);
-                }
-                f.state = next as u8;
-                f.flags = (f.flags & !tcp::CLOSE_FLAGS) | next_fins;
-            }
-        } else if dir == Direction::In {
-            let next = state.after_inbound(false);
-            if next != state {
-                f.state = next as u8;
-            }
-        }
-    }
-}
-
-/// Accounts an ICMP error about the flow coming in: counted, but it is no reply (a UDP flow
-/// answered only by port-unreachable stays unreplied, as in nf_conntrack).
-#[inline(always)]
-pub fn account_icmp_error(flow: *mut Flow, l3_len: u32, now: u64) {
-    count_packet(flow, Direction::In, l3_len, now);
-}
-
-#[inline(always)]
-fn count_packet(flow: *mut Flow, dir: Direction, l3_len: u32, now: u64) {
-    // SAFETY: `flow` points into a map value; counters are updated atomically because
-    // packets of one flow may be processed on several CPUs at once.
-    unsafe {
-        let f = &mut *flow;
-        f.last_seen_ns = now;
-        let (packets, bytes) = match dir {
-            Direction::Out => (&raw mut f.packets_out, &raw mut f.bytes_out),
-            Direction::In => (&raw mut f.packets_in, &raw mut f.bytes_in),
-        };
-        atomic_xadd::<u64, u64, { AtomicOrdering::Relaxed }>(packets, 1);
-        atomic_xadd::<u64, u64, { AtomicOrdering::Relaxed }>(bytes, u64::from(l3_len));
-    }
-}
-
-/// True when the flow's binding check and cached route are recent enough to trust.
-#[inline(always)]
-pub fn is_fresh(flow: &Flow, now: u64) -> bool {
-    now.wrapping_sub(flow.revalidated_ns) < REVALIDATE_INTERVAL_NS
-}
-
-/// Puts `flow` back if the sweep removed it while this packet was using it. The sweep only
-/// removes flows idle for over the revalidation interval, and such a flow's next packet comes
-/// through here, so the flow keeps its NAT port whatever the interleaving.
-#[inline(always)]
-#[allow(
-    clippy::needless_borrows_for_generic_args,
-    reason = "a reference hands the helper the map value itself; a copy would take 96 bytes of stack"
-)]
-pub fn restore_if_swept(key: &FlowKey, flow: *mut Flow) {
-    if CONNTRACK.get_ptr(key).is_none() {
-        // SAFETY: `flow` still points at the unlinked value, which the kernel frees only
-        // after this program returns.
-        if CONNTRACK
-            .insert(key, unsafe { &*flow }, u64::from(BPF_NOEXIST))
-            .is_ok()
-        {
-            count(Counter::FlowRestored);
-        }
-    }
+    let _ = CONNTRACK.insert(pod_key, *flow, 0);
+    count(Counter::HalfPairRepaired);
+    FlowRef::find(pod_key).ok_or(Counter::DropTableFull)
 }
 
 /// Re-inserts a flow's NAT binding if LRU pressure evicted it, at most once per interval.
 /// Returns false when the binding's reply tuple now belongs to another flow.
 #[inline(always)]
-pub fn keep_binding(key: &FlowKey, flow: *mut Flow, now: u64) -> bool {
-    // SAFETY: `flow` points into a map value.
-    let f = unsafe { &mut *flow };
-    if is_fresh(f, now) {
+pub fn keep_binding(key: &FlowKey, flow: FlowRef, now: u64) -> bool {
+    if flow.read(|f| f.is_fresh(now)) {
         return true;
     }
-    f.revalidated_ns = now;
-    let binding = key.reply_tuple(f.nat_ip, f.nat_port);
-    // SAFETY: FlowKey is plain data.
+    flow.set_revalidated(now);
+    let (nat_ip, nat_port) = flow.nat();
+    let binding = key.reply_tuple(nat_ip, nat_port);
+    // SAFETY: a NAT_BINDINGS value, valid while the program runs; only compared.
     if let Some(owner) = unsafe { NAT_BINDINGS.get(binding) } {
         owner == key
     } else {

@@ -3,23 +3,28 @@
 
 use aya_ebpf::{
     bindings::{
-        bpf_fib_lookup as FibParams, bpf_redir_neigh, BPF_FIB_LKUP_RET_NOT_FWDED,
-        BPF_FIB_LKUP_RET_NO_NEIGH, BPF_FIB_LKUP_RET_SUCCESS, TC_ACT_REDIRECT,
+        bpf_fib_lookup as FibParams, bpf_redir_neigh, bpf_redir_neigh__bindgen_ty_1,
+        BPF_FIB_LKUP_RET_NOT_FWDED, BPF_FIB_LKUP_RET_NO_NEIGH, BPF_FIB_LKUP_RET_SUCCESS,
+        TC_ACT_REDIRECT,
     },
     helpers::{bpf_fib_lookup, bpf_redirect, bpf_redirect_neigh, bpf_redirect_peer},
+    macros::map,
+    maps::PerCpuArray,
     programs::TcContext,
 };
-use datapath_common::{
-    counters::Counter,
-    csum,
-    flow::{Flow, FLAG_HAS_MACS},
-};
+use datapath_common::{counters::Counter, csum, flow::FLAG_HAS_MACS, headers::Ipv4};
 use network_types::eth::EthHdr;
 
-use crate::maps::SCRATCH_FIB;
-use crate::parse::{ptr_at, Ipv4, IP_CSUM_OFF, IP_TTL_OFF};
+use crate::{
+    flow_ref::FlowRef,
+    parse::{ptr_at, IP_CSUM_OFF, IP_TTL_OFF},
+};
 
 const AF_INET: u8 = 2;
+
+/// Per-CPU scratch space for the FIB lookup's parameter block.
+#[map]
+static SCRATCH_FIB: PerCpuArray<FibParams> = PerCpuArray::with_max_entries(1, 0);
 
 /// Where a translated packet leaves.
 #[derive(Clone, Copy)]
@@ -53,8 +58,8 @@ pub fn route(ctx: &TcContext, ip: &Ipv4, nat_ip: u32, ingress_ifindex: u32) -> R
     let Some(params) = SCRATCH_FIB.get_ptr_mut(0) else {
         return Route::Pass(Counter::PassHostStack);
     };
-    // SAFETY: this CPU's slot, used only while this program runs; zero is valid for every
-    // field of the plain-data block.
+    // SAFETY: this CPU's slot, used only while this program runs on it (so the `&mut` is the
+    // only reference); zero is valid for every field of the plain-data block.
     let params = unsafe {
         core::ptr::write_bytes(params, 0, 1);
         &mut *params
@@ -66,11 +71,12 @@ pub fn route(ctx: &TcContext, ip: &Ipv4, nat_ip: u32, ingress_ifindex: u32) -> R
     params.__bindgen_anon_3.ipv4_src = nat_ip.to_be();
     params.__bindgen_anon_4.ipv4_dst = ip.dst.to_be();
     let size = size_of::<FibParams>() as i32;
-    // SAFETY: valid context and parameter block.
+    // SAFETY: `skb` is the program's context and `params` a whole parameter block of `size`
+    // bytes.
     let rc = unsafe { bpf_fib_lookup(ctx.skb.skb.cast(), &raw mut *params, size, 0) };
     match rc as u32 {
-        // SAFETY (both arms): the kernel filled in the IPv4 members and, on success, the
-        // egress MTU (tot_len was 0).
+        // SAFETY (the union reads in both arms): the kernel filled in the IPv4 members and, on
+        // success, the egress MTU (tot_len was 0).
         BPF_FIB_LKUP_RET_SUCCESS => Route::Forward(NextHop {
             ifindex: params.ifindex,
             resolved: true,
@@ -117,8 +123,8 @@ pub fn decrement_ttl(ctx: &TcContext, ip: &Ipv4) -> Result<bool, Counter> {
         return Ok(false);
     }
     let diff = write_decremented_ttl(ctx, ip)?;
-    let check = ptr_at::<[u8; 2]>(ctx, IP_CSUM_OFF).ok_or(Counter::DropMalformed)?;
-    // SAFETY: bounds checked by ptr_at (constant offset).
+    let check = ptr_at::<[u8; 2]>(ctx, IP_CSUM_OFF).ok_or(Counter::DropWriteError)?;
+    // SAFETY: ptr_at checked the field lies within the packet (a constant offset).
     unsafe { *check = csum::apply(u16::from_be_bytes(*check), diff).to_be_bytes() };
     Ok(true)
 }
@@ -138,8 +144,8 @@ pub fn check_hop_limit(ip: &Ipv4) -> Result<(), Counter> {
 /// take for it, so a caller rewriting more of the header can apply all changes at once.
 #[inline(always)]
 pub fn write_decremented_ttl(ctx: &TcContext, ip: &Ipv4) -> Result<u32, Counter> {
-    let ttl = ptr_at::<u8>(ctx, IP_TTL_OFF).ok_or(Counter::DropMalformed)?;
-    // SAFETY: bounds checked by ptr_at (constant offset).
+    let ttl = ptr_at::<u8>(ctx, IP_TTL_OFF).ok_or(Counter::DropWriteError)?;
+    // SAFETY: ptr_at checked the field lies within the packet (a constant offset).
     unsafe { *ttl = ip.ttl - 1 };
     // The checksum covers TTL and protocol as one 16-bit word.
     Ok(csum::diff16(
@@ -154,17 +160,15 @@ pub fn send(ctx: &TcContext, hop: &NextHop) -> Result<i32, Counter> {
     let (ifindex, gateway) = (hop.ifindex, hop.gateway);
     let rc = if hop.resolved {
         set_macs(ctx, hop.src_mac, hop.dst_mac)?;
-        // SAFETY: plain helper call.
+        // SAFETY: a helper taking plain integers.
         unsafe { bpf_redirect(ifindex, 0) }
     } else {
         let mut nh = bpf_redir_neigh {
             nh_family: u32::from(AF_INET),
-            __bindgen_anon_1: aya_ebpf::bindings::bpf_redir_neigh__bindgen_ty_1 {
-                ipv4_nh: gateway,
-            },
+            __bindgen_anon_1: bpf_redir_neigh__bindgen_ty_1 { ipv4_nh: gateway },
         };
         let size = size_of::<bpf_redir_neigh>() as i32;
-        // SAFETY: valid parameter block.
+        // SAFETY: `nh` is a whole parameter block of `size` bytes.
         unsafe { bpf_redirect_neigh(ifindex, &raw mut nh, size, 0) }
     };
     redirect_verdict(rc)
@@ -174,22 +178,53 @@ pub fn send(ctx: &TcContext, hop: &NextHop) -> Result<i32, Counter> {
 /// flow knows the link-layer addresses, else through the host veth's neighbour entry. Either
 /// way the host stack (and its FORWARD REJECT rule for the pod range) is not involved.
 #[inline(always)]
-pub fn to_pod(ctx: &TcContext, flow: &Flow) -> Result<i32, Counter> {
-    let rc = if flow.flags & FLAG_HAS_MACS != 0 {
-        set_macs(ctx, flow.gateway_mac, flow.pod_mac)?;
-        // SAFETY: plain helper call.
-        unsafe { bpf_redirect_peer(flow.pod_ifindex, 0) }
+pub fn to_pod(ctx: &TcContext, flow: FlowRef) -> Result<i32, Counter> {
+    let rc = if flow.read(|f| f.flags & FLAG_HAS_MACS != 0) {
+        let (gateway_mac, pod_mac) = flow.read(|f| (f.gateway_mac, f.pod_mac));
+        set_macs(ctx, gateway_mac, pod_mac)?;
+        // SAFETY: a helper taking plain integers.
+        unsafe { bpf_redirect_peer(flow.read(|f| f.pod_ifindex), 0) }
     } else {
+        let ifindex = flow.read(|f| f.pod_ifindex);
         // SAFETY: a null parameter block makes the kernel route on the packet's destination.
-        unsafe { bpf_redirect_neigh(flow.pod_ifindex, core::ptr::null_mut(), 0, 0) }
+        unsafe { bpf_redirect_neigh(ifindex, core::ptr::null_mut(), 0, 0) }
     };
     redirect_verdict(rc)
 }
 
+/// The flow's cached next hop, if it was looked up within the revalidation interval and the
+/// packet fits its MTU (a larger one goes through the FIB, which checks it).
+#[inline(always)]
+pub fn cached_route(flow: FlowRef, ip: &Ipv4, now: u64) -> Option<NextHop> {
+    flow.read(|f| {
+        if f.out_ifindex == 0 || !f.is_fresh(now) || ip.l3_len > u32::from(f.out_mtu) {
+            return None;
+        }
+        Some(NextHop {
+            ifindex: f.out_ifindex,
+            resolved: true,
+            src_mac: f.out_src_mac,
+            dst_mac: f.out_dst_mac,
+            gateway: 0,
+            mtu: f.out_mtu,
+        })
+    })
+}
+
+/// Caches a resolved next hop in the flow (unresolved neighbours are not cached).
+#[inline(always)]
+pub fn remember_route(flow: FlowRef, hop: &NextHop) {
+    if hop.resolved {
+        flow.cache_route(hop.ifindex, hop.mtu, hop.src_mac, hop.dst_mac);
+    } else {
+        flow.forget_route();
+    }
+}
+
 #[inline(always)]
 fn set_macs(ctx: &TcContext, src: [u8; 6], dst: [u8; 6]) -> Result<(), Counter> {
-    let eth = ptr_at::<EthHdr>(ctx, 0).ok_or(Counter::DropMalformed)?;
-    // SAFETY: bounds checked by ptr_at.
+    let eth = ptr_at::<EthHdr>(ctx, 0).ok_or(Counter::DropWriteError)?;
+    // SAFETY: ptr_at checked the header lies within the packet.
     unsafe {
         (*eth).src_addr = src;
         (*eth).dst_addr = dst;

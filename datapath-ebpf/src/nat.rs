@@ -4,11 +4,19 @@
 //! the skb's checksum state (see `csum`).
 
 use aya_ebpf::programs::TcContext;
-use datapath_common::{counters::Counter, csum as arith, flow::PROTO_ICMP};
+use datapath_common::{
+    counters::Counter,
+    csum as arith,
+    flow::PROTO_ICMP,
+    headers::{Fragment, Ipv4, L4},
+};
 
 use crate::{
     csum, forward,
-    parse::{self, Fragment, Ipv4, IP_CSUM_OFF, IP_DST_OFF, IP_SRC_OFF, L4, L4_OFF_PLAIN},
+    parse::{
+        self, DST_PORT_OFF, ICMP_CSUM_OFF, ICMP_ID_OFF, IP_CSUM_OFF, IP_DST_OFF, IP_SRC_OFF,
+        L4_OFF_PLAIN, SRC_PORT_OFF,
+    },
 };
 
 /// Which end of the packet is rewritten.
@@ -69,7 +77,7 @@ fn rewrite_header(
     (addr, port): (u32, u16),
     ttl: Ttl,
 ) -> Result<(), Counter> {
-    let bad = Counter::DropMalformed;
+    let bad = Counter::DropWriteError;
     let (addr_off, old_addr) = match side {
         Side::Source => (IP_SRC_OFF, ip.src),
         Side::Destination => (IP_DST_OFF, ip.dst),
@@ -112,10 +120,11 @@ fn rewrite_header(
 /// change and any other) to the header checksum.
 #[inline(always)]
 fn set_ip_field(ctx: &TcContext, off: usize, new: u32, diff: u32) -> Result<(), Counter> {
-    let bad = Counter::DropMalformed;
+    let bad = Counter::DropWriteError;
     let field = parse::ptr_at::<[u8; 4]>(ctx, off).ok_or(bad)?;
     let check = parse::ptr_at::<[u8; 2]>(ctx, IP_CSUM_OFF).ok_or(bad)?;
-    // SAFETY: bounds checked by ptr_at (constant offsets).
+    // SAFETY: ptr_at checked both lie within the packet (constant offsets, so the verifier
+    // follows); no helper call in between moves the data.
     unsafe {
         *field = new.to_be_bytes();
         *check = arith::apply(u16::from_be_bytes(*check), diff).to_be_bytes();
@@ -132,14 +141,21 @@ pub enum L4Field {
     IcmpId,
 }
 
+/// Offset of the field in its L4 header.
+#[inline(always)]
+const fn offset(field: L4Field) -> usize {
+    match field {
+        L4Field::SrcPort => SRC_PORT_OFF,
+        L4Field::DstPort => DST_PORT_OFF,
+        L4Field::IcmpChecksum => ICMP_CSUM_OFF,
+        L4Field::IcmpId => ICMP_ID_OFF,
+    }
+}
+
 /// Offset of the field in an option-less packet: a constant, so direct access verifies.
 #[inline(always)]
 const fn plain_offset(field: L4Field) -> usize {
-    match field {
-        L4Field::SrcPort => L4_OFF_PLAIN,
-        L4Field::DstPort | L4Field::IcmpChecksum => L4_OFF_PLAIN + 2,
-        L4Field::IcmpId => L4_OFF_PLAIN + 4,
-    }
+    L4_OFF_PLAIN + offset(field)
 }
 
 #[inline(always)]
@@ -154,15 +170,15 @@ fn write_l4(ctx: &TcContext, ip: &Ipv4, field: L4Field, value: u16) -> Option<()
             L4Field::IcmpId => parse::ptr_at::<[u8; 2]>(ctx, plain_offset(L4Field::IcmpId)),
         };
         if let Some(p) = p {
-            // SAFETY: bounds checked by ptr_at.
+            // SAFETY: ptr_at checked the field lies within the packet.
             unsafe { *p = value.to_be_bytes() };
             return Some(());
         }
     }
-    parse::write_u16(ctx, ip.l4_off + plain_offset(field) - L4_OFF_PLAIN, value)
+    parse::write_u16(ctx, ip.l4_off + offset(field), value)
 }
 
 #[inline(always)]
 fn read_l4(ctx: &TcContext, ip: &Ipv4, field: L4Field) -> Option<u16> {
-    parse::read_u16(ctx, ip.l4_off + plain_offset(field) - L4_OFF_PLAIN)
+    parse::read_u16(ctx, ip.l4_off + offset(field))
 }

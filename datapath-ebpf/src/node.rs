@@ -9,15 +9,19 @@ use aya_ebpf::{bindings::BPF_NOEXIST, programs::TcContext};
 use datapath_common::{
     config::Config,
     counters::Counter,
-    flow::{Flow, FlowKey, FLAG_NODE, PROTO_TCP, PROTO_UDP},
+    flow::{FlowKey, FLAG_NODE, PROTO_TCP, PROTO_UDP},
+    headers::{Fragment, Ipv4, L4},
     tcp::{Direction, TCP_ACK, TCP_SYN},
 };
 
 use crate::{
-    conntrack::{self, now_ns},
+    alloc,
+    clock::now_ns,
+    conntrack::{self, Origin},
+    flow_ref::{is_reclaimable, FlowRef},
     maps::{count, CONNTRACK, NAT_BINDINGS},
     nat::{self, Side},
-    parse::{self, Fragment, Ipv4},
+    parse,
 };
 
 /// A packet the node sends from its NAT address (not one the datapath redirected). Always
@@ -33,10 +37,10 @@ pub fn from_node(ctx: &TcContext, cfg: &Config, ip: &Ipv4) {
     if !cfg.port_in_range(l4.src_port) {
         return;
     }
-    let key = FlowKey::new(ip.proto, ip.src, l4.src_port, ip.dst, l4.dst_port);
+    let key = FlowKey::from_packet(ip, &l4);
     let now = now_ns();
     let opening = ip.proto == PROTO_UDP || l4.tcp_flags & (TCP_SYN | TCP_ACK) == TCP_SYN;
-    let flow = match CONNTRACK.get_ptr_mut(key) {
+    let flow = match FlowRef::find(&key) {
         Some(flow) if conntrack::keep_binding(&key, flow, now) => flow,
         Some(_) => {
             // A pod flow took the tuple while this one's binding was gone: track it afresh.
@@ -54,9 +58,8 @@ pub fn from_node(ctx: &TcContext, cfg: &Config, ip: &Ipv4) {
             None => return,
         },
     };
-    conntrack::account(flow, ip.proto, Direction::Out, ip.l3_len, l4.tcp_flags, now);
-    // SAFETY: map value pointer.
-    let nat_port = unsafe { (*flow).nat_port };
+    flow.account(ip.proto, Direction::Out, ip.l3_len, l4.tcp_flags, now);
+    let (_, nat_port) = flow.nat();
     if nat_port != l4.src_port {
         let _ = nat::rewrite(ctx, ip, Some(&l4), Side::Source, ip.src, nat_port);
     }
@@ -64,13 +67,7 @@ pub fn from_node(ctx: &TcContext, cfg: &Config, ip: &Ipv4) {
 
 /// Claims the node connection's own tuple, or another port when a live pod flow holds it.
 #[inline(always)]
-fn track(
-    ctx: &TcContext,
-    cfg: &Config,
-    key: &FlowKey,
-    tcp_flags: u8,
-    now: u64,
-) -> Option<*mut Flow> {
+fn track(ctx: &TcContext, cfg: &Config, key: &FlowKey, tcp_flags: u8, now: u64) -> Option<FlowRef> {
     let reply = key.reply_tuple(cfg.node_ip, key.src_port);
     let claimed = NAT_BINDINGS
         .insert(reply, key, u64::from(BPF_NOEXIST))
@@ -78,62 +75,41 @@ fn track(
     let nat_port = if claimed {
         key.src_port
     } else {
-        // SAFETY: map value read (not copied out: a struct copy here becomes a `memmove`).
+        // SAFETY: a NAT_BINDINGS value, valid while the program runs; read in place (a copy
+        // here becomes a `memmove` call).
         match unsafe { NAT_BINDINGS.get(reply) } {
             Some(owner) if owner == key => key.src_port,
-            Some(owner) if !owner_is_live(owner, now) => {
+            Some(owner) if is_reclaimable(owner, now) => {
                 // A finished (or vanished) pod flow: the node's connection takes the tuple.
                 let _ = CONNTRACK.remove(owner);
                 let _ = NAT_BINDINGS.insert(reply, key, 0);
                 key.src_port
             }
             _ => {
-                let port = conntrack::allocate(ctx, cfg, key, now).ok()?;
+                let port = alloc::allocate(ctx, cfg, key, now).ok()?;
                 count(Counter::NodePortTranslated);
                 port
             }
         }
     };
-    let flow = conntrack::insert_flow(
-        cfg,
-        key,
-        nat_port,
-        0,
-        ([0; 6], [0; 6]),
-        FLAG_NODE,
-        tcp_flags,
-        now,
-    )
-    .ok()?;
+    let origin = Origin {
+        pod_ifindex: 0,
+        macs: None,
+        flags: FLAG_NODE,
+    };
+    let flow = conntrack::insert_flow(cfg, key, nat_port, origin, tcp_flags, now).ok()?;
     count(Counter::NodeFlowTracked);
     Some(flow)
-}
-
-/// True while the flow behind a binding may still see packets on it.
-#[inline(always)]
-fn owner_is_live(owner: &FlowKey, now: u64) -> bool {
-    // SAFETY: map value read.
-    match unsafe { CONNTRACK.get(owner) } {
-        None => false,
-        Some(flow) => !flow.port_reusable(owner.proto, now),
-    }
 }
 
 /// A packet from the wire whose binding belongs to a node connection (`node_key`): its
 /// destination port is translated back if the connection was moved, and it goes to the host.
 #[inline(always)]
-pub fn to_node(ctx: &TcContext, ip: &Ipv4, l4: &parse::L4, node_key: &FlowKey) {
-    let Some(flow) = CONNTRACK.get_ptr_mut(node_key) else {
+pub fn to_node(ctx: &TcContext, ip: &Ipv4, l4: &L4, node_key: &FlowKey) {
+    let Some(flow) = FlowRef::find(node_key) else {
         return;
     };
-    conntrack::account(
-        flow,
-        ip.proto,
-        Direction::In,
-        ip.l3_len,
-        l4.tcp_flags,
-        now_ns(),
-    );
+    flow.account(ip.proto, Direction::In, ip.l3_len, l4.tcp_flags, now_ns());
     if node_key.src_port != l4.dst_port {
         let _ = nat::rewrite(
             ctx,

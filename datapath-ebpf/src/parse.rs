@@ -1,21 +1,50 @@
 //! Header parsing with direct packet access. Values are copied out (host order) so no packet
 //! pointer outlives a helper call that may move the data.
 
+use core::mem::offset_of;
+
 use aya_ebpf::programs::TcContext;
 use datapath_common::{
     counters::Counter,
-    flow::{PROTO_ICMP, PROTO_TCP, PROTO_UDP},
+    flow::{PodMacs, PROTO_ICMP, PROTO_TCP, PROTO_UDP},
+    headers::{Fragment, Ipv4, L4},
 };
-use network_types::{eth::EthHdr, ip::Ipv4Hdr};
+use network_types::{
+    eth::{EthHdr, EtherType},
+    icmp::{IcmpIdSequence, Icmpv4Hdr},
+    ip::Ipv4Hdr,
+    tcp::TcpHdr,
+    udp::UdpHdr,
+};
 
 pub const ETH_LEN: usize = EthHdr::LEN;
-const ETH_P_IP: u16 = 0x0800;
-pub const IP_SRC_OFF: usize = ETH_LEN + 12;
-pub const IP_DST_OFF: usize = ETH_LEN + 16;
-pub const IP_CSUM_OFF: usize = ETH_LEN + 10;
-pub const IP_TTL_OFF: usize = ETH_LEN + 8;
+pub const IP_TTL_OFF: usize = ETH_LEN + offset_of!(Ipv4Hdr, ttl);
+pub const IP_CSUM_OFF: usize = ETH_LEN + offset_of!(Ipv4Hdr, check);
+pub const IP_SRC_OFF: usize = ETH_LEN + offset_of!(Ipv4Hdr, src_addr);
+pub const IP_DST_OFF: usize = ETH_LEN + offset_of!(Ipv4Hdr, dst_addr);
 /// Where L4 starts in a packet without IPv4 options.
-pub const L4_OFF_PLAIN: usize = ETH_LEN + 20;
+pub const L4_OFF_PLAIN: usize = ETH_LEN + Ipv4Hdr::LEN;
+
+const IPV4_VERSION: u8 = 4;
+/// The IHL: the low half of the version/IHL byte, in 32-bit words.
+const IHL_MASK: u8 = 0x0f;
+/// "More fragments": the lowest of the three flag bits.
+const IP_MORE_FRAGMENTS: u8 = 1;
+
+/// Offsets within an L4 header. TCP and UDP keep their ports at the same places.
+pub const SRC_PORT_OFF: usize = offset_of!(UdpHdr, src);
+pub const DST_PORT_OFF: usize = offset_of!(UdpHdr, dst);
+const _: () =
+    assert!(offset_of!(TcpHdr, source) == SRC_PORT_OFF && offset_of!(TcpHdr, dest) == DST_PORT_OFF);
+pub const ICMP_CSUM_OFF: usize = offset_of!(Icmpv4Hdr, check);
+/// The echo identifier: the first half of the ICMP header's data word.
+pub const ICMP_ID_OFF: usize = offset_of!(Icmpv4Hdr, data) + offset_of!(IcmpIdSequence, id);
+/// The TCP flags: the byte after the data offset, in the header's bitfield word.
+const TCP_FLAGS_OFF: usize = offset_of!(TcpHdr, _bitfield_1) + 1;
+/// What `l4` reads at once: through the TCP flags (ports, ICMP type and identifier included).
+const L4_HEAD_LEN: usize = TCP_FLAGS_OFF + 1;
+/// What an ICMP error quotes of the packet it is about beyond its IPv4 header (RFC 792).
+pub const QUOTED_L4_LEN: usize = 8;
 
 pub const ICMP_ECHO_REPLY: u8 = 0;
 pub const ICMP_DEST_UNREACH: u8 = 3;
@@ -23,41 +52,20 @@ pub const ICMP_ECHO_REQUEST: u8 = 8;
 pub const ICMP_TIME_EXCEEDED: u8 = 11;
 pub const ICMP_PARAM_PROBLEM: u8 = 12;
 
-/// Where a packet stands in a fragment train.
-#[derive(Clone, Copy, PartialEq, Eq)]
-pub enum Fragment {
-    /// Not fragmented.
-    Whole,
-    /// Offset 0 with more fragments: carries the L4 header.
-    First,
-    /// Offset > 0: no L4 header.
-    Later,
+/// Offset of the checksum in the L4 header of `proto` (TCP, UDP, else ICMP).
+#[inline(always)]
+pub const fn l4_csum_offset(proto: u8) -> usize {
+    match proto {
+        PROTO_TCP => offset_of!(TcpHdr, check),
+        PROTO_UDP => offset_of!(UdpHdr, check),
+        _ => ICMP_CSUM_OFF,
+    }
 }
 
-#[derive(Clone, Copy)]
-pub struct Ipv4 {
-    pub src: u32,
-    pub dst: u32,
-    pub proto: u8,
-    pub ttl: u8,
-    pub id: u16,
-    pub fragment: Fragment,
-    /// Offset of the L4 header from the start of the frame.
-    pub l4_off: usize,
-    /// Bytes from the IPv4 header on (skb length minus Ethernet).
-    pub l3_len: u32,
-}
-
-/// The L4 fields the datapath uses. For ICMP echo the identifier is the "port" on the side
-/// that owns it (see `FlowKey`).
-#[derive(Clone, Copy)]
-pub struct L4 {
-    pub src_port: u16,
-    pub dst_port: u16,
-    pub tcp_flags: u8,
-    pub icmp_type: u8,
-    /// Offset of the L4 checksum field from the start of the frame.
-    pub csum_off: usize,
+/// The IPv4 header length in bytes given its version/IHL byte.
+#[inline(always)]
+pub const fn ipv4_header_len(vihl: u8) -> usize {
+    (vihl & IHL_MASK) as usize * size_of::<u32>()
 }
 
 /// A pointer to a `T` at `off`, if the linear data holds it.
@@ -81,6 +89,35 @@ pub fn ensure_linear(ctx: &TcContext, len: usize) -> bool {
         return false;
     }
     ctx.data() + len <= ctx.data_end()
+}
+
+/// The interface the packet arrived on (its TC hook's).
+#[inline(always)]
+pub fn ifindex(ctx: &TcContext) -> u32 {
+    // SAFETY: `skb` is the context the kernel passed to this program; the verifier allows
+    // reads of this `__sk_buff` field.
+    unsafe { (*ctx.skb.skb).ifindex }
+}
+
+/// The interface a packet came in through before the stack sent it here; 0 for one the host
+/// itself sends.
+#[inline(always)]
+pub fn ingress_ifindex(ctx: &TcContext) -> u32 {
+    // SAFETY: as in `ifindex`.
+    unsafe { (*ctx.skb.skb).ingress_ifindex }
+}
+
+/// The link-layer addresses of a pod's packet (its own and the gateway's it sent to).
+#[inline(always)]
+pub fn pod_macs(ctx: &TcContext) -> Option<PodMacs> {
+    let eth = ptr_at::<EthHdr>(ctx, 0)?;
+    // SAFETY: ptr_at checked the header lies within the packet; it is read before any helper
+    // call can move the data.
+    let eth = unsafe { &*eth };
+    Some(PodMacs {
+        pod: eth.src_addr,
+        gateway: eth.dst_addr,
+    })
 }
 
 // Fields past the IPv4 header sit at a variable offset (IPv4 options). They are read and
@@ -120,26 +157,29 @@ pub fn ipv4(ctx: &TcContext) -> Result<Option<Ipv4>, Counter> {
         // Shorter than an Ethernet header: nothing we translate.
         return Ok(None);
     };
-    // SAFETY: bounds checked by ptr_at.
-    if u16::from_be(unsafe { (*eth).ether_type }) != ETH_P_IP {
+    // SAFETY: ptr_at checked the header lies within the packet.
+    if unsafe { (*eth).ether_type } != EtherType::Ipv4 as u16 {
         return Ok(None);
     }
     if !ensure_linear(ctx, ETH_LEN + Ipv4Hdr::LEN) {
         return Err(Counter::DropMalformed);
     }
     let ip = ptr_at::<Ipv4Hdr>(ctx, ETH_LEN).ok_or(Counter::DropMalformed)?;
-    // SAFETY: bounds checked by ptr_at.
+    // SAFETY: ptr_at checked the header lies within the packet; nothing moves the data while
+    // the fields are read.
     let ip = unsafe { &*ip };
-    let ihl = usize::from(ip.vihl & 0x0f) * 4;
+    let ihl = ipv4_header_len(ip.vihl);
     let l3_len = ctx.len().saturating_sub(ETH_LEN as u32);
-    let tot_len = u32::from(u16::from_be_bytes(ip.tot_len));
-    if ip.vihl >> 4 != 4 || ihl < Ipv4Hdr::LEN || tot_len < ihl as u32 || tot_len > l3_len {
+    let tot_len = u32::from(ip.tot_len());
+    if ip.version() != IPV4_VERSION
+        || ihl < Ipv4Hdr::LEN
+        || tot_len < ihl as u32
+        || tot_len > l3_len
+    {
         return Err(Counter::DropMalformed);
     }
-    let frags = u16::from_be_bytes(ip.frags);
-    let more = frags & 0x2000 != 0;
-    let offset = frags & 0x1fff;
-    let fragment = match (offset, more) {
+    let more = ip.frag_flags() & IP_MORE_FRAGMENTS != 0;
+    let fragment = match (ip.frag_offset(), more) {
         (0, false) => Fragment::Whole,
         (0, true) => Fragment::First,
         _ => Fragment::Later,
@@ -149,7 +189,7 @@ pub fn ipv4(ctx: &TcContext) -> Result<Option<Ipv4>, Counter> {
         dst: u32::from_be_bytes(ip.dst_addr),
         proto: ip.proto,
         ttl: ip.ttl,
-        id: u16::from_be_bytes(ip.id),
+        id: ip.id(),
         fragment,
         l4_off: ETH_LEN + ihl,
         l3_len,
@@ -161,8 +201,9 @@ pub fn ipv4(ctx: &TcContext) -> Result<Option<Ipv4>, Counter> {
 pub fn l4(ctx: &TcContext, ip: &Ipv4) -> Result<L4, Counter> {
     let off = ip.l4_off;
     let needed = match ip.proto {
-        PROTO_TCP => 20,
-        PROTO_UDP | PROTO_ICMP => 8,
+        PROTO_TCP => TcpHdr::LEN,
+        PROTO_UDP => UdpHdr::LEN,
+        PROTO_ICMP => Icmpv4Hdr::LEN,
         _ => return Err(Counter::DropUnsupportedProtocol),
     };
     if (ctx.len() as usize) < off + needed {
@@ -175,50 +216,52 @@ pub fn l4(ctx: &TcContext, ip: &Ipv4) -> Result<L4, Counter> {
     // One read for everything we use: ports (or ICMP type and identifier) and TCP flags;
     // direct for option-less packets, else one load helper.
     let direct = if off == L4_OFF_PLAIN {
-        ptr_at::<[u8; 14]>(ctx, L4_OFF_PLAIN).map(|p| unsafe { *p })
+        // SAFETY: ptr_at checked the bytes lie within the packet.
+        ptr_at::<[u8; L4_HEAD_LEN]>(ctx, L4_OFF_PLAIN).map(|p| unsafe { *p })
     } else {
         None
     };
     let head = direct
         .ok_or(())
-        .or_else(|()| ctx.load::<[u8; 14]>(off).map_err(|_| ()))
+        .or_else(|()| ctx.load::<[u8; L4_HEAD_LEN]>(off).map_err(|_| ()))
         .or_else(|()| {
-            // UDP/ICMP packets may be shorter than 14 bytes of L4.
-            ctx.load::<[u8; 8]>(off).map_err(|_| ()).map(|h| {
-                let mut head = [0u8; 14];
-                head[..8].copy_from_slice(&h);
+            // UDP/ICMP packets may be shorter than the TCP header's head.
+            ctx.load::<[u8; UdpHdr::LEN]>(off).map_err(|_| ()).map(|h| {
+                let mut head = [0u8; L4_HEAD_LEN];
+                head[..UdpHdr::LEN].copy_from_slice(&h);
                 head
             })
         });
     let head = head.map_err(|()| Counter::DropMalformed)?;
-    let port = |i: usize| u16::from_be_bytes([head[i], head[i + 1]]);
+    let field = |at: usize| u16::from_be_bytes([head[at], head[at + 1]]);
     Ok(match ip.proto {
         PROTO_TCP => L4 {
-            src_port: port(0),
-            dst_port: port(2),
-            tcp_flags: head[13],
+            src_port: field(SRC_PORT_OFF),
+            dst_port: field(DST_PORT_OFF),
+            tcp_flags: head[TCP_FLAGS_OFF],
             icmp_type: 0,
-            csum_off: off + 16,
+            csum_off: off + l4_csum_offset(PROTO_TCP),
         },
         PROTO_UDP => L4 {
-            src_port: port(0),
-            dst_port: port(2),
+            src_port: field(SRC_PORT_OFF),
+            dst_port: field(DST_PORT_OFF),
             tcp_flags: 0,
             icmp_type: 0,
-            csum_off: off + 6,
+            csum_off: off + l4_csum_offset(PROTO_UDP),
         },
         _ => {
-            let (src_port, dst_port) = match head[0] {
-                ICMP_ECHO_REQUEST => (port(4), 0),
-                ICMP_ECHO_REPLY => (0, port(4)),
+            let icmp_type = head[offset_of!(Icmpv4Hdr, type_)];
+            let (src_port, dst_port) = match icmp_type {
+                ICMP_ECHO_REQUEST => (field(ICMP_ID_OFF), 0),
+                ICMP_ECHO_REPLY => (0, field(ICMP_ID_OFF)),
                 _ => (0, 0),
             };
             L4 {
                 src_port,
                 dst_port,
                 tcp_flags: 0,
-                icmp_type: head[0],
-                csum_off: off + 2,
+                icmp_type,
+                csum_off: off + ICMP_CSUM_OFF,
             }
         }
     })

@@ -83,6 +83,8 @@ pub enum Error {
         #[source]
         source: aya::programs::links::LinkError,
     },
+    #[error("the eBPF object holds no checksum-state sequence (datapath_common::skb::TEMPLATE) to patch: it was not built from the sources of this datapath-user")]
+    NoChecksumSites,
     #[error("loading the eBPF object: {0}")]
     Load(#[from] aya::EbpfError),
     #[error("this build of datapath-user has no eBPF object (built without its `ebpf` feature)")]

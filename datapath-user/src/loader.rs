@@ -64,7 +64,7 @@ pub fn load(opts: &LoadOptions) -> Result<Ebpf> {
     }
     bpffs::ensure_pin_dir(&opts.pin_path)?;
     maps::check_layout(&opts.pin_path)?;
-    let object = object_for_this_kernel(opts.kernel_checksum_helpers);
+    let object = object_for_this_kernel(opts.kernel_checksum_helpers)?;
     let mut ebpf = EbpfLoader::new()
         .default_map_pin_directory(&opts.pin_path)
         .map_max_entries(names::CONNTRACK, opts.flow_table_size)
@@ -86,12 +86,7 @@ pub fn load(opts: &LoadOptions) -> Result<Ebpf> {
     layout
         .set(0, LayoutInfo::current(), 0)
         .map_err(|e| Error::map("writing LAYOUT", e))?;
-    for name in [
-        names::PROG_FROM_POD,
-        names::PROG_FROM_POD_SLOW,
-        names::PROG_UPLINK_INGRESS,
-        names::PROG_UPLINK_EGRESS,
-    ] {
+    for name in names::PROGRAMS {
         program(&mut ebpf, name)?
             .load()
             .map_err(|e| Error::program(format!("loading {name} (verifier)"), e))?;
@@ -114,17 +109,17 @@ pub fn load(opts: &LoadOptions) -> Result<Ebpf> {
 
 /// The object with its checksum-state sequences (`datapath_common::skb`) resolved against the
 /// running kernel's BTF, or replaced by the fallback (the kernel's checksum helpers).
-fn object_for_this_kernel(kernel_checksum_helpers: bool) -> AlignedObject {
+fn object_for_this_kernel(kernel_checksum_helpers: bool) -> Result<AlignedObject> {
     let mut object = AlignedObject::copy_of(OBJECT);
     let sequence = if kernel_checksum_helpers {
         Err("asked for the kernel's checksum helpers".to_string())
     } else {
         csum_state_sequence()
     };
-    let sites = skb::patch_object(
+    let sites = patch_checksum_sites(
         object.bytes_mut(),
         sequence.as_ref().unwrap_or(&skb::FALLBACK),
-    );
+    )?;
     match sequence {
         Ok(_) => info!(
             "checksum state read through bpf_cast_to_kern_ctx ({sites} sites): TCP/UDP checksums are fixed without helper calls"
@@ -133,7 +128,17 @@ fn object_for_this_kernel(kernel_checksum_helpers: bool) -> AlignedObject {
             warn!("{reason}: TCP/UDP checksums go through the kernel's helpers (slower)");
         }
     }
-    object
+    Ok(object)
+}
+
+/// Replaces every checksum-state sequence in `object` with `replacement`. An object without
+/// one was not built from this crate's sources: its programs would run the placeholder call
+/// the verifier refuses, so it is refused here with the reason.
+fn patch_checksum_sites(object: &mut [u8], replacement: &[skb::Insn; 4]) -> Result<usize> {
+    match skb::patch_object(object, replacement) {
+        0 => Err(Error::NoChecksumSites),
+        sites => Ok(sites),
+    }
 }
 
 /// A copy of the object in 8-byte-aligned memory: the ELF parser reads headers in place.
@@ -944,5 +949,37 @@ impl Drop for LockFile {
     fn drop(&mut self) {
         // Unlinked while still locked: a waiting process re-checks the name (see acquire).
         let _ = std::fs::remove_file(&self.path);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The programs name their maps after their statics: every name userspace opens must be
+    /// one of the object's maps, every program one of its programs.
+    #[test]
+    fn every_shared_name_is_in_the_built_object() {
+        let object = aya_obj::Object::parse(AlignedObject::copy_of(OBJECT).bytes()).unwrap();
+        for map in names::MAPS {
+            assert!(object.maps.contains_key(map), "no map {map} in the object");
+        }
+        for prog in names::PROGRAMS {
+            assert!(
+                object.programs.contains_key(prog),
+                "no program {prog} in the object"
+            );
+        }
+    }
+
+    #[test]
+    fn the_built_object_carries_checksum_sites_and_an_object_without_is_refused() {
+        let mut object = AlignedObject::copy_of(OBJECT);
+        let sites = patch_checksum_sites(object.bytes_mut(), &skb::FALLBACK).unwrap();
+        assert!(sites > 0);
+        assert!(matches!(
+            patch_checksum_sites(object.bytes_mut(), &skb::FALLBACK),
+            Err(Error::NoChecksumSites)
+        ));
     }
 }

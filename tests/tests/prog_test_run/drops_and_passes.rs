@@ -4,6 +4,7 @@
 use datapath_common::{
     counters::Counter,
     flow::{PROTO_ICMP, PROTO_TCP, PROTO_UDP},
+    maps as names,
     tcp::{TCP_ACK, TCP_SYN},
 };
 use datapath_tests::{
@@ -287,6 +288,30 @@ fn a_redirect_to_a_vanished_device_is_not_refused_by_the_helper() {
         let (verdict, _) = h.from_wire(&wire_tcp(out.src_port(), TCP_SYN | TCP_ACK));
         assert_eq!(verdict, TC_ACT_REDIRECT);
         assert_eq!(h.counter(Counter::DropRedirectFailed), 0);
+    })
+    .unwrap();
+}
+
+/// The slow path run on its own (the pod-side program only tail-calls it with an IPv4 packet
+/// from a registered pod, once configured): what it cannot handle is counted for what it is,
+/// not as a malformed packet.
+#[test]
+fn the_slow_path_names_why_it_drops() {
+    with_harness(HarnessOptions::default(), |h| {
+        let pod_if = h.pod_ifindex;
+        let (verdict, _) = h
+            .run(names::PROG_FROM_POD_SLOW, &packet::arp(), pod_if)
+            .unwrap();
+        assert_eq!(verdict, TC_ACT_SHOT);
+        assert_eq!(h.counter(Counter::DropInternal), 1);
+        // SAFETY: Config is plain data; all zero is "not configured".
+        let unconfigured: datapath_common::config::Config = unsafe { std::mem::zeroed() };
+        h.maps.config.set(0, unconfigured, 0).unwrap();
+        let syn = pod_tcp(40300, 80, TCP_SYN);
+        let (verdict, _) = h.run(names::PROG_FROM_POD_SLOW, &syn, pod_if).unwrap();
+        assert_eq!(verdict, TC_ACT_SHOT);
+        assert_eq!(h.counter(Counter::DropNotConfigured), 1);
+        assert_eq!(h.counter(Counter::DropMalformed), 0);
     })
     .unwrap();
 }

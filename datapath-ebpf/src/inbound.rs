@@ -1,0 +1,122 @@
+//! Packets from the wire to the node's address that belong to pod flows: replies, their later
+//! fragments, and ICMP errors about pod flows, reverse-translated and handed to the pod.
+
+use aya_ebpf::programs::TcContext;
+use datapath_common::{
+    config::Config,
+    counters::Counter,
+    flow::{FlowKey, FragKey, PROTO_ICMP},
+    headers::{Fragment, Ipv4, L4},
+    tcp::Direction,
+};
+
+use crate::{
+    alloc,
+    clock::now_ns,
+    conntrack,
+    flow_ref::FlowRef,
+    forward, icmp,
+    maps::{count, FRAGMENTS, NAT_BINDINGS},
+    nat::{self, Side},
+    node,
+    verdict::pass,
+};
+
+/// A TCP/UDP packet or echo reply to the node's address: reverse-translated to the pod whose
+/// binding its tuple is, handed to the node's own connection, or (no binding) passed to the
+/// node or dropped.
+#[inline(always)]
+pub fn reply(ctx: &TcContext, cfg: &Config, ip: &Ipv4, l4: &L4) -> Result<i32, Counter> {
+    let tuple = FlowKey::from_packet(ip, l4);
+    // SAFETY: a NAT_BINDINGS value, valid while the program runs; copied out at once.
+    let Some(pod_key) = (unsafe { NAT_BINDINGS.get(tuple) }).copied() else {
+        // Migrating from iptables, the kernel's conntrack may own it: leave it to the kernel.
+        if ip.proto != PROTO_ICMP
+            && cfg.port_in_range(l4.dst_port)
+            && !cfg.pass_untracked_inbound()
+            && !alloc::node_socket_owns_reply(ctx.skb.skb, &tuple)
+        {
+            return Err(Counter::DropUntrackedInbound);
+        }
+        return pass(Counter::PassNode);
+    };
+    if pod_key.src_ip == cfg.node_ip {
+        // One of the node's own connections (tracked at egress).
+        node::to_node(ctx, ip, l4, &pod_key);
+        return pass(Counter::PassNode);
+    }
+    forward::check_hop_limit(ip)?;
+    let flow = conntrack::for_binding(&pod_key, &tuple)?;
+    flow.account(ip.proto, Direction::In, ip.l3_len, l4.tcp_flags, now_ns());
+    if ip.fragment == Fragment::First {
+        let _ = FRAGMENTS.insert(FragKey::from_packet(ip), pod_key, 0);
+    }
+    nat::rewrite_forwarded(
+        ctx,
+        ip,
+        Some(l4),
+        Side::Destination,
+        pod_key.src_ip,
+        pod_key.src_port,
+    )?;
+    count(Counter::TranslatedIn);
+    forward::to_pod(ctx, flow)
+}
+
+/// A non-first fragment to the node's address: translated to the pod when its first fragment
+/// was (no ports: the address only).
+#[inline(always)]
+pub fn later_fragment(ctx: &TcContext, ip: &Ipv4) -> Result<i32, Counter> {
+    // SAFETY: a FRAGMENTS value, valid while the program runs; copied out at once.
+    let Some(pod_key) = (unsafe { FRAGMENTS.get(FragKey::from_packet(ip)) }).copied() else {
+        return pass(Counter::PassFragmentUntracked);
+    };
+    let Some(flow) = FlowRef::find(&pod_key) else {
+        return pass(Counter::PassFragmentUntracked);
+    };
+    forward::check_hop_limit(ip)?;
+    flow.account(ip.proto, Direction::In, ip.l3_len, 0, now_ns());
+    nat::rewrite_forwarded(ctx, ip, None, Side::Destination, pod_key.src_ip, 0)?;
+    count(Counter::FragmentIn);
+    forward::to_pod(ctx, flow)
+}
+
+/// An ICMP error to the node's address: translated outer and inner (RFC 5508) when it is about
+/// a pod flow; the node's otherwise.
+#[inline(always)]
+pub fn icmp_error(ctx: &TcContext, ip: &Ipv4, node_ip: u32) -> Result<i32, Counter> {
+    let emb = match icmp::embedded(ctx, ip) {
+        Ok(emb) => emb,
+        // Not about a flow we could have made: the node's business.
+        Err(Counter::DropIcmpUntracked) => return pass(Counter::PassNode),
+        Err(other) => return Err(other),
+    };
+    let binding = emb.binding_key();
+    // SAFETY: a NAT_BINDINGS value, valid while the program runs; copied out at once.
+    let Some(pod_key) = (unsafe { NAT_BINDINGS.get(binding) }).copied() else {
+        return pass(Counter::PassNode);
+    };
+    if pod_key.src_ip == node_ip {
+        // About a node connection: the node's, untouched (the rare translated one's quoted
+        // port stays as sent; the kernel then finds no socket for it).
+        return pass(Counter::PassNode);
+    }
+    let Some(flow) = FlowRef::find(&pod_key) else {
+        return pass(Counter::PassNode);
+    };
+    forward::check_hop_limit(ip)?;
+    flow.account_icmp_error(ip.l3_len, now_ns());
+    icmp::translate(
+        ctx,
+        ip,
+        &emb,
+        Side::Destination,
+        pod_key.src_ip,
+        Side::Source,
+        pod_key.src_ip,
+        pod_key.src_port,
+    )?;
+    forward::decrement_ttl(ctx, ip)?;
+    count(Counter::IcmpErrorIn);
+    forward::to_pod(ctx, flow)
+}
