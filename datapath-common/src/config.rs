@@ -25,7 +25,8 @@ impl PortRandomisation {
     }
 }
 
-/// Flow timeouts in seconds. Only userspace's sweep reads them; they live in the config map so
+/// Flow timeouts in seconds. The sweep removes flows by them, and the programs treat a flow
+/// past its timeout as gone before that (see `Flow::is_expired`); they live in the config map so
 /// a running daemon's settings are visible to every tool that opens the pinned maps.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]

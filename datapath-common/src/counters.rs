@@ -145,6 +145,8 @@ counters! {
     DropChecksumError = 46, "drop_checksum_error", Dropped;
     /// Packets the programs could not handle for a reason of their own: a per-CPU working-memory slot missing, or the slow path finding a packet that is not the one the fast path checked. A datapath bug.
     DropInternal = 47, "drop_internal", Dropped;
+    /// Packets from the wire (replies, ICMP errors) whose flow was past its timeout but not yet removed by the sweep: they matched no flow, as in nf_conntrack, and were then dropped or passed to the node as such.
+    ExpiredFlowHit = 48, "expired_flow_hit", Event;
 }
 
 /// The first bucket of the probe-count histogram of NAT port allocations: bucket `i` counts

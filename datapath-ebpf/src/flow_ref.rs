@@ -5,6 +5,7 @@ use core::intrinsics::{atomic_xadd, AtomicOrdering};
 
 use aya_ebpf::bindings::BPF_NOEXIST;
 use datapath_common::{
+    config::Timeouts,
     counters::Counter,
     flow::{self, Flow, FlowKey, FlowState, PROTO_TCP},
     tcp::{self, Direction},
@@ -39,6 +40,13 @@ impl FlowRef {
         // SAFETY: see the type: valid for this run, and fields written meanwhile by another
         // CPU read whole, old or new.
         read(unsafe { &*self.0 })
+    }
+
+    /// Whether the flow is past the time the sweep may remove it (its state's timeout, and at
+    /// least the revalidation interval idle): from then on it matches no packet from the wire.
+    #[inline(always)]
+    pub fn is_expired(self, proto: u8, timeouts: &Timeouts, now: u64) -> bool {
+        self.read(|f| f.is_expired(proto, timeouts, now))
     }
 
     /// The address and port the flow is translated to.

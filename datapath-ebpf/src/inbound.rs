@@ -30,24 +30,23 @@ pub fn reply(ctx: &TcContext, cfg: &Config, ip: &Ipv4, l4: &L4) -> Result<i32, C
     let tuple = FlowKey::from_packet(ip, l4);
     // SAFETY: a NAT_BINDINGS value, valid while the program runs; copied out at once.
     let Some(pod_key) = (unsafe { NAT_BINDINGS.get(tuple) }).copied() else {
-        // Migrating from iptables, the kernel's conntrack may own it: leave it to the kernel.
-        if ip.proto != PROTO_ICMP
-            && cfg.port_in_range(l4.dst_port)
-            && !cfg.pass_untracked_inbound()
-            && !alloc::node_socket_owns_reply(ctx.skb.skb, &tuple)
-        {
-            return Err(Counter::DropUntrackedInbound);
-        }
-        return pass(Counter::PassNode);
+        return untracked(ctx, cfg, ip, l4, &tuple);
     };
     if pod_key.src_ip == cfg.node_ip {
         // One of the node's own connections (tracked at egress).
         node::to_node(ctx, ip, l4, &pod_key);
         return pass(Counter::PassNode);
     }
-    forward::check_hop_limit(ip)?;
     let flow = conntrack::for_binding(&pod_key, &tuple)?;
-    flow.account(ip.proto, Direction::In, ip.l3_len, l4.tcp_flags, now_ns());
+    let now = now_ns();
+    // As nf_conntrack treats an entry past its timeout: it matches nothing, removed yet or
+    // not (the sweep reaches large tables less often).
+    if flow.is_expired(ip.proto, &cfg.timeouts, now) {
+        count(Counter::ExpiredFlowHit);
+        return untracked(ctx, cfg, ip, l4, &tuple);
+    }
+    forward::check_hop_limit(ip)?;
+    flow.account(ip.proto, Direction::In, ip.l3_len, l4.tcp_flags, now);
     if ip.fragment == Fragment::First {
         let _ = FRAGMENTS.insert(FragKey::from_packet(ip), pod_key, 0);
     }
@@ -61,6 +60,27 @@ pub fn reply(ctx: &TcContext, cfg: &Config, ip: &Ipv4, l4: &L4) -> Result<i32, C
     )?;
     count(Counter::TranslatedIn);
     forward::to_pod(ctx, flow)
+}
+
+/// A packet to the node's address that no live flow owns: the node's, unless it is to a NAT
+/// port no node socket holds (dropped, as the iptables mode's REJECT would). Migrating from
+/// iptables, the kernel's conntrack may own it: then it is left to the kernel.
+#[inline(always)]
+fn untracked(
+    ctx: &TcContext,
+    cfg: &Config,
+    ip: &Ipv4,
+    l4: &L4,
+    tuple: &FlowKey,
+) -> Result<i32, Counter> {
+    if ip.proto != PROTO_ICMP
+        && cfg.port_in_range(l4.dst_port)
+        && !cfg.pass_untracked_inbound()
+        && !alloc::node_socket_owns_reply(ctx.skb.skb, tuple)
+    {
+        return Err(Counter::DropUntrackedInbound);
+    }
+    pass(Counter::PassNode)
 }
 
 /// A non-first fragment to the node's address: translated to the pod when its first fragment
@@ -84,7 +104,7 @@ pub fn later_fragment(ctx: &TcContext, ip: &Ipv4) -> Result<i32, Counter> {
 /// An ICMP error to the node's address: translated outer and inner (RFC 5508) when it is about
 /// a pod flow; the node's otherwise.
 #[inline(always)]
-pub fn icmp_error(ctx: &TcContext, ip: &Ipv4, node_ip: u32) -> Result<i32, Counter> {
+pub fn icmp_error(ctx: &TcContext, cfg: &Config, ip: &Ipv4) -> Result<i32, Counter> {
     let emb = match icmp::embedded(ctx, ip) {
         Ok(emb) => emb,
         // Not about a flow we could have made: the node's business.
@@ -96,7 +116,7 @@ pub fn icmp_error(ctx: &TcContext, ip: &Ipv4, node_ip: u32) -> Result<i32, Count
     let Some(pod_key) = (unsafe { NAT_BINDINGS.get(binding) }).copied() else {
         return pass(Counter::PassNode);
     };
-    if pod_key.src_ip == node_ip {
+    if pod_key.src_ip == cfg.node_ip {
         // About a node connection: the node's, untouched (the rare translated one's quoted
         // port stays as sent; the kernel then finds no socket for it).
         return pass(Counter::PassNode);
@@ -104,8 +124,13 @@ pub fn icmp_error(ctx: &TcContext, ip: &Ipv4, node_ip: u32) -> Result<i32, Count
     let Some(flow) = FlowRef::find(&pod_key) else {
         return pass(Counter::PassNode);
     };
+    let now = now_ns();
+    if flow.is_expired(pod_key.proto, &cfg.timeouts, now) {
+        count(Counter::ExpiredFlowHit);
+        return pass(Counter::PassNode);
+    }
     forward::check_hop_limit(ip)?;
-    flow.account_icmp_error(ip.l3_len, now_ns());
+    flow.account_icmp_error(ip.l3_len, now);
     icmp::translate(
         ctx,
         ip,

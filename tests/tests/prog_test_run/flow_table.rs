@@ -1,13 +1,16 @@
-//! The LRU flow and binding tables: evicted halves repaired, a full table evicting.
+//! The LRU flow and binding tables: evicted halves repaired, a full table evicting, expired
+//! flows matching nothing before the sweep removes them.
 
 use datapath_common::{
     counters::Counter,
-    flow::PROTO_TCP,
+    flow::{FlowState, PROTO_TCP},
     tcp::{TCP_ACK, TCP_SYN},
 };
 use datapath_tests::{
     packet::Parsed,
-    testrun::{pod_tcp, with_harness, HarnessOptions, POD_IP, SERVER_IP, TC_ACT_REDIRECT},
+    testrun::{
+        pod_tcp, with_harness, HarnessOptions, POD_IP, SERVER_IP, TC_ACT_REDIRECT, TC_ACT_SHOT,
+    },
 };
 
 use crate::{open_tcp, pod_key, wire_tcp};
@@ -74,5 +77,43 @@ fn a_full_lru_flow_table_evicts_rather_than_refuses() {
             );
         },
     )
+    .unwrap();
+}
+
+/// nf_conntrack's rule: an entry past its timeout matches nothing, whether or not its
+/// collector has reached it. The sweep reaches large tables less often, so the programs check:
+/// a reply to a flow past its timeout is not translated, and does not bring the flow back.
+#[test]
+fn a_reply_to_a_flow_past_its_timeout_matches_nothing() {
+    with_harness(HarnessOptions::default(), |h| {
+        let nat_port = open_tcp(h, 43100).src_port();
+        let (verdict, _) = h.from_wire(&wire_tcp(nat_port, TCP_ACK));
+        assert_eq!(
+            verdict, TC_ACT_REDIRECT,
+            "a live flow's reply is translated"
+        );
+        // A reset connection (10 s timeout) last seen 12 s ago, not yet swept.
+        let key = pod_key(PROTO_TCP, 43100, SERVER_IP, 80);
+        let mut flow = h.maps.conntrack.get(&key, 0).unwrap();
+        flow.state = FlowState::Reset as u8;
+        flow.last_seen_ns = datapath_user::maps::monotonic_coarse_ns() - 12_000_000_000;
+        h.maps.conntrack.insert(key, flow, 0).unwrap();
+        let (hits, untracked) = (
+            h.counter(Counter::ExpiredFlowHit),
+            h.counter(Counter::DropUntrackedInbound),
+        );
+        let (verdict, _) = h.from_wire(&wire_tcp(nat_port, TCP_ACK));
+        assert_eq!(
+            verdict, TC_ACT_SHOT,
+            "no node socket holds the port: dropped"
+        );
+        assert_eq!(h.counter(Counter::ExpiredFlowHit), hits + 1);
+        assert_eq!(h.counter(Counter::DropUntrackedInbound), untracked + 1);
+        let after = h.maps.conntrack.get(&key, 0).unwrap();
+        assert_eq!(
+            after.last_seen_ns, flow.last_seen_ns,
+            "the reply refreshed nothing"
+        );
+    })
     .unwrap();
 }
