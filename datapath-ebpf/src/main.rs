@@ -138,7 +138,7 @@ fn try_uplink_ingress(ctx: &TcContext) -> Result<i32, Counter> {
     };
     if ip.proto == PROTO_ICMP {
         if parse::is_icmp_error(l4.icmp_type) {
-            return inbound::icmp_error(ctx, &cfg, &ip);
+            return inbound::icmp_error(ctx, cfg, &ip);
         }
         if l4.icmp_type != ICMP_ECHO_REPLY {
             return pass(Counter::PassNode);
