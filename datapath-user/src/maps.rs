@@ -5,7 +5,10 @@ use std::{
     path::{Path, PathBuf},
 };
 
-use aya::maps::{Array, HashMap, Map, MapData, PerCpuArray};
+use aya::{
+    maps::{Array, HashMap, Map, MapData, PerCpuArray},
+    Pod,
+};
 use datapath_common::{
     config::Config,
     counters::Counter,
@@ -128,32 +131,13 @@ impl Maps {
     }
 
     /// Calls `f` for every flow, thousands per syscall.
-    pub fn for_each_flow(&self, mut f: impl FnMut(&FlowKey, &Flow)) -> Result<()> {
-        match crate::batch::for_each(&self.conntrack_raw, &mut f) {
-            Ok(()) => Ok(()),
-            // Kernels without batch lookups for this map type: one entry at a time.
-            Err(e) if e.raw_os_error() == Some(libc::EINVAL) => {
-                for (key, flow) in self.conntrack.iter().filter_map(Result::ok) {
-                    f(&key, &flow);
-                }
-                Ok(())
-            }
-            Err(e) => Err(Error::io("reading CONNTRACK", e)),
-        }
+    pub fn for_each_flow(&self, f: impl FnMut(&FlowKey, &Flow)) -> Result<()> {
+        for_each_entry(&self.conntrack_raw, &self.conntrack, names::CONNTRACK, f)
     }
 
     /// Calls `f` for every NAT binding (reply tuple, pod tuple), thousands per syscall.
-    pub fn for_each_binding(&self, mut f: impl FnMut(&FlowKey, &FlowKey)) -> Result<()> {
-        match crate::batch::for_each(&self.bindings_raw, &mut f) {
-            Ok(()) => Ok(()),
-            Err(e) if e.raw_os_error() == Some(libc::EINVAL) => {
-                for (key, owner) in self.bindings.iter().filter_map(Result::ok) {
-                    f(&key, &owner);
-                }
-                Ok(())
-            }
-            Err(e) => Err(Error::io("reading NAT_BINDINGS", e)),
-        }
+    pub fn for_each_binding(&self, f: impl FnMut(&FlowKey, &FlowKey)) -> Result<()> {
+        for_each_entry(&self.bindings_raw, &self.bindings, names::NAT_BINDINGS, f)
     }
 
     /// Removes the flow `key`, returning the value it held when it was unlinked.
@@ -240,4 +224,24 @@ pub fn monotonic_coarse_ns() -> u64 {
     // SAFETY: valid out-pointer.
     unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC_COARSE, &raw mut ts) };
     ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
+}
+
+/// Calls `f` for every entry of a hash map, read through `raw` in batches, or one entry at a
+/// time through `map` on kernels without batch lookups for its type.
+fn for_each_entry<K: Pod + Default, V: Pod + Default>(
+    raw: &MapData,
+    map: &HashMap<MapData, K, V>,
+    name: &str,
+    mut f: impl FnMut(&K, &V),
+) -> Result<()> {
+    match crate::batch::for_each(raw, &mut f) {
+        Ok(()) => Ok(()),
+        Err(e) if e.raw_os_error() == Some(libc::EINVAL) => {
+            for (key, value) in map.iter().filter_map(std::result::Result::ok) {
+                f(&key, &value);
+            }
+            Ok(())
+        }
+        Err(e) => Err(Error::io(format!("reading {name}"), e)),
+    }
 }
