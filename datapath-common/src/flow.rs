@@ -433,6 +433,7 @@ mod tests {
             dst_port: 53,
             tcp_flags: 0,
             icmp_type: 0,
+            tcp_hdr_len: 0,
             csum_off: 40,
         };
         assert_eq!(

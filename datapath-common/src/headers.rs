@@ -35,6 +35,8 @@ pub struct L4 {
     pub dst_port: u16,
     pub tcp_flags: u8,
     pub icmp_type: u8,
+    /// Length of the TCP header with its options (0 for UDP and ICMP).
+    pub tcp_hdr_len: u8,
     /// Offset of the L4 checksum field from the start of the frame.
     pub csum_off: usize,
 }

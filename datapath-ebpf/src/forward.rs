@@ -12,12 +12,17 @@ use aya_ebpf::{
     maps::PerCpuArray,
     programs::TcContext,
 };
-use datapath_common::{counters::Counter, csum, flow::FLAG_HAS_MACS, headers::Ipv4};
+use datapath_common::{
+    counters::Counter,
+    csum,
+    flow::{FLAG_HAS_MACS, PROTO_TCP},
+    headers::{Ipv4, L4},
+};
 use network_types::eth::EthHdr;
 
 use crate::{
     flow_ref::FlowRef,
-    parse::{ptr_at, IP_CSUM_OFF, IP_TTL_OFF},
+    parse::{ptr_at, ETH_LEN, IP_CSUM_OFF, IP_TTL_OFF},
 };
 
 const AF_INET: u8 = 2;
@@ -192,12 +197,28 @@ pub fn to_pod(ctx: &TcContext, flow: FlowRef) -> Result<i32, Counter> {
     redirect_verdict(rc)
 }
 
-/// The flow's cached next hop, if it was looked up within the revalidation interval and the
-/// packet fits its MTU (a larger one goes through the FIB, which checks it).
+/// The IPv4 length of the largest packet `ip` leaves the node as. A TCP GSO packet (up to
+/// 64 KiB from a pod's veth) leaves as segments of its headers plus `gso_size` bytes each,
+/// which is what the kernel's forwarding MTU check (and the FIB lookup's) compares with the
+/// MTU; without this every such packet of a bulk flow missed the fast path. Other GSO
+/// packets (UDP, tunnels) keep their full length, so the FIB checks them.
 #[inline(always)]
-pub fn cached_route(flow: FlowRef, ip: &Ipv4, now: u64) -> Option<NextHop> {
+pub fn leaving_len(ctx: &TcContext, ip: &Ipv4, l4: &L4) -> u32 {
+    // SAFETY: a read of a field of the program's own context.
+    let gso_size = unsafe { (*ctx.skb.skb).gso_size };
+    if gso_size == 0 || ip.proto != PROTO_TCP {
+        return ip.l3_len;
+    }
+    (ip.l4_off - ETH_LEN) as u32 + u32::from(l4.tcp_hdr_len) + gso_size
+}
+
+/// The flow's cached next hop, if it was looked up within the revalidation interval and the
+/// packets leaving ([`leaving_len`]) fit its MTU (larger ones go through the FIB, which
+/// checks them).
+#[inline(always)]
+pub fn cached_route(flow: FlowRef, leaving_len: u32, now: u64) -> Option<NextHop> {
     flow.read(|f| {
-        if f.out_ifindex == 0 || !f.is_fresh(now) || ip.l3_len > u32::from(f.out_mtu) {
+        if f.out_ifindex == 0 || !f.is_fresh(now) || leaving_len > u32::from(f.out_mtu) {
             return None;
         }
         Some(NextHop {

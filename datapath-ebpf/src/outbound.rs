@@ -46,7 +46,7 @@ pub fn established(ctx: &TcContext, ip: &Ipv4, ifindex: u32) -> Result<Option<i3
     };
     let now = now_ns();
     let hop = if flow.read(|f| f.pod_ifindex) == ifindex {
-        forward::cached_route(flow, ip, now)
+        forward::cached_route(flow, forward::leaving_len(ctx, ip, &l4), now)
     } else {
         None
     };

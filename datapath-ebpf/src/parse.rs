@@ -41,6 +41,8 @@ pub const ICMP_CSUM_OFF: usize = offset_of!(Icmpv4Hdr, check);
 pub const ICMP_ID_OFF: usize = offset_of!(Icmpv4Hdr, data) + offset_of!(IcmpIdSequence, id);
 /// The TCP flags: the byte after the data offset, in the header's bitfield word.
 const TCP_FLAGS_OFF: usize = offset_of!(TcpHdr, _bitfield_1) + 1;
+/// The byte whose high nibble is the TCP header's length in 32-bit words.
+const TCP_DATA_OFFSET_OFF: usize = offset_of!(TcpHdr, _bitfield_1);
 /// What `l4` reads at once: through the TCP flags (ports, ICMP type and identifier included).
 const L4_HEAD_LEN: usize = TCP_FLAGS_OFF + 1;
 /// What an ICMP error quotes of the packet it is about beyond its IPv4 header (RFC 792).
@@ -240,6 +242,7 @@ pub fn l4(ctx: &TcContext, ip: &Ipv4) -> Result<L4, Counter> {
             dst_port: field(DST_PORT_OFF),
             tcp_flags: head[TCP_FLAGS_OFF],
             icmp_type: 0,
+            tcp_hdr_len: (head[TCP_DATA_OFFSET_OFF] >> 4) * 4,
             csum_off: off + l4_csum_offset(PROTO_TCP),
         },
         PROTO_UDP => L4 {
@@ -247,6 +250,7 @@ pub fn l4(ctx: &TcContext, ip: &Ipv4) -> Result<L4, Counter> {
             dst_port: field(DST_PORT_OFF),
             tcp_flags: 0,
             icmp_type: 0,
+            tcp_hdr_len: 0,
             csum_off: off + l4_csum_offset(PROTO_UDP),
         },
         _ => {
@@ -261,6 +265,7 @@ pub fn l4(ctx: &TcContext, ip: &Ipv4) -> Result<L4, Counter> {
                 dst_port,
                 tcp_flags: 0,
                 icmp_type,
+                tcp_hdr_len: 0,
                 csum_off: off + ICMP_CSUM_OFF,
             }
         }

@@ -215,11 +215,25 @@ impl Harness {
         frame: &[u8],
         ifindex: u32,
     ) -> Result<(u32, Vec<u8>, Duration)> {
+        self.run_skb(program, frame, ifindex, 0)
+    }
+
+    /// [`Harness::run_timed`] on an skb marked as a GSO packet of `gso_size`-byte segments
+    /// (0: not GSO), as TCP hands a veth up to 64 KiB at once.
+    pub fn run_skb(
+        &mut self,
+        program: &str,
+        frame: &[u8],
+        ifindex: u32,
+        gso_size: u32,
+    ) -> Result<(u32, Vec<u8>, Duration)> {
         let prog = loader::program(&mut self.ebpf, program)?;
         let mut out = vec![0u8; frame.len() + 256];
-        // struct __sk_buff: ifindex at byte 40 selects the device the packet arrives on.
+        // struct __sk_buff: ifindex at byte 40 selects the device the packet arrives on;
+        // gso_size is at byte 176.
         let mut ctx = [0u8; 192];
         ctx[40..44].copy_from_slice(&ifindex.to_ne_bytes());
+        ctx[176..180].copy_from_slice(&gso_size.to_ne_bytes());
         let result = prog
             .test_run(TestRunOptions {
                 data_in: Some(frame),
