@@ -17,7 +17,7 @@ use crate::{
     flow_ref::FlowRef,
     forward, icmp,
     maps::{count, FRAGMENTS, NAT_BINDINGS},
-    nat::{self, Side},
+    nat::{self, Side, Ttl},
     node,
     verdict::pass,
 };
@@ -50,13 +50,13 @@ pub fn reply(ctx: &TcContext, cfg: &Config, ip: &Ipv4, l4: &L4) -> Result<i32, C
     if ip.fragment == Fragment::First {
         let _ = FRAGMENTS.insert(FragKey::from_packet(ip), pod_key, 0);
     }
-    nat::rewrite_forwarded(
+    nat::rewrite(
         ctx,
         ip,
         Some(l4),
         Side::Destination,
-        pod_key.src_ip,
-        pod_key.src_port,
+        (pod_key.src_ip, pod_key.src_port),
+        Ttl::Decrement,
     )?;
     count(Counter::TranslatedIn);
     forward::to_pod(ctx, flow)
@@ -96,7 +96,14 @@ pub fn later_fragment(ctx: &TcContext, ip: &Ipv4) -> Result<i32, Counter> {
     };
     forward::check_hop_limit(ip)?;
     flow.account(ip.proto, Direction::In, ip.l3_len, 0, now_ns());
-    nat::rewrite_forwarded(ctx, ip, None, Side::Destination, pod_key.src_ip, 0)?;
+    nat::rewrite(
+        ctx,
+        ip,
+        None,
+        Side::Destination,
+        (pod_key.src_ip, 0),
+        Ttl::Decrement,
+    )?;
     count(Counter::FragmentIn);
     forward::to_pod(ctx, flow)
 }

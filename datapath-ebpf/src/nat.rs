@@ -28,6 +28,16 @@ pub enum Side {
     Destination,
 }
 
+/// What a rewrite does to the TTL.
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub enum Ttl {
+    /// The kernel's forwarding code (or the node's own stack) takes care of it.
+    Keep,
+    /// The datapath forwards the packet itself: decremented in the same header-checksum
+    /// update. The caller checked `ip.ttl > 1` ([`forward::check_hop_limit`]).
+    Decrement,
+}
+
 /// Rewrites one end of the packet to `addr:port`. `l4` is `None` for later fragments, which
 /// carry no L4 header (their L4 checksum lives in the first fragment).
 ///
@@ -37,39 +47,6 @@ pub enum Side {
 /// the skb's checksum state allows.
 #[inline(always)]
 pub fn rewrite(
-    ctx: &TcContext,
-    ip: &Ipv4,
-    l4: Option<&L4>,
-    side: Side,
-    addr: u32,
-    port: u16,
-) -> Result<(), Counter> {
-    rewrite_header(ctx, ip, l4, side, (addr, port), Ttl::Keep)
-}
-
-/// [`rewrite`] of a packet the datapath forwards without the kernel's forwarding code: the TTL
-/// is decremented too, with the same header-checksum update. The caller checked `ip.ttl > 1`
-/// ([`forward::check_hop_limit`]).
-#[inline(always)]
-pub fn rewrite_forwarded(
-    ctx: &TcContext,
-    ip: &Ipv4,
-    l4: Option<&L4>,
-    side: Side,
-    addr: u32,
-    port: u16,
-) -> Result<(), Counter> {
-    rewrite_header(ctx, ip, l4, side, (addr, port), Ttl::Decrement)
-}
-
-#[derive(Clone, Copy, PartialEq, Eq)]
-enum Ttl {
-    Keep,
-    Decrement,
-}
-
-#[inline(always)]
-fn rewrite_header(
     ctx: &TcContext,
     ip: &Ipv4,
     l4: Option<&L4>,

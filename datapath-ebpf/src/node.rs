@@ -20,7 +20,7 @@ use crate::{
     conntrack::{self, Origin},
     flow_ref::{is_reclaimable, FlowRef},
     maps::{count, CONNTRACK, NAT_BINDINGS},
-    nat::{self, Side},
+    nat::{self, Side, Ttl},
     parse,
 };
 
@@ -61,7 +61,14 @@ pub fn from_node(ctx: &TcContext, cfg: &Config, ip: &Ipv4) {
     flow.account(ip.proto, Direction::Out, ip.l3_len, l4.tcp_flags, now);
     let (_, nat_port) = flow.nat();
     if nat_port != l4.src_port {
-        let _ = nat::rewrite(ctx, ip, Some(&l4), Side::Source, ip.src, nat_port);
+        let _ = nat::rewrite(
+            ctx,
+            ip,
+            Some(&l4),
+            Side::Source,
+            (ip.src, nat_port),
+            Ttl::Keep,
+        );
     }
 }
 
@@ -116,8 +123,8 @@ pub fn to_node(ctx: &TcContext, ip: &Ipv4, l4: &L4, node_key: &FlowKey) {
             ip,
             Some(l4),
             Side::Destination,
-            ip.dst,
-            node_key.src_port,
+            (ip.dst, node_key.src_port),
+            Ttl::Keep,
         );
     }
 }

@@ -18,7 +18,7 @@ use crate::{
     forward::{self, Route},
     icmp,
     maps::{count, CONNTRACK},
-    nat::{self, Side},
+    nat::{self, Side, Ttl},
     parse::{self, ICMP_ECHO_REQUEST},
     verdict::{pass, PASS},
 };
@@ -58,8 +58,7 @@ pub fn established(ctx: &TcContext, ip: &Ipv4, ifindex: u32) -> Result<Option<i3
         return pass(Counter::PassHostStack).map(Some);
     }
     flow.account(ip.proto, Direction::Out, ip.l3_len, l4.tcp_flags, now);
-    let (nat_ip, nat_port) = flow.nat();
-    nat::rewrite_forwarded(ctx, ip, Some(&l4), Side::Source, nat_ip, nat_port)?;
+    nat::rewrite(ctx, ip, Some(&l4), Side::Source, flow.nat(), Ttl::Decrement)?;
     count(Counter::TranslatedOut);
     forward::send(ctx, &hop).map(Some)
 }
@@ -93,8 +92,7 @@ pub fn routed(
     };
     let flow = snat_flow(ctx, cfg, ip, l4, &key, existing, origin, now)?;
     forward::remember_route(flow, &hop);
-    let (nat_ip, nat_port) = flow.nat();
-    nat::rewrite(ctx, ip, Some(l4), Side::Source, nat_ip, nat_port)?;
+    nat::rewrite(ctx, ip, Some(l4), Side::Source, flow.nat(), Ttl::Keep)?;
     count(Counter::TranslatedOut);
     forward::send(ctx, &hop)
 }
@@ -118,8 +116,7 @@ pub fn at_egress(
         flags: FLAG_FROM_EGRESS,
     };
     let flow = snat_flow(ctx, cfg, ip, l4, &key, existing, origin, now_ns())?;
-    let (nat_ip, nat_port) = flow.nat();
-    nat::rewrite(ctx, ip, Some(l4), Side::Source, nat_ip, nat_port)?;
+    nat::rewrite(ctx, ip, Some(l4), Side::Source, flow.nat(), Ttl::Keep)?;
     count(Counter::TranslatedEgress);
     Ok(PASS)
 }
@@ -172,7 +169,7 @@ pub fn later_fragment(
         Route::Forward(hop) => hop,
         Route::Pass(counter) => return pass(counter),
     };
-    nat::rewrite(ctx, ip, None, Side::Source, node_ip, 0)?;
+    nat::rewrite(ctx, ip, None, Side::Source, (node_ip, 0), Ttl::Keep)?;
     count(Counter::FragmentOut);
     forward::send(ctx, &hop)
 }
@@ -180,7 +177,7 @@ pub fn later_fragment(
 /// A non-first fragment of a pod packet at the uplink's egress: its source address translated.
 #[inline(always)]
 pub fn later_fragment_at_egress(ctx: &TcContext, ip: &Ipv4, node_ip: u32) -> Result<i32, Counter> {
-    nat::rewrite(ctx, ip, None, Side::Source, node_ip, 0)?;
+    nat::rewrite(ctx, ip, None, Side::Source, (node_ip, 0), Ttl::Keep)?;
     count(Counter::FragmentOut);
     Ok(PASS)
 }

@@ -321,13 +321,13 @@ impl ClsactRecord {
 /// clsact (kernels before 6.6): the same take-over semantics as the TCX links. Our filter sits
 /// in a fixed slot (priority, handle) that the next daemon replaces in place, so translation
 /// never stops across a restart; the record under the pin path says which hooks are ours.
-fn attach_clsact(
-    prog: &mut SchedClassifier,
-    ifname: &str,
-    attach_type: TcAttachType,
-    pin_path: &Path,
-    what: &str,
-) -> Result<Attached> {
+fn attach_clsact(prog: &mut SchedClassifier, hook: Hook) -> Result<Attached> {
+    let Hook {
+        ifname,
+        attach_type,
+        pin_path,
+        what,
+    } = hook;
     let context = || format!("attaching to {ifname} (clsact)");
     let ifindex = netdev::ifindex(ifname)?;
     std::fs::create_dir_all(pin_path.join(LINKS_DIR))
@@ -453,20 +453,25 @@ pub enum Attached {
     Swapped,
 }
 
-/// Attaches `prog` to `ifname`, keeping the attachment pinned at `<pin>/links/<what>`. An
+/// Where a program is attached: a TC hook of an interface, and the name its attachment is
+/// recorded under (`<pin>/links/<what>`).
+#[derive(Clone, Copy, Debug)]
+pub struct Hook<'a> {
+    pub ifname: &'a str,
+    pub attach_type: TcAttachType,
+    pub pin_path: &'a Path,
+    pub what: &'a str,
+}
+
+/// Attaches `prog` to `hook`, keeping the attachment pinned at `<pin>/links/<what>`. An
 /// existing pinned link gets the new program atomically (no gap in translation).
-pub fn attach(
-    prog: &mut SchedClassifier,
-    ifname: &str,
-    attach_type: TcAttachType,
-    pin_path: &Path,
-    what: &str,
-) -> Result<Attached> {
-    let context = || format!("attaching to {ifname}");
+pub fn attach(prog: &mut SchedClassifier, hook: Hook) -> Result<Attached> {
     if !tcx_supported() {
-        return attach_clsact(prog, ifname, attach_type, pin_path, what);
+        return attach_clsact(prog, hook);
     }
-    let path = link_pin(pin_path, what);
+    let (ifname, pin_path) = (hook.ifname, hook.pin_path);
+    let context = || format!("attaching to {ifname}");
+    let path = link_pin(pin_path, hook.what);
     std::fs::create_dir_all(path.parent().unwrap_or(pin_path))
         .map_err(|e| Error::io("creating the links directory", e))?;
     let target = netdev::ifindex(ifname)?;
@@ -495,7 +500,7 @@ pub fn attach(
                 SchedClassifierLink::try_from(link).map_err(|e| Error::link(context(), e))?;
             prog.attach_to_link(link)
         }
-        None => prog.attach(ifname, attach_type),
+        None => prog.attach(ifname, hook.attach_type),
     };
     let id = match id {
         Ok(id) => id,
@@ -512,8 +517,9 @@ pub fn attach(
         .try_into()
         .map_err(|e: aya::programs::links::LinkError| Error::link(context(), e))?;
     info!(
-        "attached {what} to {ifname} {}: TCX link ({})",
-        direction(attach_type),
+        "attached {} to {ifname} {}: TCX link ({})",
+        hook.what,
+        direction(hook.attach_type),
         if path.exists() {
             "program swapped in"
         } else {
@@ -733,10 +739,12 @@ pub fn attach_pod(prog: &mut SchedClassifier, pin_path: &Path, ifindex: u32) -> 
     let ifname = netdev::ifname(ifindex).ok_or(Error::UnknownIfindex(ifindex))?;
     attach(
         prog,
-        &ifname,
-        TcAttachType::Ingress,
-        pin_path,
-        &pod_link_name(ifindex),
+        Hook {
+            ifname: &ifname,
+            attach_type: TcAttachType::Ingress,
+            pin_path,
+            what: &pod_link_name(ifindex),
+        },
     )
 }
 

@@ -438,9 +438,13 @@ impl StartAttachments {
         attach_type: TcAttachType,
         what: &'static str,
     ) -> anyhow::Result<()> {
-        if loader::attach(prog, ifname, attach_type, &self.pin_path, what)?
-            == loader::Attached::Created
-        {
+        let hook = loader::Hook {
+            ifname,
+            attach_type,
+            pin_path: &self.pin_path,
+            what,
+        };
+        if loader::attach(prog, hook)? == loader::Attached::Created {
             self.created.push(what);
         }
         Ok(())
