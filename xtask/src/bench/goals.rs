@@ -257,7 +257,7 @@ fn scale_test_goals(scale: &Value) -> [Goal; 3] {
     };
     [
         goal(
-            "`datapath-user flows -o json` with 1M flows",
+            "`datapath-user flows -o json > FILE` with 1M flows",
             "flows_json_1m_s",
             Unit::Seconds,
             Bound::AtMost(1.0),
