@@ -115,7 +115,9 @@ pub fn run(quick: bool, only: &[String]) -> Result<()> {
     let total = plan.reps * (MODES.len() * workloads.len() + usize::from(with_floor));
     let mut step = 0;
     let started = Instant::now();
-    for rep in 0..plan.reps {
+    // No lab at all when only the micro-benchmarks or the scale test were asked for.
+    let lab_reps = if workloads.is_empty() { 0 } else { plan.reps };
+    for rep in 0..lab_reps {
         for mode in MODES {
             let lab = Lab::new(LabOptions {
                 mode,
