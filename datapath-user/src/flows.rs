@@ -149,9 +149,7 @@ pub fn collect(maps: &Maps, filter: &Filter) -> Result<Vec<FlowRecord>> {
     // Raw entries are kept and sorted through (key, index) pairs, and the records built
     // once, in order: at a million flows, moving ~130-byte records during a sort cost more
     // than the rest of the listing.
-    // Room for a full table up front: growing by doubling copied and faulted in the entries
-    // read so far again and again (untouched capacity costs no memory).
-    let mut entries = Vec::with_capacity(maps.conntrack_capacity as usize);
+    let mut entries = Vec::new();
     let everything = filter.is_empty();
     maps.for_each_flow(|key, flow| {
         // The node's own connections are tracked only to keep NAT ports off them (`stats`
