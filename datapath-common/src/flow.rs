@@ -140,6 +140,18 @@ impl FlowState {
         }
     }
 
+    /// True when a reply without SYN, FIN or RST ([`crate::tcp::changes_state`]) leaves a
+    /// flow of `proto` in this state as it is: only its counters and times move, so such
+    /// replies may skip the flow entry (see [`Binding`]).
+    #[must_use]
+    pub const fn is_settled(self, proto: u8) -> bool {
+        match self {
+            Self::Established | Self::Closing | Self::Reset => proto == PROTO_TCP,
+            Self::Replied => proto != PROTO_TCP,
+            Self::SynSent | Self::Unreplied => false,
+        }
+    }
+
     /// How long a flow in this state lives without packets, in seconds.
     #[must_use]
     pub const fn timeout(self, proto: u8, timeouts: &Timeouts) -> u32 {
@@ -313,24 +325,128 @@ impl Flow {
 }
 
 impl Flow {
-    /// Whether the sweep may remove this flow at `now`: its state's timeout has passed and it
-    /// has been idle for longer than the revalidation interval (so a packet that finds it
-    /// again takes the full path, which notices a removal racing with it).
+    /// Whether the flow is over at `now`: its state's timeout has passed and it has been idle
+    /// for longer than the revalidation interval (so a packet that finds it again takes the
+    /// full path, which notices a removal racing with it). `last_reply_ns` is its binding's
+    /// [`Binding::last_seen_ns`] (0 when unknown): replies on the one-lookup path are timed
+    /// there only.
     #[must_use]
-    pub const fn is_expired(&self, proto: u8, timeouts: &Timeouts, now_ns: u64) -> bool {
-        now_ns >= self.removable_at_ns(proto, timeouts)
+    pub const fn is_expired(
+        &self,
+        last_reply_ns: u64,
+        proto: u8,
+        timeouts: &Timeouts,
+        now_ns: u64,
+    ) -> bool {
+        let last_seen = if last_reply_ns > self.last_seen_ns {
+            last_reply_ns
+        } else {
+            self.last_seen_ns
+        };
+        now_ns >= removable_at(self.state, last_seen, proto, timeouts)
     }
 
-    /// When the sweep may remove this flow, if no packet comes first (see [`Flow::is_expired`]).
+    /// When the flow is over if no packet comes first (see [`Flow::is_expired`]), as far as
+    /// its own entry tells.
     #[must_use]
     pub const fn removable_at_ns(&self, proto: u8, timeouts: &Timeouts) -> u64 {
-        let expires = self.expires_at_ns(proto, timeouts);
-        let idle = self.last_seen_ns.saturating_add(REVALIDATE_INTERVAL_NS);
-        if expires > idle {
-            expires
-        } else {
-            idle
+        removable_at(self.state, self.last_seen_ns, proto, timeouts)
+    }
+
+    /// When the sweep, which reads the flow table alone, may remove the flow: one revalidation
+    /// interval after [`Flow::removable_at_ns`]. Replies within an interval of the last one
+    /// that took the full path are timed in the binding only, so the flow's own
+    /// `last_seen_ns` can be up to that much behind its last packet.
+    #[must_use]
+    pub const fn sweepable_at_ns(&self, proto: u8, timeouts: &Timeouts) -> u64 {
+        self.removable_at_ns(proto, timeouts)
+            .saturating_add(REVALIDATE_INTERVAL_NS)
+    }
+
+    /// The flow as its two entries tell it together: the replies counted in its binding (the
+    /// flow's own `packets_in` counts later fragments and ICMP errors) and the later of the
+    /// two last-seen times.
+    #[must_use]
+    pub const fn with_replies(mut self, binding: &Binding) -> Self {
+        self.packets_in = self.packets_in.wrapping_add(binding.packets);
+        self.bytes_in = self.bytes_in.wrapping_add(binding.bytes);
+        if binding.last_seen_ns > self.last_seen_ns {
+            self.last_seen_ns = binding.last_seen_ns;
         }
+        self
+    }
+}
+
+/// When a flow in `state` (a [`FlowState`] as `u8`) last seen at `last_seen` is over: its
+/// state's timeout after that, and at least the revalidation interval.
+const fn removable_at(state: u8, last_seen: u64, proto: u8, timeouts: &Timeouts) -> u64 {
+    let timeout = match FlowState::from_u8(state) {
+        Some(state) => state.timeout(proto, timeouts),
+        None => 0,
+    };
+    // Saturating: entries are read back from maps any process may have written.
+    let expires = last_seen.saturating_add(timeout as u64 * 1_000_000_000);
+    let idle = last_seen.saturating_add(REVALIDATE_INTERVAL_NS);
+    if expires > idle {
+        expires
+    } else {
+        idle
+    }
+}
+
+/// A NAT binding: the `NAT_BINDINGS` value under a flow's reply tuple. It names the flow that
+/// owns the tuple and carries the reply direction's share of that flow: what a reply needs to
+/// reach the pod, and the replies' counters.
+///
+/// A reply looks up this entry alone while it is fresh: a reply in the last revalidation
+/// interval took the full path, found the flow live and in a state such a reply does not
+/// change ([`FlowState::is_settled`]). Otherwise it looks up the flow too, runs the state
+/// machine there and refreshes this entry.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Binding {
+    /// The flow's pod-side tuple (its `CONNTRACK` key).
+    pub owner: FlowKey,
+    /// When a reply last took the full path and refreshed the fields below (0: never).
+    pub revalidated_ns: u64,
+    /// CLOCK_MONOTONIC (coarse) nanoseconds of the latest reply.
+    pub last_seen_ns: u64,
+    /// Replies (TCP, UDP, echo) and their IPv4 bytes.
+    pub packets: u64,
+    pub bytes: u64,
+    /// Copied from the flow: the pod's host veth, its link-layer addresses and whether they
+    /// are known (`FLAG_HAS_MACS`).
+    pub pod_ifindex: u32,
+    pub flags: u8,
+    pub _pad: u8,
+    pub pod_mac: [u8; 6],
+    pub gateway_mac: [u8; 6],
+    pub _pad2: [u8; 6],
+}
+
+impl Binding {
+    /// A new binding of `owner`, with nothing counted and nothing to deliver by yet.
+    #[must_use]
+    pub const fn claim(owner: FlowKey) -> Self {
+        Self {
+            owner,
+            revalidated_ns: 0,
+            last_seen_ns: 0,
+            packets: 0,
+            bytes: 0,
+            pod_ifindex: 0,
+            flags: 0,
+            _pad: 0,
+            pod_mac: [0; 6],
+            gateway_mac: [0; 6],
+            _pad2: [0; 6],
+        }
+    }
+
+    /// True when a reply may take the one-lookup path at `now` (see the type).
+    #[must_use]
+    pub const fn is_fresh(&self, now: u64) -> bool {
+        self.revalidated_ns != 0 && now.wrapping_sub(self.revalidated_ns) < REVALIDATE_INTERVAL_NS
     }
 }
 
@@ -596,14 +712,14 @@ mod tests {
             ..Flow::default()
         };
         // Timed out at once (timeout 0), yet kept until idle for the interval.
-        assert!(!flow.is_expired(PROTO_UDP, &t, 5_000_000_000));
-        assert!(!flow.is_expired(PROTO_UDP, &t, 5_999_999_999));
-        assert!(flow.is_expired(PROTO_UDP, &t, 6_000_000_000));
+        assert!(!flow.is_expired(0, PROTO_UDP, &t, 5_000_000_000));
+        assert!(!flow.is_expired(0, PROTO_UDP, &t, 5_999_999_999));
+        assert!(flow.is_expired(0, PROTO_UDP, &t, 6_000_000_000));
         // The state's timeout still rules when it is longer.
-        assert!(!flow.is_expired(PROTO_UDP, &Timeouts::DEFAULT, 34_999_999_999));
-        assert!(flow.is_expired(PROTO_UDP, &Timeouts::DEFAULT, 35_000_000_000));
+        assert!(!flow.is_expired(0, PROTO_UDP, &Timeouts::DEFAULT, 34_999_999_999));
+        assert!(flow.is_expired(0, PROTO_UDP, &Timeouts::DEFAULT, 35_000_000_000));
         // A clock behind the flow (another CPU's tick) is not idleness.
-        assert!(!flow.is_expired(PROTO_UDP, &t, 1));
+        assert!(!flow.is_expired(0, PROTO_UDP, &t, 1));
     }
 
     #[test]
@@ -629,6 +745,113 @@ mod tests {
         }
         assert_eq!(size_of::<FlowKey>(), 16);
         assert_eq!(size_of::<Flow>() % 8, 0);
+    }
+
+    #[test]
+    fn a_binding_is_fresh_for_one_revalidation_interval_after_the_full_path() {
+        let owner = FlowKey::new(PROTO_UDP, 1, 2, 3, 4);
+        let claim = Binding::claim(owner);
+        assert_eq!(claim.owner, owner);
+        assert!(
+            !claim.is_fresh(5),
+            "never refreshed: every reply takes the full path"
+        );
+        let b = Binding {
+            revalidated_ns: 10,
+            ..claim
+        };
+        assert!(b.is_fresh(10));
+        assert!(b.is_fresh(10 + REVALIDATE_INTERVAL_NS - 1));
+        assert!(!b.is_fresh(10 + REVALIDATE_INTERVAL_NS));
+        assert!(!b.is_fresh(9), "a clock behind it reads as stale");
+        assert_eq!(size_of::<Binding>() % 8, 0);
+    }
+
+    #[test]
+    fn a_flow_seen_through_its_binding_adds_the_replies_and_the_later_time() {
+        let flow = Flow {
+            last_seen_ns: 50,
+            packets_in: 2,
+            bytes_in: 100,
+            ..Flow::default()
+        };
+        let binding = Binding {
+            last_seen_ns: 70,
+            packets: 5,
+            bytes: 500,
+            ..Binding::claim(FlowKey::default())
+        };
+        let seen = flow.with_replies(&binding);
+        assert_eq!(
+            (seen.packets_in, seen.bytes_in, seen.last_seen_ns),
+            (7, 600, 70)
+        );
+        let older = Binding {
+            last_seen_ns: 40,
+            ..binding
+        };
+        assert_eq!(flow.with_replies(&older).last_seen_ns, 50);
+    }
+
+    #[test]
+    fn a_reply_timed_in_the_binding_keeps_the_flow_alive_and_the_sweep_waits_for_it() {
+        let t = Timeouts::DEFAULT;
+        let flow = Flow {
+            last_seen_ns: 5_000_000_000,
+            state: FlowState::Replied as u8,
+            ..Flow::default()
+        };
+        let timeout = u64::from(t.udp_replied) * 1_000_000_000;
+        let over = flow.last_seen_ns + timeout;
+        assert!(flow.is_expired(0, PROTO_UDP, &t, over));
+        // A reply half a second later, timed in the binding only.
+        let reply = flow.last_seen_ns + 500_000_000;
+        assert!(!flow.is_expired(reply, PROTO_UDP, &t, over));
+        assert!(flow.is_expired(reply, PROTO_UDP, &t, reply + timeout));
+        // The sweep sees the flow alone: it waits an interval more than the flow says.
+        assert_eq!(
+            flow.sweepable_at_ns(PROTO_UDP, &t),
+            over + REVALIDATE_INTERVAL_NS
+        );
+        assert!(flow.sweepable_at_ns(PROTO_UDP, &t) >= reply + timeout);
+    }
+
+    // A settled state is one no reply without SYN, FIN or RST moves: the one-lookup reply path
+    // relies on it to skip the state machine.
+    proptest::proptest! {
+        #[test]
+        fn settled_states_ignore_replies_without_state_flags(state in 1u8..=6, fins in 0u8..8, flags: u8) {
+            use crate::tcp::{self, Direction};
+            let state = FlowState::from_u8(state).unwrap();
+            let fins = fins & tcp::CLOSE_FLAGS;
+            let flags = flags & !tcp::STATE_FLAGS;
+            proptest::prop_assert!(!tcp::changes_state(flags));
+            if state.is_settled(PROTO_TCP) {
+                proptest::prop_assert_eq!(
+                    tcp::next_state(state, fins, flags, Direction::In),
+                    (state, fins)
+                );
+            }
+            for proto in [PROTO_UDP, PROTO_ICMP] {
+                if state.is_settled(proto) {
+                    proptest::prop_assert_eq!(state.after_inbound(false), state);
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn states_a_reply_moves_are_not_settled() {
+        use crate::tcp::{next_state, Direction, TCP_ACK};
+        assert_eq!(
+            next_state(FlowState::SynSent, 0, TCP_ACK, Direction::In).0,
+            FlowState::Established
+        );
+        assert!(!FlowState::SynSent.is_settled(PROTO_TCP));
+        assert!(!FlowState::Unreplied.is_settled(PROTO_UDP));
+        assert!(FlowState::Replied.is_settled(PROTO_UDP));
+        assert!(FlowState::Established.is_settled(PROTO_TCP));
+        assert!(!FlowState::Established.is_settled(PROTO_UDP));
     }
 
     // The expiry rule against an independent computation in 128-bit arithmetic (the fuzz
@@ -661,8 +884,8 @@ mod tests {
             proptest::prop_assert_eq!(flow.expires_at_ns(proto, &timeouts), expires);
             let removable = expires.max(later(1));
             proptest::prop_assert_eq!(flow.removable_at_ns(proto, &timeouts), removable);
-            proptest::prop_assert!(flow.is_expired(proto, &timeouts, removable));
-            proptest::prop_assert!(removable == 0 || !flow.is_expired(proto, &timeouts, removable - 1));
+            proptest::prop_assert!(flow.is_expired(0, proto, &timeouts, removable));
+            proptest::prop_assert!(removable == 0 || !flow.is_expired(0, proto, &timeouts, removable - 1));
         }
     }
 }

@@ -27,6 +27,7 @@ mod user_pod {
     unsafe impl aya::Pod for crate::config::Config {}
     unsafe impl aya::Pod for crate::flow::FlowKey {}
     unsafe impl aya::Pod for crate::flow::Flow {}
+    unsafe impl aya::Pod for crate::flow::Binding {}
     unsafe impl aya::Pod for crate::flow::FragKey {}
     unsafe impl aya::Pod for crate::pod::PodInfo {}
     unsafe impl aya::Pod for crate::maps::LayoutInfo {}

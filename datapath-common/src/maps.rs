@@ -2,7 +2,7 @@
 
 /// Flow table keyed by the pod-side tuple ([`crate::flow::FlowKey`] → [`crate::flow::Flow`]).
 pub const CONNTRACK: &str = "CONNTRACK";
-/// NAT bindings keyed by the reply tuple (remote → node_ip:nat_port) → pod-side tuple.
+/// NAT bindings keyed by the reply tuple (remote → node_ip:nat_port) → [`crate::flow::Binding`].
 pub const NAT_BINDINGS: &str = "NAT_BINDINGS";
 /// Registered pods keyed by pod IPv4 (host order) → [`crate::pod::PodInfo`].
 pub const PODS: &str = "PODS";
@@ -57,8 +57,9 @@ pub const MAX_PODS: u32 = 1024;
 pub const FRAGMENT_TABLE_SIZE: u32 = 8192;
 
 /// Bumped whenever a pinned map's key or value layout changes: a daemon refuses pinned maps
-/// written by an incompatible version instead of misreading them.
-pub const LAYOUT_VERSION: u32 = 1;
+/// written by an incompatible version instead of misreading them. Version 2: `NAT_BINDINGS`
+/// values are [`crate::flow::Binding`]s (in version 1, the owner's tuple alone).
+pub const LAYOUT_VERSION: u32 = 2;
 
 /// Content of the [`LAYOUT`] map.
 #[repr(C)]

@@ -12,6 +12,16 @@ pub const TCP_SYN: u8 = 0x02;
 pub const TCP_RST: u8 = 0x04;
 pub const TCP_ACK: u8 = 0x10;
 
+/// The flags that can move a connection to another state, whatever it is in.
+pub const STATE_FLAGS: u8 = TCP_SYN | TCP_FIN | TCP_RST;
+
+/// True when a packet with TCP `flags` (0 for other protocols) may change a flow's state
+/// beyond what [`crate::flow::FlowState::is_settled`] covers.
+#[must_use]
+pub const fn changes_state(flags: u8) -> bool {
+    flags & STATE_FLAGS != 0
+}
+
 /// Which way a packet travels relative to the pod.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Direction {

@@ -17,7 +17,7 @@ use aya_ebpf::{
 use datapath_common::{
     config::{Config, PortRandomisation},
     counters::{alloc_probe_index, Counter},
-    flow::{FlowKey, PROTO_TCP, PROTO_UDP},
+    flow::{Binding, FlowKey, PROTO_TCP, PROTO_UDP},
     port::{self, PortHint},
 };
 
@@ -61,10 +61,14 @@ pub fn allocate(ctx: &TcContext, cfg: &Config, key: &FlowKey, now: u64) -> Resul
     // A destination with a hint (one whose range was once found busy) is searched through
     // it first: its clear bits are ports that are free unless the hint is behind.
     let hinted = PORT_HINTS.get_ptr_mut(port::hint_key(key)).is_some();
-    // The probes need their working memory (they stop at once without it).
+    // The probes need their working memory (they stop at once without it), and the value
+    // they claim bindings with.
     let w = SCRATCH_PROBE.get_ptr_mut(0).ok_or(Counter::DropInternal)?;
     // SAFETY: this CPU's slot, used only while this program runs on it.
-    unsafe { (*w).hint_words = 0 };
+    unsafe {
+        (*w).hint_words = 0;
+        fill_claim(&raw mut (*w).claim, key);
+    }
     // bpf_loop: the verifier checks a probe once instead of once per attempt.
     // SAFETY: the callbacks have bpf_loop's signature and take `ctx` as the PortSearch given
     // here, which outlives the calls.
@@ -119,6 +123,8 @@ struct PortSearch {
 struct ProbeScratch {
     binding: FlowKey,
     owner: FlowKey,
+    /// The binding value a claim inserts: the searching flow's, nothing counted yet.
+    claim: Binding,
     tuple: bpf_sock_tuple,
     /// Full hint words passed over. Here rather than in `PortSearch`: a counter on the
     /// stack compared with a constant makes the verifier walk the loop once per value.
@@ -182,7 +188,7 @@ extern "C" fn probe_hint(attempt: u64, ctx: *mut c_void) -> i64 {
     if unsafe { NAT_BINDINGS.get(w.binding) }.is_some()
         || node_socket_owns(s.skb, &w.binding, &mut w.tuple)
         || NAT_BINDINGS
-            .insert(w.binding, s.key, u64::from(BPF_NOEXIST))
+            .insert(w.binding, &w.claim, u64::from(BPF_NOEXIST))
             .is_err()
     {
         return 0;
@@ -216,8 +222,8 @@ extern "C" fn probe_port(attempt: u64, ctx: *mut c_void) -> i64 {
     // SAFETY: a NAT_BINDINGS value, valid while the program runs; copied out at once.
     let claim = match unsafe { NAT_BINDINGS.get(w.binding) } {
         None => Claim::Free,
-        Some(owner) => {
-            copy_key(&mut w.owner, owner);
+        Some(taken) => {
+            copy_key(&mut w.owner, &taken.owner);
             if w.owner == s.key {
                 // Ours: the flow entry was evicted, the binding survived.
                 Claim::Ours
@@ -235,14 +241,14 @@ extern "C" fn probe_port(attempt: u64, ctx: *mut c_void) -> i64 {
     }
     if claim == Claim::Free {
         if NAT_BINDINGS
-            .insert(w.binding, s.key, u64::from(BPF_NOEXIST))
+            .insert(w.binding, &w.claim, u64::from(BPF_NOEXIST))
             .is_err()
         {
             return 0;
         }
     } else if claim == Claim::Reclaim {
         let _ = CONNTRACK.remove(w.owner);
-        if NAT_BINDINGS.insert(w.binding, s.key, 0).is_err() {
+        if NAT_BINDINGS.insert(w.binding, &w.claim, 0).is_err() {
             return 0;
         }
         count(Counter::PortReclaimed);
@@ -264,6 +270,37 @@ fn copy_key(dst: &mut FlowKey, src: &FlowKey) {
         // bytes long), and `i` stays within them.
         unsafe { core::ptr::write_volatile(dst.add(i), core::ptr::read_volatile(src.add(i))) };
     }
+}
+
+/// A new binding of `owner` (see [`Binding::claim`]) for `NAT_BINDINGS` inserts outside the
+/// probe, in this CPU's probe scratch slot: the stack has no room for one on every path that
+/// claims. The next claim or port search overwrites it.
+#[inline(always)]
+pub fn claim(owner: &FlowKey) -> Result<&'static Binding, Counter> {
+    let w = SCRATCH_PROBE.get_ptr_mut(0).ok_or(Counter::DropInternal)?;
+    // SAFETY: this CPU's slot, used only while this program runs on it; the reference given
+    // out is dropped before anything else writes the slot (its users insert it at once).
+    unsafe {
+        fill_claim(&raw mut (*w).claim, owner);
+        Ok(&(*w).claim)
+    }
+}
+
+/// Makes `*slot` [`Binding::claim`]`(owner)`, word by word and volatile (as `copy_key`: a
+/// struct store here becomes a `memset`/`memmove` call).
+///
+/// # Safety
+/// `slot` must point to a `Binding` that nothing else reads or writes meanwhile.
+#[inline(always)]
+unsafe fn fill_claim(slot: *mut Binding, owner: &FlowKey) {
+    let words = slot.cast::<u64>();
+    for i in 0..size_of::<Binding>() / size_of::<u64>() {
+        // SAFETY: the caller's slot, 8-byte aligned (a map value) and a multiple of 8 bytes
+        // long; zero is valid for every field.
+        unsafe { core::ptr::write_volatile(words.add(i), 0) };
+    }
+    // SAFETY: as above.
+    copy_key(unsafe { &mut (*slot).owner }, owner);
 }
 
 #[derive(Clone, Copy, PartialEq, Eq)]

@@ -129,12 +129,14 @@ pub fn keep_binding(key: &FlowKey, flow: FlowRef, now: u64) -> bool {
     let (nat_ip, nat_port) = flow.nat();
     let binding = key.reply_tuple(nat_ip, nat_port);
     // SAFETY: a NAT_BINDINGS value, valid while the program runs; only compared.
-    if let Some(owner) = unsafe { NAT_BINDINGS.get(binding) } {
-        owner == key
+    if let Some(taken) = unsafe { NAT_BINDINGS.get(binding) } {
+        taken.owner == *key
     } else {
         count(Counter::BindingRepaired);
-        NAT_BINDINGS
-            .insert(binding, key, u64::from(BPF_NOEXIST))
-            .is_ok()
+        alloc::claim(key).is_ok_and(|claim| {
+            NAT_BINDINGS
+                .insert(binding, claim, u64::from(BPF_NOEXIST))
+                .is_ok()
+        })
     }
 }

@@ -1,17 +1,20 @@
 //! Flow-table entries as the programs share them: every access to a `CONNTRACK` value goes
 //! through [`FlowRef`], which holds the one argument for why it is sound.
 
-use core::intrinsics::{atomic_xadd, AtomicOrdering};
+use core::{
+    intrinsics::{atomic_xadd, AtomicOrdering},
+    ptr::write_volatile,
+};
 
 use aya_ebpf::bindings::BPF_NOEXIST;
 use datapath_common::{
     config::Timeouts,
     counters::Counter,
-    flow::{self, Flow, FlowKey, FlowState, PROTO_TCP},
+    flow::{self, Binding, Flow, FlowKey, FlowState, FLAG_HAS_MACS, PROTO_TCP},
     tcp::{self, Direction},
 };
 
-use crate::maps::{count, CONNTRACK};
+use crate::maps::{count, CONNTRACK, NAT_BINDINGS};
 
 /// A `CONNTRACK` entry, reached by pointer: packets of one flow run on several CPUs at once and
 /// userspace may delete the entry meanwhile, so no `&mut Flow` to one is ever made.
@@ -42,11 +45,24 @@ impl FlowRef {
         read(unsafe { &*self.0 })
     }
 
-    /// Whether the flow is past the time the sweep may remove it (its state's timeout, and at
-    /// least the revalidation interval idle): from then on it matches no packet from the wire.
+    /// Whether the flow is over (its state's timeout, and at least the revalidation interval
+    /// idle, since its last packet either way): from then on it matches no packet from the
+    /// wire. `binding` times the replies.
     #[inline(always)]
-    pub fn is_expired(self, proto: u8, timeouts: &Timeouts, now: u64) -> bool {
-        self.read(|f| f.is_expired(proto, timeouts, now))
+    pub fn is_expired(self, binding: BindingRef, proto: u8, timeouts: &Timeouts, now: u64) -> bool {
+        let last_reply = binding.read(|b| b.last_seen_ns);
+        self.read(|f| f.is_expired(last_reply, proto, timeouts, now))
+    }
+
+    /// Where replies go: the pod's host veth, and its link-layer addresses if known.
+    #[inline(always)]
+    pub fn delivery(self) -> Delivery {
+        self.read(|f| Delivery {
+            ifindex: f.pod_ifindex,
+            has_macs: f.flags & FLAG_HAS_MACS != 0,
+            pod_mac: f.pod_mac,
+            gateway_mac: f.gateway_mac,
+        })
     }
 
     /// The address and port the flow is translated to.
@@ -93,6 +109,25 @@ impl FlowRef {
     #[inline(always)]
     pub fn account(self, proto: u8, dir: Direction, l3_len: u32, tcp_flags: u8, now: u64) {
         self.count_packet(dir, l3_len, now);
+        self.advance(proto, dir, tcp_flags);
+    }
+
+    /// Times a reply counted in its binding and advances the state machine with it.
+    #[inline(always)]
+    pub fn account_reply(self, proto: u8, tcp_flags: u8, now: u64) {
+        // SAFETY: see the type: one whole field written.
+        unsafe { (*self.0).last_seen_ns = now };
+        self.advance(proto, Direction::In, tcp_flags);
+    }
+
+    /// Whether a reply without state flags leaves the flow as it is ([`FlowState::is_settled`]).
+    #[inline(always)]
+    pub fn is_settled(self, proto: u8) -> bool {
+        self.read(|f| f.state().is_some_and(|s| s.is_settled(proto)))
+    }
+
+    #[inline(always)]
+    fn advance(self, proto: u8, dir: Direction, tcp_flags: u8) {
         let Some(state) = self.read(Flow::state) else {
             return;
         };
@@ -164,6 +199,94 @@ impl FlowRef {
         let restored = self.read(|f| CONNTRACK.insert(key, f, u64::from(BPF_NOEXIST)).is_ok());
         if restored {
             count(Counter::FlowRestored);
+        }
+    }
+}
+
+/// Where a reply goes: the pod's host veth, and its link-layer addresses when `has_macs`
+/// (see [`crate::forward::to_pod`]). Plain fields rather than an `Option`, as in
+/// [`crate::forward::NextHop`].
+#[derive(Clone, Copy)]
+pub struct Delivery {
+    pub ifindex: u32,
+    pub has_macs: bool,
+    pub pod_mac: [u8; 6],
+    pub gateway_mac: [u8; 6],
+}
+
+/// A `NAT_BINDINGS` entry, reached by pointer, on the same terms as [`FlowRef`] (the argument
+/// there holds word for word: replies of one flow run on several CPUs at once).
+#[derive(Clone, Copy)]
+pub struct BindingRef(*mut Binding);
+
+impl BindingRef {
+    /// The binding of reply tuple `tuple`, if the table holds one.
+    #[inline(always)]
+    pub fn find(tuple: &FlowKey) -> Option<Self> {
+        NAT_BINDINGS.get_ptr_mut(tuple).map(Self)
+    }
+
+    /// Reads the entry through a shared view that lives only as long as `read` runs.
+    #[inline(always)]
+    pub fn read<T>(self, read: impl FnOnce(&Binding) -> T) -> T {
+        // SAFETY: see FlowRef: valid for this run, fields read whole, old or new.
+        read(unsafe { &*self.0 })
+    }
+
+    /// The owning flow's pod-side tuple, copied out.
+    #[inline(always)]
+    pub fn owner(self) -> FlowKey {
+        self.read(|b| b.owner)
+    }
+
+    /// Whether a reply may take the one-lookup path at `now` ([`Binding::is_fresh`]).
+    #[inline(always)]
+    pub fn is_fresh(self, now: u64) -> bool {
+        self.read(|b| b.is_fresh(now))
+    }
+
+    /// Counts one reply of `l3_len` bytes at `now`.
+    #[inline(always)]
+    pub fn count_reply(self, l3_len: u32, now: u64) {
+        // SAFETY: see FlowRef: a whole field written, the counters with atomic adds.
+        unsafe {
+            (*self.0).last_seen_ns = now;
+            atomic_xadd::<u64, u64, { AtomicOrdering::Relaxed }>(&raw mut (*self.0).packets, 1);
+            atomic_xadd::<u64, u64, { AtomicOrdering::Relaxed }>(
+                &raw mut (*self.0).bytes,
+                u64::from(l3_len),
+            );
+        }
+    }
+
+    /// Where the one-lookup path delivers replies.
+    #[inline(always)]
+    pub fn delivery(self) -> Delivery {
+        self.read(|b| Delivery {
+            ifindex: b.pod_ifindex,
+            has_macs: b.flags & FLAG_HAS_MACS != 0,
+            pod_mac: b.pod_mac,
+            gateway_mac: b.gateway_mac,
+        })
+    }
+
+    /// Copies `to` (the flow's delivery, just confirmed) into the entry and opens the
+    /// one-lookup path for a revalidation interval from `now`.
+    #[inline(always)]
+    pub fn revalidate(self, to: Delivery, now: u64) {
+        // SAFETY: see FlowRef: whole fields written. Volatile, so the time that opens the
+        // one-lookup path is stored after what that path reads; a racing reply may still pair
+        // new MACs with an old interface for one packet, as a flow's route can.
+        unsafe {
+            let b = self.0;
+            write_volatile(&raw mut (*b).pod_ifindex, to.ifindex);
+            write_volatile(&raw mut (*b).pod_mac, to.pod_mac);
+            write_volatile(&raw mut (*b).gateway_mac, to.gateway_mac);
+            write_volatile(
+                &raw mut (*b).flags,
+                if to.has_macs { FLAG_HAS_MACS } else { 0 },
+            );
+            write_volatile(&raw mut (*b).revalidated_ns, now);
         }
     }
 }

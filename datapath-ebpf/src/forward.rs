@@ -15,13 +15,13 @@ use aya_ebpf::{
 use datapath_common::{
     counters::Counter,
     csum,
-    flow::{FLAG_HAS_MACS, PROTO_TCP},
+    flow::PROTO_TCP,
     headers::{Ipv4, L4},
 };
 use network_types::eth::EthHdr;
 
 use crate::{
-    flow_ref::FlowRef,
+    flow_ref::{Delivery, FlowRef},
     parse::{ptr_at, ETH_LEN, IP_CSUM_OFF, IP_TTL_OFF},
 };
 
@@ -180,19 +180,17 @@ pub fn send(ctx: &TcContext, hop: &NextHop) -> Result<i32, Counter> {
 }
 
 /// Hands a reverse-translated packet to the pod: straight into the pod's namespace when the
-/// flow knows the link-layer addresses, else through the host veth's neighbour entry. Either
+/// link-layer addresses are known, else through the host veth's neighbour entry. Either
 /// way the host stack (and its FORWARD REJECT rule for the pod range) is not involved.
 #[inline(always)]
-pub fn to_pod(ctx: &TcContext, flow: FlowRef) -> Result<i32, Counter> {
-    let rc = if flow.read(|f| f.flags & FLAG_HAS_MACS != 0) {
-        let (gateway_mac, pod_mac) = flow.read(|f| (f.gateway_mac, f.pod_mac));
-        set_macs(ctx, gateway_mac, pod_mac)?;
+pub fn to_pod(ctx: &TcContext, to: Delivery) -> Result<i32, Counter> {
+    let rc = if to.has_macs {
+        set_macs(ctx, to.gateway_mac, to.pod_mac)?;
         // SAFETY: a helper taking plain integers.
-        unsafe { bpf_redirect_peer(flow.read(|f| f.pod_ifindex), 0) }
+        unsafe { bpf_redirect_peer(to.ifindex, 0) }
     } else {
-        let ifindex = flow.read(|f| f.pod_ifindex);
         // SAFETY: a null parameter block makes the kernel route on the packet's destination.
-        unsafe { bpf_redirect_neigh(ifindex, core::ptr::null_mut(), 0, 0) }
+        unsafe { bpf_redirect_neigh(to.ifindex, core::ptr::null_mut(), 0, 0) }
     };
     redirect_verdict(rc)
 }

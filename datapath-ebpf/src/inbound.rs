@@ -7,16 +7,16 @@ use datapath_common::{
     counters::Counter,
     flow::{FlowKey, FragKey, PROTO_ICMP},
     headers::{Fragment, Ipv4, L4},
-    tcp::Direction,
+    tcp::{self, Direction},
 };
 
 use crate::{
     alloc,
     clock::now_ns,
     conntrack,
-    flow_ref::FlowRef,
+    flow_ref::{BindingRef, FlowRef},
     forward, icmp,
-    maps::{count, FRAGMENTS, NAT_BINDINGS},
+    maps::{count, FRAGMENTS},
     nat::{self, Side, Ttl},
     node,
     verdict::pass,
@@ -25,31 +25,55 @@ use crate::{
 /// A TCP/UDP packet or echo reply to the node's address: reverse-translated to the pod whose
 /// binding its tuple is, handed to the node's own connection, or (no binding) passed to the
 /// node or dropped.
+///
+/// One map lookup in the common case: while the binding is fresh (a reply took the full path
+/// within the revalidation interval and found the flow settled), a reply that cannot change
+/// the flow's state is counted and delivered from the binding alone. The rest, and one reply
+/// per interval, also look up the flow: expiry, the state machine, the fragment train.
 #[inline(always)]
 pub fn reply(ctx: &TcContext, cfg: &Config, ip: &Ipv4, l4: &L4) -> Result<i32, Counter> {
     let tuple = FlowKey::from_packet(ip, l4);
-    // SAFETY: a NAT_BINDINGS value, valid while the program runs; copied out at once.
-    let Some(pod_key) = (unsafe { NAT_BINDINGS.get(tuple) }).copied() else {
+    let Some(binding) = BindingRef::find(&tuple) else {
         return untracked(ctx, cfg, ip, l4, &tuple);
     };
+    let pod_key = binding.owner();
     if pod_key.src_ip == cfg.node_ip {
         // One of the node's own connections (tracked at egress).
         node::to_node(ctx, ip, l4, &pod_key);
         return pass(Counter::PassNode);
     }
-    let flow = conntrack::for_binding(&pod_key, &tuple)?;
     let now = now_ns();
+    if binding.is_fresh(now) && ip.fragment == Fragment::Whole && !tcp::changes_state(l4.tcp_flags)
+    {
+        forward::check_hop_limit(ip)?;
+        binding.count_reply(ip.l3_len, now);
+        to_pod_address(ctx, ip, l4, &pod_key)?;
+        return forward::to_pod(ctx, binding.delivery());
+    }
+    let flow = conntrack::for_binding(&pod_key, &tuple)?;
     // As nf_conntrack treats an entry past its timeout: it matches nothing, removed yet or
     // not (the sweep reaches large tables less often).
-    if flow.is_expired(ip.proto, &cfg.timeouts, now) {
+    if flow.is_expired(binding, ip.proto, &cfg.timeouts, now) {
         count(Counter::ExpiredFlowHit);
         return untracked(ctx, cfg, ip, l4, &tuple);
     }
     forward::check_hop_limit(ip)?;
-    flow.account(ip.proto, Direction::In, ip.l3_len, l4.tcp_flags, now);
+    binding.count_reply(ip.l3_len, now);
+    flow.account_reply(ip.proto, l4.tcp_flags, now);
+    let delivery = flow.delivery();
+    if flow.is_settled(ip.proto) {
+        binding.revalidate(delivery, now);
+    }
     if ip.fragment == Fragment::First {
         let _ = FRAGMENTS.insert(FragKey::from_packet(ip), pod_key, 0);
     }
+    to_pod_address(ctx, ip, l4, &pod_key)?;
+    forward::to_pod(ctx, delivery)
+}
+
+/// Rewrites a reply's destination to the pod's address and port (`pod_key`'s source).
+#[inline(always)]
+fn to_pod_address(ctx: &TcContext, ip: &Ipv4, l4: &L4, pod_key: &FlowKey) -> Result<(), Counter> {
     nat::rewrite(
         ctx,
         ip,
@@ -59,7 +83,7 @@ pub fn reply(ctx: &TcContext, cfg: &Config, ip: &Ipv4, l4: &L4) -> Result<i32, C
         Ttl::Decrement,
     )?;
     count(Counter::TranslatedIn);
-    forward::to_pod(ctx, flow)
+    Ok(())
 }
 
 /// A packet to the node's address that no live flow owns: the node's, unless it is to a NAT
@@ -105,7 +129,7 @@ pub fn later_fragment(ctx: &TcContext, ip: &Ipv4) -> Result<i32, Counter> {
         Ttl::Decrement,
     )?;
     count(Counter::FragmentIn);
-    forward::to_pod(ctx, flow)
+    forward::to_pod(ctx, flow.delivery())
 }
 
 /// An ICMP error to the node's address: translated outer and inner (RFC 5508) when it is about
@@ -118,11 +142,10 @@ pub fn icmp_error(ctx: &TcContext, cfg: &Config, ip: &Ipv4) -> Result<i32, Count
         Err(Counter::DropIcmpUntracked) => return pass(Counter::PassNode),
         Err(other) => return Err(other),
     };
-    let binding = emb.binding_key();
-    // SAFETY: a NAT_BINDINGS value, valid while the program runs; copied out at once.
-    let Some(pod_key) = (unsafe { NAT_BINDINGS.get(binding) }).copied() else {
+    let Some(binding) = BindingRef::find(&emb.binding_key()) else {
         return pass(Counter::PassNode);
     };
+    let pod_key = binding.owner();
     if pod_key.src_ip == cfg.node_ip {
         // About a node connection: the node's, untouched (the rare translated one's quoted
         // port stays as sent; the kernel then finds no socket for it).
@@ -132,7 +155,7 @@ pub fn icmp_error(ctx: &TcContext, cfg: &Config, ip: &Ipv4) -> Result<i32, Count
         return pass(Counter::PassNode);
     };
     let now = now_ns();
-    if flow.is_expired(pod_key.proto, &cfg.timeouts, now) {
+    if flow.is_expired(binding, pod_key.proto, &cfg.timeouts, now) {
         count(Counter::ExpiredFlowHit);
         return pass(Counter::PassNode);
     }
@@ -150,5 +173,5 @@ pub fn icmp_error(ctx: &TcContext, cfg: &Config, ip: &Ipv4) -> Result<i32, Count
     )?;
     forward::decrement_ttl(ctx, ip)?;
     count(Counter::IcmpErrorIn);
-    forward::to_pod(ctx, flow)
+    forward::to_pod(ctx, flow.delivery())
 }

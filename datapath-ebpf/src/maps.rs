@@ -10,7 +10,7 @@ use aya_ebpf::{
 use datapath_common::{
     config::Config,
     counters::Counter,
-    flow::{Flow, FlowKey, FragKey},
+    flow::{Binding, Flow, FlowKey, FragKey},
     maps::{LayoutInfo, DEFAULT_FLOW_TABLE_SIZE, FRAGMENT_TABLE_SIZE, MAX_PODS},
     pod::PodInfo,
     port::{PortHint, HINT_DESTINATIONS},
@@ -22,9 +22,10 @@ use datapath_common::{
 #[map]
 pub static CONNTRACK: LruHashMap<FlowKey, Flow> = LruHashMap::pinned(DEFAULT_FLOW_TABLE_SIZE, 0);
 
-/// Reply tuple (remote → node_ip:nat_port) → pod-side tuple. Same size as CONNTRACK.
+/// Reply tuple (remote → node_ip:nat_port) → the owning flow's pod-side tuple and reply
+/// direction ([`Binding`]). Same size as CONNTRACK.
 #[map]
-pub static NAT_BINDINGS: LruHashMap<FlowKey, FlowKey> =
+pub static NAT_BINDINGS: LruHashMap<FlowKey, Binding> =
     LruHashMap::pinned(DEFAULT_FLOW_TABLE_SIZE, 0);
 
 /// Per-destination hints of taken NAT ports (`alloc::probe_hint`); rebuilt by userspace on

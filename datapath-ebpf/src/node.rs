@@ -77,7 +77,7 @@ pub fn from_node(ctx: &TcContext, cfg: &Config, ip: &Ipv4) {
 fn track(ctx: &TcContext, cfg: &Config, key: &FlowKey, tcp_flags: u8, now: u64) -> Option<FlowRef> {
     let reply = key.reply_tuple(cfg.node_ip, key.src_port);
     let claimed = NAT_BINDINGS
-        .insert(reply, key, u64::from(BPF_NOEXIST))
+        .insert(reply, alloc::claim(key).ok()?, u64::from(BPF_NOEXIST))
         .is_ok();
     let nat_port = if claimed {
         key.src_port
@@ -85,11 +85,11 @@ fn track(ctx: &TcContext, cfg: &Config, key: &FlowKey, tcp_flags: u8, now: u64) 
         // SAFETY: a NAT_BINDINGS value, valid while the program runs; read in place (a copy
         // here becomes a `memmove` call).
         match unsafe { NAT_BINDINGS.get(reply) } {
-            Some(owner) if owner == key => key.src_port,
-            Some(owner) if is_reclaimable(owner, now) => {
+            Some(taken) if taken.owner == *key => key.src_port,
+            Some(taken) if is_reclaimable(&taken.owner, now) => {
                 // A finished (or vanished) pod flow: the node's connection takes the tuple.
-                let _ = CONNTRACK.remove(owner);
-                let _ = NAT_BINDINGS.insert(reply, key, 0);
+                let _ = CONNTRACK.remove(taken.owner);
+                let _ = NAT_BINDINGS.insert(reply, alloc::claim(key).ok()?, 0);
                 key.src_port
             }
             _ => {

@@ -1,9 +1,10 @@
-//! The flow view: flow-table entries joined with pod names, filtered and sorted.
+//! The flow view: flow-table entries joined with their bindings' reply counters and with pod
+//! names, filtered and sorted.
 
-use std::{net::Ipv4Addr, sync::Arc};
+use std::{collections::HashMap, net::Ipv4Addr, sync::Arc};
 
 use datapath_common::{
-    flow::{proto_name, Flow, FlowKey, FLAG_NODE, PROTO_ICMP, PROTO_TCP, PROTO_UDP},
+    flow::{proto_name, Binding, Flow, FlowKey, FLAG_NODE, PROTO_ICMP, PROTO_TCP, PROTO_UDP},
     ipv4::Cidr,
 };
 use serde::Serialize;
@@ -138,7 +139,7 @@ pub fn record(
 /// Every flow matching `filter`, sorted by pod, protocol, destination and port.
 pub fn collect(maps: &Maps, filter: &Filter) -> Result<Vec<FlowRecord>> {
     let timeouts = maps.config()?.timeouts;
-    let names: std::collections::HashMap<u32, Arc<str>> = maps
+    let names: HashMap<u32, Arc<str>> = maps
         .pods()?
         .into_iter()
         .filter(|(_, pod)| !pod.name().is_empty())
@@ -157,10 +158,19 @@ pub fn collect(maps: &Maps, filter: &Filter) -> Result<Vec<FlowRecord>> {
         if flow.flags & FLAG_NODE != 0 {
             return;
         }
+        // The filter looks at nothing the binding adds (pod, tuple, state, ports).
         if everything || filter.matches(&record(key, flow, name(key.src_ip), now, &timeouts)) {
             entries.push((*key, *flow));
         }
     })?;
+    let replies = replies(maps)?;
+    for (key, flow) in &mut entries {
+        if let Some(binding) = replies.get(&key.reply_tuple(flow.nat_ip, flow.nat_port)) {
+            if binding.owner == *key {
+                *flow = flow.with_replies(binding);
+            }
+        }
+    }
     let mut order: Vec<(u128, u32)> = entries
         .iter()
         .zip(0u32..)
@@ -184,6 +194,18 @@ pub fn collect(maps: &Maps, filter: &Filter) -> Result<Vec<FlowRecord>> {
             record(key, flow, pod, now, &timeouts)
         })
         .collect())
+}
+
+/// The bindings that counted replies, by reply tuple: a flow's replies are counted in its
+/// binding ([`Binding`]), so a flow's record needs both entries.
+fn replies(maps: &Maps) -> Result<HashMap<FlowKey, Binding, foldhash::fast::RandomState>> {
+    let mut replies = HashMap::with_hasher(foldhash::fast::RandomState::default());
+    maps.for_each_binding(|tuple, binding| {
+        if binding.packets != 0 {
+            replies.insert(*tuple, *binding);
+        }
+    })?;
+    Ok(replies)
 }
 
 /// Writes `records` as the JSON array `serde_json` would write for them, byte for byte,
@@ -327,7 +349,7 @@ fn tuple(r: &FlowRecord) -> Tuple {
 /// Turns successive snapshots of the flow table into open/state/close events.
 #[derive(Default)]
 pub struct Follower {
-    seen: std::collections::HashMap<Tuple, FlowRecord>,
+    seen: HashMap<Tuple, FlowRecord>,
 }
 
 impl Follower {
@@ -346,7 +368,7 @@ impl Follower {
 
     fn step_at(&mut self, current: Vec<FlowRecord>, time: &str) -> Vec<FlowEvent> {
         let mut events = Vec::new();
-        let mut next = std::collections::HashMap::with_capacity(current.len());
+        let mut next = HashMap::with_capacity(current.len());
         for mut r in current {
             let key = tuple(&r);
             let old = self.seen.remove(&key);

@@ -12,7 +12,7 @@ use aya::{
 use datapath_common::{
     config::Config,
     counters::Counter,
-    flow::{Flow, FlowKey},
+    flow::{Binding, Flow, FlowKey},
     maps::{self as names, LayoutInfo},
     pod::PodInfo,
     port::PortHint,
@@ -24,7 +24,7 @@ use crate::error::{Error, Result};
 pub struct Maps {
     pub path: PathBuf,
     pub conntrack: HashMap<MapData, FlowKey, Flow>,
-    pub bindings: HashMap<MapData, FlowKey, FlowKey>,
+    pub bindings: HashMap<MapData, FlowKey, Binding>,
     pub pods: HashMap<MapData, u32, PodInfo>,
     pub config: Array<MapData, Config>,
     pub counters: PerCpuArray<MapData, u64>,
@@ -135,8 +135,8 @@ impl Maps {
         for_each_entry(&self.conntrack_raw, &self.conntrack, names::CONNTRACK, f)
     }
 
-    /// Calls `f` for every NAT binding (reply tuple, pod tuple), thousands per syscall.
-    pub fn for_each_binding(&self, f: impl FnMut(&FlowKey, &FlowKey)) -> Result<()> {
+    /// Calls `f` for every NAT binding (reply tuple, binding), thousands per syscall.
+    pub fn for_each_binding(&self, f: impl FnMut(&FlowKey, &Binding)) -> Result<()> {
         for_each_entry(&self.bindings_raw, &self.bindings, names::NAT_BINDINGS, f)
     }
 
@@ -204,7 +204,7 @@ impl Maps {
             .bindings
             .iter()
             .filter_map(Result::ok)
-            .filter(|(_, owner)| owner.src_ip == pod_ip)
+            .filter(|(_, taken)| taken.owner.src_ip == pod_ip)
             .map(|(binding, _)| binding)
             .collect();
         for binding in &orphans {

@@ -121,7 +121,8 @@ pub fn collect(maps: &Maps, top: usize) -> Result<Stats> {
     // (in use, closing, node) per destination.
     let mut per_dst: HashMap<(u8, u32, u16), (u32, u32, u32)> = HashMap::new();
     let mut bindings = 0u64;
-    maps.for_each_binding(|key, owner| {
+    maps.for_each_binding(|key, binding| {
+        let owner = &binding.owner;
         bindings += 1;
         let e = per_dst
             .entry((key.proto, key.src_ip, key.src_port))

@@ -234,7 +234,7 @@ impl Sweeper {
                     hint.set(u32::from(flow.nat_port - config.port_min));
                 }
             }
-            let at_ns = flow.removable_at_ns(key.proto, timeouts);
+            let at_ns = flow.sweepable_at_ns(key.proto, timeouts);
             // A tick removes listed flows within a second of their time: anything older
             // was not listed (born or closed since the last scan).
             if at_ns.saturating_add(OVERDUE_AFTER_NS) <= now {
@@ -286,7 +286,7 @@ impl Sweeper {
                 // Still listed if its new time comes before the next full scan, which
                 // lists it otherwise.
                 Expiry::Kept(flow) => {
-                    let at_ns = flow.removable_at_ns(entry.key.proto, timeouts);
+                    let at_ns = flow.sweepable_at_ns(entry.key.proto, timeouts);
                     if at_ns <= horizon {
                         waiting.push(Due {
                             key: entry.key,
@@ -320,7 +320,7 @@ impl Sweeper {
         };
         if current.last_seen_ns != seen.last_seen_ns
             || current.state != seen.state
-            || !current.is_expired(key.proto, timeouts, monotonic_coarse_ns())
+            || current.sweepable_at_ns(key.proto, timeouts) > monotonic_coarse_ns()
         {
             return Ok(Expiry::Kept(current));
         }
@@ -352,7 +352,7 @@ impl Sweeper {
                 && maps
                     .bindings
                     .get(&r.binding, 0)
-                    .is_ok_and(|owner| owner == r.owner)
+                    .is_ok_and(|taken| taken.owner == r.owner)
                 && maps.bindings.remove(&r.binding).is_ok()
             {
                 removed += 1;
@@ -379,8 +379,8 @@ impl Sweeper {
     fn remove_orphans(&mut self, maps: &mut Maps, live: &HashSet<FlowKey>) -> Result<usize> {
         let mut suspects = HashSet::new();
         let mut orphans = Vec::new();
-        maps.for_each_binding(|binding, owner| {
-            if !live.contains(owner) {
+        maps.for_each_binding(|binding, taken| {
+            if !live.contains(&taken.owner) {
                 if self.suspects.contains(binding) {
                     orphans.push(*binding);
                 } else {

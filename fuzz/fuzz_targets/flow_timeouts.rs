@@ -48,8 +48,8 @@ fuzz_target!(|input: (u64, u8, u8, [u32; 7])| {
     let idle = later(last_seen_ns, u128::from(REVALIDATE_INTERVAL_NS / 1_000_000_000));
     let removable = expires.max(idle);
     assert_eq!(flow.removable_at_ns(proto, &timeouts), removable);
-    assert!(flow.is_expired(proto, &timeouts, removable));
+    assert!(flow.is_expired(0, proto, &timeouts, removable));
     if removable > 0 {
-        assert!(!flow.is_expired(proto, &timeouts, removable - 1));
+        assert!(!flow.is_expired(0, proto, &timeouts, removable - 1));
     }
 });

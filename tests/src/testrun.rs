@@ -9,7 +9,7 @@ use aya::{Ebpf, TestRun as _, TestRunOptions};
 use datapath_common::{
     config::{Config, PortRandomisation, Timeouts, DEFAULT_GATEWAY, DEFAULT_POD_CIDR},
     counters::Counter,
-    flow::{Flow, FlowKey, PROTO_TCP},
+    flow::{Binding, Flow, FlowKey, PROTO_TCP},
     maps as names,
     pod::PodInfo,
 };
@@ -308,9 +308,27 @@ impl Harness {
         self.maps.conntrack.get(key, 0).ok()
     }
 
+    /// The owner of the binding under reply tuple `reply`.
     #[must_use]
     pub fn binding(&self, reply: &FlowKey) -> Option<FlowKey> {
+        self.binding_entry(reply).map(|b| b.owner)
+    }
+
+    /// The whole binding under reply tuple `reply` (its reply counters among it).
+    #[must_use]
+    pub fn binding_entry(&self, reply: &FlowKey) -> Option<Binding> {
         self.maps.bindings.get(reply, 0).ok()
+    }
+
+    /// The flow for a pod tuple as `flows` shows it: with the replies its binding counted.
+    #[must_use]
+    pub fn flow_seen(&self, key: &FlowKey) -> Option<Flow> {
+        let flow = self.flow(key)?;
+        let reply = key.reply_tuple(flow.nat_ip, flow.nat_port);
+        Some(match self.binding_entry(&reply) {
+            Some(b) if b.owner == *key => flow.with_replies(&b),
+            _ => flow,
+        })
     }
 }
 

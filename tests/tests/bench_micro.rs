@@ -4,7 +4,7 @@
 //! `$DATAPATH_BENCH_OUT`.
 
 use datapath_common::{
-    flow::{Flow, FlowKey, FlowState, PROTO_TCP, PROTO_UDP},
+    flow::{Binding, Flow, FlowKey, FlowState, PROTO_TCP, PROTO_UDP},
     maps as names,
     tcp::{TCP_ACK, TCP_SYN},
 };
@@ -89,6 +89,9 @@ fn table_growth(
     for target in [1_000u32, 100_000, 1_000_000] {
         let start = std::time::Instant::now();
         let added = target.saturating_sub(filled);
+        // Each flow with its binding, as the programs make them: a reply's lookup meets a
+        // binding table as full as the flow table. (destination, NAT port) is unique per
+        // flow, so every binding has a tuple of its own.
         for i in filled..target {
             let key = FlowKey::new(
                 PROTO_UDP,
@@ -97,15 +100,21 @@ fn table_growth(
                 0xcb00_7100 | (i % 251),
                 53,
             );
+            let nat_port = 1 + (i / 251) as u16;
             let flow = Flow {
                 created_ns: now,
                 last_seen_ns: now,
                 nat_ip: addr(NODE_IP),
-                nat_port: 1,
+                nat_port,
                 state: FlowState::Replied as u8,
                 ..Flow::default()
             };
             h.maps.conntrack.insert(key, flow, 0).unwrap();
+            let binding = key.reply_tuple(addr(NODE_IP), nat_port);
+            h.maps
+                .bindings
+                .insert(binding, Binding::claim(key), 0)
+                .unwrap();
         }
         let secs = start.elapsed().as_secs_f64();
         filled = target;
@@ -163,6 +172,7 @@ fn micro_benchmarks() {
         let new_flow = typical_ns(h, from_pod, pod_if, |i| pod_tcp(1000 + i as u16, 80, TCP_SYN));
         // Those flows go, so that the smallest table below holds the 1k flows it says.
         let made: Vec<(FlowKey, FlowKey)> = h.maps.bindings.iter().flatten()
+            .map(|(tuple, binding)| (tuple, binding.owner))
             .filter(|(_, owner)| owner.dst_port == 80 && (1000..1000 + RUNS as u16).contains(&owner.src_port))
             .collect();
         for (binding, owner) in made {
@@ -207,7 +217,7 @@ fn micro_benchmarks() {
                 let owner = FlowKey::new(PROTO_TCP, addr(OTHER_POD_IP) + (i >> 16), 1 + (i & 0xffff) as u16, addr(SERVER_IP), 8443);
                 let flow = Flow { created_ns: now, last_seen_ns: now, nat_ip: addr(NODE_IP), nat_port: port, state: FlowState::Established as u8, ..Flow::default() };
                 h.maps.conntrack.insert(owner, flow, 0).unwrap();
-                h.maps.bindings.insert(owner.reply_tuple(addr(NODE_IP), port), owner, 0).unwrap();
+                h.maps.bindings.insert(owner.reply_tuple(addr(NODE_IP), port), Binding::claim(owner), 0).unwrap();
             }
             held = target;
             // A fresh sweeper's first tick is a full scan, which rebuilds the hints.

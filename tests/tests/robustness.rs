@@ -88,8 +88,8 @@ fn a_full_flow_table_evicts_without_stale_half_pairs() {
     })
     .unwrap();
     let mut bindings = std::collections::BTreeMap::new();
-    maps.for_each_binding(|reply, owner| {
-        bindings.insert(*reply, *owner);
+    maps.for_each_binding(|reply, binding| {
+        bindings.insert(*reply, binding.owner);
     })
     .unwrap();
     assert!(

@@ -4,7 +4,7 @@
 
 use std::time::Instant;
 
-use datapath_common::flow::{Flow, FlowKey, FlowState, PROTO_TCP};
+use datapath_common::flow::{Binding, Flow, FlowKey, FlowState, PROTO_TCP};
 use datapath_tests::testrun::{with_harness, HarnessOptions};
 
 const FLOWS: u32 = 1_000_000;
@@ -46,6 +46,14 @@ fn a_million_flows_list_quickly() {
                 ..Flow::default()
             };
             h.maps.conntrack.insert(key, flow, 0).unwrap();
+            // Every flow answered: the listing joins each with its binding's reply counters.
+            let binding = Binding {
+                last_seen_ns: now,
+                packets: u64::from(i) + 1,
+                bytes: 100,
+                ..Binding::claim(key)
+            };
+            h.maps.bindings.insert(key.reply_tuple(flow.nat_ip, flow.nat_port), binding, 0).unwrap();
         }
         let fill = start.elapsed();
 
@@ -65,6 +73,10 @@ fn a_million_flows_list_quickly() {
         let _ = std::fs::remove_file(&listing);
         let flows: Vec<serde_json::Value> = serde_json::from_slice(&json).unwrap();
         assert_eq!(flows.len(), FLOWS as usize);
+        // Each record carries its own binding's replies (packets_out + 1, as filled).
+        for flow in flows.iter().step_by(997) {
+            assert_eq!(flow["packets_in"].as_u64().unwrap(), flow["packets_out"].as_u64().unwrap() + 1, "{flow}");
+        }
         let start = Instant::now();
         let table = std::process::Command::new(datapath_tests::datapath_user_bin())
             .args(["flows", "--pin-path"])
@@ -133,6 +145,14 @@ fn fill(
             ..Flow::default()
         };
         maps.conntrack.insert(key, flow, 0).unwrap();
+        // Its binding too: the sweep's searches for orphan bindings read them all.
+        maps.bindings
+            .insert(
+                key.reply_tuple(flow.nat_ip, flow.nat_port),
+                Binding::claim(key),
+                0,
+            )
+            .unwrap();
     }
 }
 

@@ -75,7 +75,9 @@ fn tcp_translation(h: &mut Harness) {
     assert!(back.ip_checksum_ok() && back.l4_checksum_ok());
     assert_eq!(back.ttl, 63, "the hop to the pod decrements the TTL");
     assert_eq!((back.dst_mac, back.src_mac), (POD_MAC, GW_MAC));
-    let flow = h.flow(&pod_key(PROTO_TCP, 40000, SERVER_IP, 80)).unwrap();
+    let flow = h
+        .flow_seen(&pod_key(PROTO_TCP, 40000, SERVER_IP, 80))
+        .unwrap();
     assert_eq!(flow.state(), Some(FlowState::Established));
     assert_eq!((flow.packets_in, flow.bytes_in), (1, back.ip.len() as u64));
     assert_eq!(h.counter(Counter::TranslatedIn), 1);
