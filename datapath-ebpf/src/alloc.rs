@@ -188,7 +188,7 @@ extern "C" fn probe_hint(attempt: u64, ctx: *mut c_void) -> i64 {
     if unsafe { NAT_BINDINGS.get(w.binding) }.is_some()
         || node_socket_owns(s.skb, &w.binding, &mut w.tuple)
         || NAT_BINDINGS
-            .insert(w.binding, &w.claim, u64::from(BPF_NOEXIST))
+            .insert(w.binding, claimed_by(w), u64::from(BPF_NOEXIST))
             .is_err()
     {
         return 0;
@@ -241,14 +241,14 @@ extern "C" fn probe_port(attempt: u64, ctx: *mut c_void) -> i64 {
     }
     if claim == Claim::Free {
         if NAT_BINDINGS
-            .insert(w.binding, &w.claim, u64::from(BPF_NOEXIST))
+            .insert(w.binding, claimed_by(w), u64::from(BPF_NOEXIST))
             .is_err()
         {
             return 0;
         }
     } else if claim == Claim::Reclaim {
         let _ = CONNTRACK.remove(w.owner);
-        if NAT_BINDINGS.insert(w.binding, &w.claim, 0).is_err() {
+        if NAT_BINDINGS.insert(w.binding, claimed_by(w), 0).is_err() {
             return 0;
         }
         count(Counter::PortReclaimed);
@@ -270,6 +270,13 @@ fn copy_key(dst: &mut FlowKey, src: &FlowKey) {
         // bytes long), and `i` stays within them.
         unsafe { core::ptr::write_volatile(dst.add(i), core::ptr::read_volatile(src.add(i))) };
     }
+}
+
+/// The value a probe claims with, by reference: passed by value, the 72-byte binding would be
+/// copied to the stack (with a `memmove` call) on the way to the helper.
+#[inline(always)]
+fn claimed_by(w: &ProbeScratch) -> &Binding {
+    &w.claim
 }
 
 /// A new binding of `owner` (see [`Binding::claim`]) for `NAT_BINDINGS` inserts outside the
