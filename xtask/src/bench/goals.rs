@@ -227,11 +227,19 @@ fn micro_goals(micro: &Value) -> Vec<Goal> {
         growth("reply in at {n} flows (ns)", "reply"),
         growth(
             "established out at {n} flows, 512 in turn (ns)",
-            "established flows, 512 in turn",
+            "established flows, 512 in turn, 1Mi table (buckets 95% full at 1M)",
         ),
         growth(
             "reply in at {n} flows, 512 in turn (ns)",
-            "replies, 512 flows in turn",
+            "replies, 512 flows in turn, 1Mi table (buckets 95% full at 1M)",
+        ),
+        growth(
+            "established out at {n} flows in a 2Mi table, 512 in turn (ns)",
+            "established flows, 512 in turn, 2Mi table (buckets 48% full at 1M)",
+        ),
+        growth(
+            "reply in at {n} flows in a 2Mi table, 512 in turn (ns)",
+            "replies, 512 flows in turn, 2Mi table (buckets 48% full at 1M)",
         ),
         Goal {
             name: "new flows refused with 99% of one destination's NAT ports held (of 200)".into(),
