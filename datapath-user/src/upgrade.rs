@@ -139,3 +139,27 @@ fn errno(e: &MapError) -> Option<i32> {
         _ => None,
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn only_layout_1_of_otherwise_equal_sizes_is_upgradable() {
+        let current = LayoutInfo::current();
+        assert!(upgradable(LayoutInfo {
+            version: 1,
+            ..current
+        }));
+        assert!(!upgradable(current));
+        assert!(!upgradable(LayoutInfo {
+            version: 1,
+            flow_size: current.flow_size + 8,
+            ..current
+        }));
+        assert!(!upgradable(LayoutInfo {
+            version: 99,
+            ..current
+        }));
+    }
+}

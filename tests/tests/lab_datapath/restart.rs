@@ -88,10 +88,7 @@ fn default_restart_keeps_the_udp_streams_nat_port() {
     let ns = pod.ns.clone();
     // The UDP stream uses one socket throughout, like a long-lived client.
     let load = std::thread::spawn(move || {
-        let socket = datapath_tests::netns::within(&ns, || {
-            std::net::UdpSocket::bind("0.0.0.0:45000").unwrap()
-        })
-        .unwrap();
+        let socket = within(&ns, || UdpSocket::bind("0.0.0.0:45000").unwrap()).unwrap();
         socket
             .set_read_timeout(Some(Duration::from_millis(50)))
             .unwrap();
@@ -126,7 +123,7 @@ fn default_restart_keeps_the_udp_streams_nat_port() {
     // Everything the server saw, whatever its source: one translated address and port, so
     // no packet left untranslated or with another port during the restart.
     let node_ip: std::net::Ipv4Addr = NODE_IP.parse().unwrap();
-    let sources: std::collections::BTreeSet<std::net::SocketAddr> = seen.iter().copied().collect();
+    let sources: std::collections::BTreeSet<SocketAddr> = seen.iter().copied().collect();
     assert_eq!(
         sources.len(),
         1,
@@ -167,17 +164,14 @@ fn layout_1_maps_are_upgraded_in_place_keeping_every_flow() {
     let pod_udp = within(&pod.ns, || UdpSocket::bind(("0.0.0.0", 42000)))
         .unwrap()
         .unwrap();
+    // Below TCP's minimum retransmission timeout (200 ms): a lost segment fails the read.
+    let timeout = Some(Duration::from_millis(150));
     for socket in [&server_udp, &pod_udp] {
-        socket
-            .set_read_timeout(Some(Duration::from_millis(150)))
-            .unwrap();
+        socket.set_read_timeout(timeout).unwrap();
     }
-    pod_tcp
-        .set_read_timeout(Some(Duration::from_millis(150)))
-        .unwrap();
-    server_tcp
-        .set_read_timeout(Some(Duration::from_millis(150)))
-        .unwrap();
+    for stream in [&pod_tcp, &server_tcp] {
+        stream.set_read_timeout(timeout).unwrap();
+    }
     pod_udp.send_to(b"u1", (SERVER_IP, 5353)).unwrap();
     let nat_udp = receive_udp(&server_udp, b"u1");
     server_udp.send_to(b"r1", nat_udp).unwrap();
@@ -185,43 +179,12 @@ fn layout_1_maps_are_upgraded_in_place_keeping_every_flow() {
     send_and_receive(&mut server_tcp, &mut pod_tcp, b"before upgrade");
     assert!(lab.stop_daemon(libc::SIGTERM).unwrap().unwrap().success());
 
-    // The pin directory as the previous version left it: NAT_BINDINGS of reply tuple → owner
-    // (a binding's first 16 bytes), of the same size, and layout 1 in LAYOUT.
-    let bindings = lab.pin_path.join("NAT_BINDINGS");
-    let old: BTreeMap<Vec<String>, Vec<String>> = dump(&lab, &bindings)
-        .into_iter()
-        .map(|(reply, binding)| (reply, binding[..16].to_vec()))
-        .collect();
-    assert!(old.len() >= 2, "the TCP and UDP flows' bindings: {old:?}");
-    let capacity = map_info(&lab, &bindings)["max_entries"].to_string();
-    std::fs::remove_file(&bindings).unwrap();
-    let path = bindings.to_str().unwrap();
-    bpftool(
-        &lab,
-        &[
-            "map",
-            "create",
-            path,
-            "type",
-            "lru_hash",
-            "key",
-            "16",
-            "value",
-            "16",
-            "entries",
-            &capacity,
-            "name",
-            "NAT_BINDINGS",
-        ],
+    let old = pin_layout_1(&lab);
+    let (bindings, layout) = (
+        lab.pin_path.join("NAT_BINDINGS"),
+        lab.pin_path.join("LAYOUT"),
     );
-    for (reply, owner) in &old {
-        update(&lab, &bindings, reply, owner);
-    }
-    let layout = lab.pin_path.join("LAYOUT");
-    let (key, mut info) = dump(&lab, &layout).pop_first().unwrap();
-    assert_eq!(info[0], "0x02", "this version writes layout 2");
-    info[0] = "0x01".into();
-    update(&lab, &layout, &key, &info);
+    let capacity = map_info(&lab, &bindings)["max_entries"].clone();
 
     let out = lab
         .cli_output(&["flows", "--pin-path", lab.pin_path.to_str().unwrap()])
@@ -240,18 +203,19 @@ fn layout_1_maps_are_upgraded_in_place_keeping_every_flow() {
         old.len()
     );
     assert!(log.contains(&line), "{log}");
-    assert_eq!(dump(&lab, &layout)[&key][0], "0x02", "LAYOUT says 2 again");
+    let (_, info) = dump(&lab, &layout).pop_first().unwrap();
+    assert_eq!(info[0], "0x02", "LAYOUT says 2 again");
     let info = map_info(&lab, &bindings);
     assert_eq!(info["bytes_value"], 72, "{info}");
-    assert_eq!(info["max_entries"].to_string(), capacity, "{info}");
+    assert_eq!(info["max_entries"], capacity, "{info}");
     let new = dump(&lab, &bindings);
     for (reply, owner) in &old {
         let binding = new.get(reply).unwrap_or_else(|| panic!("{reply:?} lost"));
         assert_eq!(&binding[..16], owner, "the owner of {reply:?}");
     }
 
-    // The remote first: only the carried bindings can take these to the pod (within 150 ms,
-    // below TCP's minimum retransmission timeout); then the pod answers on the same ports.
+    // The remote first: only the carried bindings can take these to the pod; then the pod
+    // answers through the same NAT ports.
     send_and_receive(
         &mut server_tcp,
         &mut pod_tcp,
@@ -289,6 +253,48 @@ fn receive_udp(socket: &UdpSocket, msg: &[u8]) -> SocketAddr {
         .unwrap_or_else(|e| panic!("{:?} not received: {e}", String::from_utf8_lossy(msg)));
     assert_eq!(&buf[..n], msg);
     from
+}
+
+/// Makes the pin directory what the previous version left (the programs attached keep
+/// theirs): `NAT_BINDINGS` of the same size with each binding's reply tuple → owner (a
+/// binding's first 16 bytes), and layout 1 in `LAYOUT`. Returns those bindings.
+fn pin_layout_1(lab: &Lab) -> BTreeMap<Vec<String>, Vec<String>> {
+    let bindings = lab.pin_path.join("NAT_BINDINGS");
+    let old: BTreeMap<_, _> = dump(lab, &bindings)
+        .into_iter()
+        .map(|(reply, binding)| (reply, binding[..16].to_vec()))
+        .collect();
+    assert!(old.len() >= 2, "the TCP and UDP flows' bindings: {old:?}");
+    let capacity = map_info(lab, &bindings)["max_entries"].to_string();
+    std::fs::remove_file(&bindings).unwrap();
+    let path = bindings.to_str().unwrap();
+    bpftool(
+        lab,
+        &[
+            "map",
+            "create",
+            path,
+            "type",
+            "lru_hash",
+            "key",
+            "16",
+            "value",
+            "16",
+            "entries",
+            &capacity,
+            "name",
+            "NAT_BINDINGS",
+        ],
+    );
+    for (reply, owner) in &old {
+        update(lab, &bindings, reply, owner);
+    }
+    let layout = lab.pin_path.join("LAYOUT");
+    let (key, mut info) = dump(lab, &layout).pop_first().unwrap();
+    assert_eq!(info[0], "0x02", "this version writes layout 2");
+    info[0] = "0x01".into();
+    update(lab, &layout, &key, &info);
+    old
 }
 
 /// `bpftool -j ARGS` in the node, parsed.
