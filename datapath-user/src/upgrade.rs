@@ -105,6 +105,26 @@ impl Upgrade {
         Ok(())
     }
 
+    /// Pins the old map back in place of the new one: a start that failed before the
+    /// bindings were carried over leaves layout-1 maps as they were.
+    pub fn restore(&self) {
+        match std::fs::remove_file(&self.pin) {
+            Ok(()) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(e) => warn!("removing the new {}: {e}", self.pin.display()),
+        }
+        match self.old_raw.pin(&self.pin) {
+            Ok(()) => info!(
+                "start failed: the layout-1 {} is pinned back",
+                self.pin.display()
+            ),
+            Err(e) => warn!(
+                "start failed, and pinning the layout-1 {} back failed: {e}",
+                self.pin.display()
+            ),
+        }
+    }
+
     /// Inserts each old binding the new map lacks; returns how many went in.
     fn copy(&self) -> Result<usize> {
         let mut new: HashMap<MapData, FlowKey, Binding> = Map::from_map_data(

@@ -195,6 +195,7 @@ fn layout_1_maps_are_upgraded_in_place_keeping_every_flow() {
         stderr.contains("layout (1)") && stderr.contains("`datapath-user run`"),
         "{stderr}"
     );
+    failed_start_pins_layout_1_back(&mut lab);
 
     lab.start_daemon().unwrap();
     let log = std::fs::read_to_string(&lab.daemon_log).unwrap();
@@ -295,6 +296,24 @@ fn pin_layout_1(lab: &Lab) -> BTreeMap<Vec<String>, Vec<String>> {
     info[0] = "0x01".into();
     update(lab, &layout, &key, &info);
     old
+}
+
+/// A start that fails before the bindings are carried over (here: a directory where a map's
+/// pin goes) pins the layout-1 `NAT_BINDINGS` back, so the previous version could take over.
+fn failed_start_pins_layout_1_back(lab: &mut Lab) {
+    let bindings = lab.pin_path.join("NAT_BINDINGS");
+    let before = map_info(lab, &bindings);
+    let hints = lab.pin_path.join("PORT_HINTS");
+    std::fs::remove_file(&hints).unwrap();
+    std::fs::create_dir(&hints).unwrap();
+    assert!(lab.start_daemon().is_err(), "started over a directory");
+    std::fs::remove_dir(&hints).unwrap();
+    let log = std::fs::read_to_string(&lab.daemon_log).unwrap();
+    assert!(log.contains("NAT_BINDINGS is pinned back"), "{log}");
+    let after = map_info(lab, &bindings);
+    assert_eq!(after["id"], before["id"], "{after}");
+    let (_, layout) = dump(lab, &lab.pin_path.join("LAYOUT")).pop_first().unwrap();
+    assert_eq!(layout[0], "0x01", "LAYOUT still says 1");
 }
 
 /// `bpftool -j ARGS` in the node, parsed.
