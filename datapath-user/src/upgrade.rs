@@ -4,7 +4,7 @@
 //! alone, now a [`Binding`]. The old map is unpinned (and kept open) before loading, so the
 //! loader creates the new one; its entries go into the new map before the new programs are
 //! attached, and once more after, since the old programs kept claiming ports until the new
-//! ones replaced them.
+//! ones replaced them. A start that fails before the first copy pins the old map back.
 
 use std::path::{Path, PathBuf};
 
