@@ -32,6 +32,8 @@ pub enum Error {
         found: datapath_common::maps::LayoutInfo,
         expected: datapath_common::maps::LayoutInfo,
     },
+    #[error("pinned maps at {0} have the previous version's layout (1): start this version's daemon (`datapath-user run`), which upgrades them in place keeping every flow, then try again")]
+    LayoutUpgradable(PathBuf),
     #[error("the datapath is not attached at {0}: start `datapath-user run` first (a pod registered now would send its IPv4 untranslated)")]
     NotAttached(PathBuf),
     #[error(

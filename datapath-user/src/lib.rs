@@ -17,6 +17,7 @@ pub mod netdev;
 pub mod pods;
 pub mod stats;
 pub mod sweep;
+pub mod upgrade;
 
 pub use error::Error;
 

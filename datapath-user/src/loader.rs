@@ -34,6 +34,7 @@ use crate::{
     btf::Btf,
     error::{Error, Result},
     maps, netdev,
+    upgrade::{self, Upgrade},
 };
 
 /// The eBPF object built by this crate's build script.
@@ -56,28 +57,37 @@ pub struct LoadOptions {
     pub kernel_checksum_helpers: bool,
 }
 
-/// Loads the object, re-using maps pinned at `pin_path` (after checking their layout) and
-/// pinning new ones there.
-pub fn load(opts: &LoadOptions) -> Result<Ebpf> {
+/// The loaded object, and the upgrade of maps pinned by the previous version to finish once
+/// its programs are attached ([`crate::upgrade::Upgrade::finish`]).
+pub struct Loaded {
+    pub ebpf: Ebpf,
+    pub upgrade: Option<Upgrade>,
+}
+
+/// Loads the object, re-using maps pinned at `pin_path` (after checking their layout, and
+/// upgrading the previous one) and pinning new ones there.
+pub fn load(opts: &LoadOptions) -> Result<Loaded> {
     if OBJECT.is_empty() {
         return Err(Error::NoObject);
     }
     bpffs::ensure_pin_dir(&opts.pin_path)?;
-    maps::check_layout(&opts.pin_path)?;
-    let object = object_for_this_kernel(opts.kernel_checksum_helpers)?;
-    let mut ebpf = EbpfLoader::new()
-        .default_map_pin_directory(&opts.pin_path)
-        .map_max_entries(names::CONNTRACK, opts.flow_table_size)
-        .map_max_entries(names::NAT_BINDINGS, opts.flow_table_size)
-        .load(object.bytes())
-        .map_err(|e| match e {
-            aya::EbpfError::MapError(aya::maps::MapError::CreateError { io_error, .. })
-                if io_error.kind() == std::io::ErrorKind::PermissionDenied =>
-            {
-                Error::Permission("creating BPF maps".into())
+    let mut upgrade = upgrade::prepare(&opts.pin_path)?;
+    // Before the new slow path is installed (from then on, new flows claim their ports in the
+    // new map), and before the layout says the maps are this version's.
+    let loaded = load_programs(opts).and_then(|ebpf| match &mut upgrade {
+        Some(upgrade) => upgrade.carry_over().map(|()| ebpf),
+        None => Ok(ebpf),
+    });
+    let mut ebpf = match loaded {
+        Ok(ebpf) => ebpf,
+        Err(e) => {
+            // The previous version (a rollback) finds its maps as it left them.
+            if let Some(upgrade) = &upgrade {
+                upgrade.restore();
             }
-            other => Error::Load(other),
-        })?;
+            return Err(e);
+        }
+    };
     let mut layout: Array<_, LayoutInfo> = Array::try_from(
         ebpf.map_mut(names::LAYOUT)
             .ok_or_else(|| Error::NotRunning(opts.pin_path.clone()))?,
@@ -86,11 +96,6 @@ pub fn load(opts: &LoadOptions) -> Result<Ebpf> {
     layout
         .set(0, LayoutInfo::current(), 0)
         .map_err(|e| Error::map("writing LAYOUT", e))?;
-    for name in names::PROGRAMS {
-        program(&mut ebpf, name)?
-            .load()
-            .map_err(|e| Error::program(format!("loading {name} (verifier)"), e))?;
-    }
     let slow_fd = program(&mut ebpf, names::PROG_FROM_POD_SLOW)?
         .fd()
         .map_err(|e| Error::program(names::PROG_FROM_POD_SLOW, e))?
@@ -104,6 +109,34 @@ pub fn load(opts: &LoadOptions) -> Result<Ebpf> {
     slow_path
         .set(0, &slow_fd, 0)
         .map_err(|e| Error::map("installing the slow path", e))?;
+    Ok(Loaded { ebpf, upgrade })
+}
+
+/// The object loaded with its maps (pinned ones re-used, new ones pinned) and its programs
+/// through the verifier.
+fn load_programs(opts: &LoadOptions) -> Result<Ebpf> {
+    let object = object_for_this_kernel(opts.kernel_checksum_helpers)?;
+    // A binding table created beside a pinned flow table (an upgrade) gets the table's size.
+    let bindings_capacity =
+        maps::pinned_flow_capacity(&opts.pin_path).unwrap_or(opts.flow_table_size);
+    let mut ebpf = EbpfLoader::new()
+        .default_map_pin_directory(&opts.pin_path)
+        .map_max_entries(names::CONNTRACK, opts.flow_table_size)
+        .map_max_entries(names::NAT_BINDINGS, bindings_capacity)
+        .load(object.bytes())
+        .map_err(|e| match e {
+            aya::EbpfError::MapError(aya::maps::MapError::CreateError { io_error, .. })
+                if io_error.kind() == std::io::ErrorKind::PermissionDenied =>
+            {
+                Error::Permission("creating BPF maps".into())
+            }
+            other => Error::Load(other),
+        })?;
+    for name in names::PROGRAMS {
+        program(&mut ebpf, name)?
+            .load()
+            .map_err(|e| Error::program(format!("loading {name} (verifier)"), e))?;
+    }
     Ok(ebpf)
 }
 

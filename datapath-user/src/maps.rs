@@ -87,9 +87,13 @@ pub fn pinned_layout(path: &Path) -> Result<Option<LayoutInfo>> {
     Ok((info != LayoutInfo::default()).then_some(info))
 }
 
-/// Fails unless maps pinned at `path` (if any) have this build's layout.
+/// Fails unless maps pinned at `path` (if any) have this build's layout. Maps of the layout
+/// `run` upgrades ([`crate::upgrade`]) get an error saying so.
 pub fn check_layout(path: &Path) -> Result<()> {
     match pinned_layout(path)? {
+        Some(found) if crate::upgrade::upgradable(found) => {
+            Err(Error::LayoutUpgradable(path.to_path_buf()))
+        }
         Some(found) if found != LayoutInfo::current() => Err(Error::IncompatibleLayout {
             path: path.to_path_buf(),
             found,
@@ -228,7 +232,7 @@ pub fn monotonic_coarse_ns() -> u64 {
 
 /// Calls `f` for every entry of a hash map, read through `raw` in batches, or one entry at a
 /// time through `map` on kernels without batch lookups for its type.
-fn for_each_entry<K: Pod + Default, V: Pod + Default>(
+pub(crate) fn for_each_entry<K: Pod + Default, V: Pod + Default>(
     raw: &MapData,
     map: &HashMap<MapData, K, V>,
     name: &str,

@@ -165,7 +165,8 @@ impl Harness {
             pin_path: pin_path.to_path_buf(),
             flow_table_size: opts.flow_table_size,
             kernel_checksum_helpers: opts.kernel_checksum_helpers,
-        })?;
+        })?
+        .ebpf;
         let config = Config {
             node_ip: u32::from_be_bytes(NODE_IP),
             pod_cidr: DEFAULT_POD_CIDR,

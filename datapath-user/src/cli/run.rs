@@ -183,7 +183,7 @@ pub fn execute(args: &RunArgs) -> anyhow::Result<()> {
     let uplink_ifindex = netdev::ifindex(&uplink)?;
     let metrics_listener = args.metrics_addr.map(metrics::bind).transpose()?;
     let mut lock = DaemonLock::acquire(&pin_path)?;
-    let mut ebpf = loader::load(&LoadOptions {
+    let loader::Loaded { mut ebpf, upgrade } = loader::load(&LoadOptions {
         pin_path: pin_path.clone(),
         flow_table_size: args.flow_table_size,
         kernel_checksum_helpers: false,
@@ -205,6 +205,12 @@ pub fn execute(args: &RunArgs) -> anyhow::Result<()> {
         TcAttachType::Egress,
         loader::UPLINK_EGRESS,
     )?;
+    // The old uplink programs are replaced: what they bound meanwhile is carried over.
+    if let Some(upgrade) = upgrade {
+        if let Err(e) = upgrade.finish() {
+            warn!("upgrading the pinned maps: {e}; bindings made during the start may be lost");
+        }
+    }
     loader::pin_from_pod_program(&mut ebpf, &pin_path)?;
     let maps = Maps::open(&pin_path)?;
     let from_pod = loader::program(&mut ebpf, names::PROG_FROM_POD)?;
