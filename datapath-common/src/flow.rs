@@ -367,11 +367,17 @@ impl Flow {
     /// flow's own `packets_in` counts later fragments and ICMP errors) and the later of the
     /// two last-seen times.
     #[must_use]
-    pub const fn with_replies(mut self, binding: &Binding) -> Self {
-        self.packets_in = self.packets_in.wrapping_add(binding.packets);
-        self.bytes_in = self.bytes_in.wrapping_add(binding.bytes);
-        if binding.last_seen_ns > self.last_seen_ns {
-            self.last_seen_ns = binding.last_seen_ns;
+    pub const fn with_replies(self, binding: &Binding) -> Self {
+        self.with_reply_counts(binding.packets, binding.bytes, binding.last_seen_ns)
+    }
+
+    /// [`Flow::with_replies`] from a binding's counters and time alone.
+    #[must_use]
+    pub const fn with_reply_counts(mut self, packets: u64, bytes: u64, last_seen_ns: u64) -> Self {
+        self.packets_in = self.packets_in.wrapping_add(packets);
+        self.bytes_in = self.bytes_in.wrapping_add(bytes);
+        if last_seen_ns > self.last_seen_ns {
+            self.last_seen_ns = last_seen_ns;
         }
         self
     }

@@ -8,10 +8,12 @@
 //! treat a flow past its removal time as gone (nf_conntrack does the same with entries its
 //! garbage collector has not reached); it only holds memory. So when a scan finds many flows
 //! it should have removed earlier, as churn makes them, the interval goes back to the
-//! punctual one: the cost then follows what expires.
+//! punctual one: the cost then follows what expires. Flows created since the last scan are
+//! counted too ([`arrivals_call_for_a_scan`]): churn is caught at the next punctual time rather
+//! than at the next lazy scan.
 
 /// The share of one core (per mille) full scans may take before their interval stretches.
-pub const SCAN_BUDGET_PER_MILLE: u64 = 5;
+pub const SCAN_BUDGET_PER_MILLE: u64 = 3;
 
 /// The longest interval between full scans (the longest nf_conntrack's collector waits).
 pub const LAZY_SCAN_INTERVAL_MAX_MS: u64 = 60_000;
@@ -19,6 +21,20 @@ pub const LAZY_SCAN_INTERVAL_MAX_MS: u64 = 60_000;
 /// Overdue flows (per mille of those scanned) above which scans return to the punctual
 /// interval.
 pub const OVERDUE_PER_MILLE_MAX: u64 = 10;
+
+/// Flows created since the last full scan (per mille of those it read) from which the next
+/// scan comes at the punctual interval: flows that short timeouts will end before a lazy scan
+/// would list them.
+pub const ARRIVALS_PER_MILLE_MAX: u64 = 10;
+
+/// Whether `arrived` flows created since a full scan that read `scanned` call for the next
+/// scan at the punctual interval rather than a lazy one. Under steady arrivals the lazy
+/// interval thus shrinks to the time they take to reach the threshold, which also bounds the
+/// flows a late removal leaves in the table to about that share.
+#[must_use]
+pub const fn arrivals_call_for_a_scan(arrived: u64, scanned: u64) -> bool {
+    arrived.saturating_mul(1000) > scanned.saturating_mul(ARRIVALS_PER_MILLE_MAX)
+}
 
 /// What the last full scan saw and cost.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -76,8 +92,8 @@ mod tests {
 
     #[test]
     fn expensive_scans_of_live_flows_stretch_to_the_budget_then_the_cap() {
-        // Half a million flows in 150 ms of CPU: 0.5% of a core at one scan per 30 s.
-        assert_eq!(next_full_scan_ms(10, &outcome(150_000, 500_000, 0)), 30_000);
+        // Half a million flows in 150 ms of CPU: 0.3% of a core at one scan per 50 s.
+        assert_eq!(next_full_scan_ms(10, &outcome(150_000, 500_000, 0)), 50_000);
         assert_eq!(
             next_full_scan_ms(10, &outcome(900_000, 3_000_000, 0)),
             LAZY_SCAN_INTERVAL_MAX_MS
@@ -93,8 +109,19 @@ mod tests {
         // A trickle of late flows is not churn.
         assert_eq!(
             next_full_scan_ms(10, &outcome(150_000, 500_000, 300)),
-            30_000
+            50_000
         );
+    }
+
+    #[test]
+    fn arrivals_beyond_a_percent_of_the_table_call_for_a_scan() {
+        assert!(!arrivals_call_for_a_scan(5_000, 500_000));
+        assert!(arrivals_call_for_a_scan(5_001, 500_000));
+        assert!(
+            !arrivals_call_for_a_scan(0, 0),
+            "nothing arrived, nothing to scan for"
+        );
+        assert!(arrivals_call_for_a_scan(1, 0));
     }
 
     proptest! {

@@ -4,7 +4,7 @@
 use std::{collections::HashMap, net::Ipv4Addr, sync::Arc};
 
 use datapath_common::{
-    flow::{proto_name, Binding, Flow, FlowKey, FLAG_NODE, PROTO_ICMP, PROTO_TCP, PROTO_UDP},
+    flow::{proto_name, Flow, FlowKey, FLAG_NODE, PROTO_ICMP, PROTO_TCP, PROTO_UDP},
     ipv4::Cidr,
 };
 use serde::Serialize;
@@ -149,40 +149,47 @@ pub fn collect(maps: &Maps, filter: &Filter) -> Result<Vec<FlowRecord>> {
     let name = |ip: u32| names.get(&ip).cloned();
     // Raw entries are kept and sorted through (key, index) pairs, and the records built
     // once, in order: at a million flows, moving ~130-byte records during a sort cost more
-    // than the rest of the listing.
-    let mut entries = Vec::new();
+    // than the rest of the listing. Replies are counted in the flows' bindings: those are
+    // read at the same time, on another thread, sorted the same way and merged in.
     let everything = filter.is_empty();
-    maps.for_each_flow(|key, flow| {
-        // The node's own connections are tracked only to keep NAT ports off them (`stats`
-        // counts them); they are not translations.
-        if flow.flags & FLAG_NODE != 0 {
-            return;
-        }
-        // The filter looks at nothing the binding adds (pod, tuple, state, ports).
-        if everything || filter.matches(&record(key, flow, name(key.src_ip), now, &timeouts)) {
-            entries.push((*key, *flow));
-        }
-    })?;
-    let replies = replies(maps)?;
-    for (key, flow) in &mut entries {
-        if let Some(binding) = replies.get(&key.reply_tuple(flow.nat_ip, flow.nat_port)) {
-            if binding.owner == *key {
-                *flow = flow.with_replies(binding);
+    let (entries, replies) = std::thread::scope(|scope| {
+        let replies = scope.spawn(|| replies(maps));
+        let mut entries = Vec::new();
+        let flows = maps.for_each_flow(|key, flow| {
+            // The node's own connections are tracked only to keep NAT ports off them
+            // (`stats` counts them); they are not translations.
+            if flow.flags & FLAG_NODE != 0 {
+                return;
             }
-        }
-    }
+            // The filter looks at nothing the binding adds (pod, tuple, state, ports).
+            if everything || filter.matches(&record(key, flow, name(key.src_ip), now, &timeouts)) {
+                entries.push((*key, *flow));
+            }
+        });
+        let replies = replies.join().expect("the bindings reader does not panic");
+        flows.and(replies).map(|replies| (entries, replies))
+    })?;
     let mut order: Vec<(u128, u32)> = entries
         .iter()
         .zip(0u32..)
         .map(|((key, _), i)| (sort_key(key), i))
         .collect();
     order.sort_unstable();
+    let mut replies = replies.iter().peekable();
     // Consecutive records mostly share a pod: one name lookup per run of them.
     let mut last: Option<(u32, Option<Arc<str>>)> = None;
     Ok(order
         .iter()
-        .map(|&(_, i)| {
+        .map(|&(rank, i)| {
             let (key, flow) = &entries[i as usize];
+            let mut flow = *flow;
+            while replies.next_if(|r| r.rank < rank).is_some() {}
+            while let Some(r) = replies.next_if(|r| r.rank == rank) {
+                // The binding under the flow's own reply tuple (an old one may linger).
+                if r.nat == (flow.nat_ip, flow.nat_port) {
+                    flow = flow.with_reply_counts(r.packets, r.bytes, r.last_seen_ns);
+                }
+            }
             let pod = match &last {
                 Some((ip, pod)) if *ip == key.src_ip => pod.clone(),
                 _ => {
@@ -191,20 +198,36 @@ pub fn collect(maps: &Maps, filter: &Filter) -> Result<Vec<FlowRecord>> {
                     pod
                 }
             };
-            record(key, flow, pod, now, &timeouts)
+            record(key, &flow, pod, now, &timeouts)
         })
         .collect())
 }
 
-/// The bindings that counted replies, by reply tuple: a flow's replies are counted in its
-/// binding ([`Binding`]), so a flow's record needs both entries.
-fn replies(maps: &Maps) -> Result<HashMap<FlowKey, Binding, foldhash::fast::RandomState>> {
-    let mut replies = HashMap::with_hasher(foldhash::fast::RandomState::default());
+/// What a binding counted for its owner, placed for the merge with the flows: the owner's
+/// listing rank, then the NAT address and port of the binding's tuple.
+struct Replies {
+    rank: u128,
+    nat: (u32, u16),
+    packets: u64,
+    bytes: u64,
+    last_seen_ns: u64,
+}
+
+/// The bindings that counted replies, in their owners' listing order.
+fn replies(maps: &Maps) -> Result<Vec<Replies>> {
+    let mut replies = Vec::new();
     maps.for_each_binding(|tuple, binding| {
         if binding.packets != 0 {
-            replies.insert(*tuple, *binding);
+            replies.push(Replies {
+                rank: sort_key(&binding.owner),
+                nat: (tuple.dst_ip, tuple.dst_port),
+                packets: binding.packets,
+                bytes: binding.bytes,
+                last_seen_ns: binding.last_seen_ns,
+            });
         }
     })?;
+    replies.sort_unstable_by_key(|r| r.rank);
     Ok(replies)
 }
 

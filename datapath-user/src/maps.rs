@@ -146,16 +146,23 @@ impl Maps {
 
     /// Removes the flow `key`, returning the value it held when it was unlinked.
     pub fn take_flow(&mut self, key: &FlowKey) -> Result<Option<Flow>> {
-        match crate::batch::take(&self.conntrack_raw, key) {
-            Ok(flow) => Ok(flow),
-            // Kernels without lookup-and-delete for this map type: read, then delete.
-            Err(e) if matches!(e.raw_os_error(), Some(libc::EINVAL | libc::ENOTSUP | 524)) => {
-                let flow = self.conntrack.get(key, 0).ok();
-                let _ = self.conntrack.remove(key);
-                Ok(flow)
-            }
-            Err(e) => Err(Error::io("removing a flow", e)),
-        }
+        take(
+            &self.conntrack_raw,
+            &mut self.conntrack,
+            key,
+            "removing a flow",
+        )
+    }
+
+    /// Removes the binding under reply tuple `tuple`, returning the value it held when it was
+    /// unlinked.
+    pub fn take_binding(&mut self, tuple: &FlowKey) -> Result<Option<Binding>> {
+        take(
+            &self.bindings_raw,
+            &mut self.bindings,
+            tuple,
+            "removing a binding",
+        )
     }
 
     pub fn config(&self) -> Result<Config> {
@@ -180,14 +187,17 @@ impl Maps {
     pub fn counters(&self) -> Result<Vec<(Counter, u64)>> {
         Counter::ALL
             .iter()
-            .map(|c| {
-                let values = self
-                    .counters
-                    .get(&(*c as u32), 0)
-                    .map_err(|e| Error::map("reading COUNTERS", e))?;
-                Ok((*c, values.iter().sum()))
-            })
+            .map(|c| Ok((*c, self.counter(*c)?)))
             .collect()
+    }
+
+    /// One counter, summed over the CPUs.
+    pub fn counter(&self, counter: Counter) -> Result<u64> {
+        let values = self
+            .counters
+            .get(&(counter as u32), 0)
+            .map_err(|e| Error::map("reading COUNTERS", e))?;
+        Ok(values.iter().sum())
     }
 
     /// Removes every flow (and its NAT binding) whose pod address is `pod_ip`.
@@ -228,6 +238,26 @@ pub fn monotonic_coarse_ns() -> u64 {
     // SAFETY: valid out-pointer.
     unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC_COARSE, &raw mut ts) };
     ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
+}
+
+/// Removes `key` from a hash map (through `raw`), returning the value it held when it was
+/// unlinked; on kernels without lookup-and-delete for its type, reads then deletes through
+/// `map`.
+fn take<K: Pod, V: Pod + Default>(
+    raw: &MapData,
+    map: &mut HashMap<MapData, K, V>,
+    key: &K,
+    what: &str,
+) -> Result<Option<V>> {
+    match crate::batch::take(raw, key) {
+        Ok(value) => Ok(value),
+        Err(e) if matches!(e.raw_os_error(), Some(libc::EINVAL | libc::ENOTSUP | 524)) => {
+            let value = map.get(key, 0).ok();
+            let _ = map.remove(key);
+            Ok(value)
+        }
+        Err(e) => Err(Error::io(what, e)),
+    }
 }
 
 /// Calls `f` for every entry of a hash map, read through `raw` in batches, or one entry at a

@@ -5,10 +5,11 @@
 //! full-scan interval (the shortest timeout, at most ten seconds: no flow's expiry is closer
 //! than that to the packet that set it), and each full scan lists the flows that become
 //! removable before the next one. Every tick then looks at those alone. Where a full scan
-//! would cost more than half a percent of a core at that pace (a table of a few hundred
+//! would cost more than 0.3% of a core at that pace (a table of a few hundred
 //! thousand long-lived flows), scans come less often, at most a minute apart, unless they
-//! find flows they were late for in numbers ([`datapath_common::scan`]); the programs treat
-//! a flow past its removal time as gone, so lateness costs memory, not correctness.
+//! find flows they were late for in numbers, or the programs created more than a percent of
+//! the table since the last one ([`datapath_common::scan`]); the programs treat a flow past its
+//! removal time as gone, so lateness costs memory, not correctness.
 
 use std::{
     collections::{HashMap, HashSet},
@@ -17,6 +18,7 @@ use std::{
 
 use datapath_common::{
     config::{Config, Timeouts},
+    counters::Counter,
     flow::{Flow, FlowKey},
     port::{self, PortHint},
     scan::{self, ScanOutcome},
@@ -90,6 +92,8 @@ pub struct Sweeper {
     due: Vec<Due>,
     released: Vec<Released>,
     next_full_scan: Option<Instant>,
+    /// When the last full scan started, and the programs' count of flows created then.
+    last_full_scan: Option<(Instant, u64)>,
     full_scans: u64,
     /// The last full scan's cost and findings, which pace the next ones.
     last_scan: ScanOutcome,
@@ -117,6 +121,7 @@ impl Sweeper {
             due: Vec::new(),
             released: Vec::new(),
             next_full_scan: None,
+            last_full_scan: None,
             full_scans: 0,
             last_scan: ScanOutcome::default(),
             full_scan_interval: Duration::ZERO,
@@ -159,6 +164,8 @@ impl Sweeper {
         let timeouts = config.timeouts;
         let orphans = self.release_bindings(maps, &config);
         let (mut scanned, mut overdue, mut orphan_count) = (0, 0, orphans);
+        let created = maps.counter(Counter::FlowCreated).unwrap_or(0);
+        self.bring_forward_for_arrivals(created, timeouts.full_scan_interval_s());
         if self.next_full_scan.is_none_or(|at| start >= at) {
             let punctual_s = timeouts.full_scan_interval_s();
             // Flows are listed for as far ahead as the last scan paces the next one; a
@@ -178,6 +185,7 @@ impl Sweeper {
                 orphan_count += self.remove_orphans(maps, &live)?;
             }
             self.full_scans += 1;
+            self.last_full_scan = Some((start, created));
             self.full_scan_interval = window.min(Duration::from_millis(scan::next_full_scan_ms(
                 punctual_s,
                 &self.last_scan,
@@ -200,6 +208,27 @@ impl Sweeper {
         self.last = report;
         self.last_pass_at = Some(Instant::now());
         Ok(report)
+    }
+
+    /// Brings a lazy full scan forward to the punctual time after the last one when the
+    /// programs have created more flows since it than [`scan::arrivals_call_for_a_scan`]
+    /// allows (`created`: their running count): short timeouts may end those before a lazy
+    /// scan would list them.
+    fn bring_forward_for_arrivals(&mut self, created: u64, punctual_s: u32) {
+        let (Some((scanned_at, created_then)), Some(next)) =
+            (self.last_full_scan, self.next_full_scan)
+        else {
+            return;
+        };
+        let punctual = scanned_at + Duration::from_secs(u64::from(punctual_s));
+        if next > punctual
+            && scan::arrivals_call_for_a_scan(
+                created.saturating_sub(created_then),
+                self.last_scan.scanned,
+            )
+        {
+            self.next_full_scan = Some(punctual);
+        }
     }
 
     /// Reads the whole table (thousands of entries per syscall) and lists the flows that
@@ -348,18 +377,23 @@ impl Sweeper {
                 Err(_) => true,
                 Ok(flow) => flow.nat_port != r.nat_port,
             };
-            if stale
-                && maps
-                    .bindings
-                    .get(&r.binding, 0)
-                    .is_ok_and(|taken| taken.owner == r.owner)
-                && maps.bindings.remove(&r.binding).is_ok()
-            {
-                removed += 1;
-                freed
-                    .entry(port::hint_key(&r.owner))
-                    .or_default()
-                    .push(r.nat_port);
+            if !stale {
+                continue;
+            }
+            // Taken in one call and put back in the rare case another flow claimed the
+            // tuple meanwhile (a look first would cost every release a second call).
+            match maps.take_binding(&r.binding) {
+                Ok(Some(taken)) if taken.owner != r.owner => {
+                    let _ = maps.bindings.insert(r.binding, taken, BPF_NOEXIST);
+                }
+                Ok(Some(_)) => {
+                    removed += 1;
+                    freed
+                        .entry(port::hint_key(&r.owner))
+                        .or_default()
+                        .push(r.nat_port);
+                }
+                Ok(None) | Err(_) => {}
             }
         }
         for (dest, ports) in freed {

@@ -391,18 +391,17 @@ impl Daemon {
     }
 }
 
-/// Attaches the pod-side program where a registered pod lacks it (pods registered while the
-/// datapath was detached), and forgets pods whose veth is gone (deleted while no CNI DEL
-/// could reach us). Returns one line per attachment still missing, the uplink's included.
+/// Attaches this daemon's pod-side program to every registered pod: swapped into the pod's
+/// link when it has one, a new link otherwise (pods registered while the datapath was
+/// detached). Forgets pods whose veth is gone (deleted while no CNI DEL could reach us).
+/// Returns one line per attachment still missing, the uplink's included.
 fn attach_pods(
     prog: &mut aya::programs::SchedClassifier,
     maps: &Maps,
     uplink_ifindex: u32,
 ) -> anyhow::Result<Vec<String>> {
+    // After an upgrade no pod keeps running the previous build's code.
     for (ip, pod) in maps.pods()? {
-        if loader::pod_link_ifindex(&maps.path, pod.host_ifindex)? == Some(pod.host_ifindex) {
-            continue;
-        }
         if netdev::ifname(pod.host_ifindex).is_none() {
             warn!(
                 "pod {ip} ({}): its veth (ifindex {}) is gone; unregistering it",

@@ -11,7 +11,7 @@ use std::{
 
 use datapath_tests::{
     lab::{Lab, NODE_IP, SERVER_IP},
-    netns::{exec, within},
+    netns::{exec, ifindex_of, within},
     traffic::{self, Server, TcpService},
     LabOptions,
 };
@@ -32,14 +32,37 @@ fn restart_keeps_live_tcp_and_udp_flows() {
     );
     let flows_before = lab.flows().unwrap().len();
     let (uplink_link, old_prog) = lab.pinned_link("uplink_ingress").unwrap();
+    let pod_link = format!("pod_{}", ifindex_of(&lab.node, &pod.host_veth).unwrap());
+    let (pod_link_before, old_pod_prog) = lab.pinned_link(&pod_link).unwrap();
 
     let status = lab.stop_daemon(libc::SIGTERM).unwrap().unwrap();
     assert!(status.success(), "daemon exit status {status}");
     lab.start_daemon().unwrap();
-    // The new daemon's program runs in the same link.
+    // The new daemon's programs run in the same links: the uplink's and every pod's (an
+    // upgrade reaches pods that already have a link too).
     let (link_after, new_prog) = lab.pinned_link("uplink_ingress").unwrap();
     assert_eq!(link_after, uplink_link, "the link was kept");
     assert_ne!(new_prog, old_prog, "the new program was swapped in");
+    let (pod_link_after, new_pod_prog) = lab.pinned_link(&pod_link).unwrap();
+    assert_eq!(pod_link_after, pod_link_before, "the pod's link was kept");
+    assert_ne!(
+        new_pod_prog, old_pod_prog,
+        "the new pod-side program was swapped in"
+    );
+    let pinned = bpftool(
+        &lab,
+        &[
+            "prog",
+            "show",
+            "pinned",
+            lab.pin_path.join("prog_tc_from_pod").to_str().unwrap(),
+        ],
+    );
+    assert_eq!(
+        pinned["id"].as_u64(),
+        Some(new_pod_prog),
+        "the pod runs the program `pod add` attaches"
+    );
     // Below TCP's minimum retransmission timeout (200 ms): a lost segment fails the read
     // instead of being hidden by a retransmission.
     stream
