@@ -449,9 +449,8 @@ mod tests {
     #[test]
     fn the_reference_runs_are_read_back() {
         for (run, measured) in [
-            ("results/reference", 16),
+            ("results/reference", 18),
             ("results/reference/churn", 7),
-            ("results/reference/scale-only", 3),
         ] {
             let path = crate::workspace().join(run).join("results.json");
             let text = std::fs::read_to_string(&path).unwrap();
