@@ -1,5 +1,6 @@
-//! Flow-table entries as the programs share them: every access to a `CONNTRACK` value goes
-//! through [`FlowRef`], which holds the one argument for why it is sound.
+//! Entries of the flow and binding tables as the programs share them: every access to a
+//! `CONNTRACK` or `NAT_BINDINGS` value goes through an [`EntryRef`], which holds the one
+//! argument for why it is sound.
 
 use core::{
     intrinsics::{atomic_xadd, AtomicOrdering},
@@ -16,33 +17,47 @@ use datapath_common::{
 
 use crate::maps::{count, CONNTRACK, NAT_BINDINGS};
 
-/// A `CONNTRACK` entry, reached by pointer: packets of one flow run on several CPUs at once and
-/// userspace may delete the entry meanwhile, so no `&mut Flow` to one is ever made.
+/// An entry of a shared table, reached by pointer: packets of one flow run on several CPUs at
+/// once and userspace may delete the entry meanwhile, so no `&mut` to one is ever made.
 ///
-/// Why the accesses below are sound. The pointer comes from a `CONNTRACK` look-up in this
-/// program run, and the kernel frees a hash-map value only after an RCU grace period, which
-/// cannot end while a program runs: the memory stays valid (perhaps unlinked) until the
-/// program returns. Each access reads or writes whole aligned fields of at most 8 bytes,
-/// which the BPF target does with single loads and stores (the packet counters with atomic
-/// adds), so a racing CPU sees each field before or after another's write, never torn. What
-/// a race can cost is a value, not memory: of two CPUs advancing the state at once one update
-/// may be lost, as before this type existed.
-#[derive(Clone, Copy)]
-pub struct FlowRef(*mut Flow);
+/// Why the accesses are sound. The pointer comes from a look-up in this program run, and the
+/// kernel frees a hash-map value only after an RCU grace period, which cannot end while a
+/// program runs: the memory stays valid (perhaps unlinked) until the program returns. Each
+/// access reads or writes whole aligned fields of at most 8 bytes, which the BPF target does
+/// with single loads and stores (the packet counters with atomic adds), so a racing CPU sees
+/// each field before or after another's write, never torn. What a race can cost is a value,
+/// not memory: of two CPUs advancing a flow's state at once one update may be lost.
+pub struct EntryRef<V>(*mut V);
+
+impl<V> Clone for EntryRef<V> {
+    fn clone(&self) -> Self {
+        *self
+    }
+}
+
+impl<V> Copy for EntryRef<V> {}
+
+impl<V> EntryRef<V> {
+    /// Reads the entry through a shared view that lives only as long as `read` runs.
+    #[inline(always)]
+    pub fn read<T>(self, read: impl FnOnce(&V) -> T) -> T {
+        // SAFETY: see EntryRef: valid for this run, and fields written meanwhile by another
+        // CPU read whole, old or new.
+        read(unsafe { &*self.0 })
+    }
+}
+
+/// A `CONNTRACK` entry.
+pub type FlowRef = EntryRef<Flow>;
+
+/// A `NAT_BINDINGS` entry.
+pub type BindingRef = EntryRef<Binding>;
 
 impl FlowRef {
     /// The entry of `key`, if the table holds one.
     #[inline(always)]
     pub fn find(key: &FlowKey) -> Option<Self> {
-        CONNTRACK.get_ptr_mut(key).map(Self)
-    }
-
-    /// Reads the entry through a shared view that lives only as long as `read` runs.
-    #[inline(always)]
-    pub fn read<T>(self, read: impl FnOnce(&Flow) -> T) -> T {
-        // SAFETY: see the type: valid for this run, and fields written meanwhile by another
-        // CPU read whole, old or new.
-        read(unsafe { &*self.0 })
+        CONNTRACK.get_ptr_mut(key).map(EntryRef)
     }
 
     /// Whether the flow is over (its state's timeout, and at least the revalidation interval
@@ -74,14 +89,14 @@ impl FlowRef {
     /// The pod's packets now come in on `ifindex` (a pod re-created with the same address).
     #[inline(always)]
     pub fn set_pod_ifindex(self, ifindex: u32) {
-        // SAFETY: see the type: one whole field written.
+        // SAFETY: see EntryRef: one whole field written.
         unsafe { (*self.0).pod_ifindex = ifindex };
     }
 
     /// Caches the route of translated packets: leave on `ifindex` (MTU `mtu`) with these MACs.
     #[inline(always)]
     pub fn cache_route(self, ifindex: u32, mtu: u16, src_mac: [u8; 6], dst_mac: [u8; 6]) {
-        // SAFETY: see the type: whole fields written. A reader racing with this may pair the
+        // SAFETY: see EntryRef: whole fields written. A reader racing with this may pair the
         // new interface with the old MACs for one packet, as it could before.
         unsafe {
             (*self.0).out_ifindex = ifindex;
@@ -94,14 +109,14 @@ impl FlowRef {
     /// Drops the cached route: the next packet looks it up.
     #[inline(always)]
     pub fn forget_route(self) {
-        // SAFETY: see the type: one whole field written.
+        // SAFETY: see EntryRef: one whole field written.
         unsafe { (*self.0).out_ifindex = 0 };
     }
 
     /// Records that the binding and route were checked at `now`.
     #[inline(always)]
     pub fn set_revalidated(self, now: u64) {
-        // SAFETY: see the type: one whole field written.
+        // SAFETY: see EntryRef: one whole field written.
         unsafe { (*self.0).revalidated_ns = now };
     }
 
@@ -115,7 +130,7 @@ impl FlowRef {
     /// Times a reply counted in its binding and advances the state machine with it.
     #[inline(always)]
     pub fn account_reply(self, proto: u8, tcp_flags: u8, now: u64) {
-        // SAFETY: see the type: one whole field written.
+        // SAFETY: see EntryRef: one whole field written.
         unsafe { (*self.0).last_seen_ns = now };
         self.advance(proto, Direction::In, tcp_flags);
     }
@@ -160,19 +175,19 @@ impl FlowRef {
 
     #[inline(always)]
     fn set_state(self, state: FlowState) {
-        // SAFETY: see the type: one whole field written.
+        // SAFETY: see EntryRef: one whole field written.
         unsafe { (*self.0).state = state as u8 };
     }
 
     #[inline(always)]
     fn set_flags(self, flags: u8) {
-        // SAFETY: see the type: one whole field written.
+        // SAFETY: see EntryRef: one whole field written.
         unsafe { (*self.0).flags = flags };
     }
 
     #[inline(always)]
     fn count_packet(self, dir: Direction, l3_len: u32, now: u64) {
-        // SAFETY: see the type; the counters take atomic adds, as packets of one flow are
+        // SAFETY: see EntryRef; the counters take atomic adds, as packets of one flow are
         // counted on several CPUs at once.
         unsafe {
             (*self.0).last_seen_ns = now;
@@ -214,23 +229,11 @@ pub struct Delivery {
     pub gateway_mac: [u8; 6],
 }
 
-/// A `NAT_BINDINGS` entry, reached by pointer, on the same terms as [`FlowRef`] (the argument
-/// there holds word for word: replies of one flow run on several CPUs at once).
-#[derive(Clone, Copy)]
-pub struct BindingRef(*mut Binding);
-
 impl BindingRef {
     /// The binding of reply tuple `tuple`, if the table holds one.
     #[inline(always)]
     pub fn find(tuple: &FlowKey) -> Option<Self> {
-        NAT_BINDINGS.get_ptr_mut(tuple).map(Self)
-    }
-
-    /// Reads the entry through a shared view that lives only as long as `read` runs.
-    #[inline(always)]
-    pub fn read<T>(self, read: impl FnOnce(&Binding) -> T) -> T {
-        // SAFETY: see FlowRef: valid for this run, fields read whole, old or new.
-        read(unsafe { &*self.0 })
+        NAT_BINDINGS.get_ptr_mut(tuple).map(EntryRef)
     }
 
     /// The owning flow's pod-side tuple, copied out.
@@ -248,7 +251,7 @@ impl BindingRef {
     /// Counts one reply of `l3_len` bytes at `now`.
     #[inline(always)]
     pub fn count_reply(self, l3_len: u32, now: u64) {
-        // SAFETY: see FlowRef: a whole field written, the counters with atomic adds.
+        // SAFETY: see EntryRef: a whole field written, the counters with atomic adds.
         unsafe {
             (*self.0).last_seen_ns = now;
             atomic_xadd::<u64, u64, { AtomicOrdering::Relaxed }>(&raw mut (*self.0).packets, 1);
@@ -274,7 +277,7 @@ impl BindingRef {
     /// one-lookup path for a revalidation interval from `now`.
     #[inline(always)]
     pub fn revalidate(self, to: Delivery, now: u64) {
-        // SAFETY: see FlowRef: whole fields written. Volatile, so the time that opens the
+        // SAFETY: see EntryRef: whole fields written. Volatile, so the time that opens the
         // one-lookup path is stored after what that path reads; a racing reply may still pair
         // new MACs with an old interface for one packet, as a flow's route can.
         unsafe {
@@ -295,7 +298,7 @@ impl BindingRef {
 /// ([`flow::is_reclaimable`]).
 #[inline(always)]
 pub fn is_reclaimable(owner: &FlowKey, now: u64) -> bool {
-    // SAFETY: as in `FlowRef::read`: a shared view of the entry for this call only.
+    // SAFETY: as in `EntryRef::read`: a shared view of the entry for this call only.
     let holder = unsafe { CONNTRACK.get(owner) };
     flow::is_reclaimable(holder, owner.proto, now)
 }

@@ -448,10 +448,7 @@ mod tests {
     /// The kept reference runs stay readable: every goal their workloads cover has a figure.
     #[test]
     fn the_reference_runs_are_read_back() {
-        for (run, measured) in [
-            ("results/reference", 18),
-            ("results/reference/churn", 7),
-        ] {
+        for (run, measured) in [("results/reference", 18), ("results/reference/churn", 7)] {
             let path = crate::workspace().join(run).join("results.json");
             let text = std::fs::read_to_string(&path).unwrap();
             let report = Report::from_json(&serde_json::from_str(&text).unwrap()).unwrap();
