@@ -244,6 +244,22 @@ fn replies_errors_and_fragments_with_ttl_one_never_reach_a_pod() {
         let back = Parsed::parse(&back);
         assert_eq!(back.ttl, 1);
         assert!(back.ip_checksum_ok() && back.l4_checksum_ok());
+        // The flow is established: its next replies take the one-lookup path, which checks
+        // the TTL too.
+        let mut data = Ipv4Packet::new(
+            SERVER_IP,
+            NODE_IP,
+            PROTO_TCP,
+            packet::tcp(SERVER_IP, NODE_IP, 80, out.src_port(), TCP_ACK, b"d"),
+        );
+        data.ttl = 1;
+        let (verdict, _) = h.from_wire(&data.frame(SERVER_MAC, UPLINK_MAC));
+        assert_eq!(verdict, TC_ACT_SHOT);
+        assert_eq!(h.counter(Counter::DropTtlExceeded), 2);
+        data.ttl = 2;
+        let (verdict, back) = h.from_wire(&data.frame(SERVER_MAC, UPLINK_MAC));
+        assert_eq!(verdict, TC_ACT_REDIRECT);
+        assert_eq!(Parsed::parse(&back).ttl, 1);
 
         // An ICMP error about the flow, sent with TTL 1.
         let quoted = Ipv4Packet::new(
@@ -262,7 +278,7 @@ fn replies_errors_and_fragments_with_ttl_one_never_reach_a_pod() {
         error.ttl = 1;
         let (verdict, _) = h.from_wire(&error.frame(ROUTER_MAC, UPLINK_MAC));
         assert_eq!(verdict, TC_ACT_SHOT);
-        assert_eq!(h.counter(Counter::DropTtlExceeded), 2);
+        assert_eq!(h.counter(Counter::DropTtlExceeded), 3);
         error.ttl = 9;
         let (verdict, back) = h.from_wire(&error.frame(ROUTER_MAC, UPLINK_MAC));
         assert_eq!(verdict, TC_ACT_REDIRECT);
