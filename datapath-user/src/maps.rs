@@ -173,14 +173,7 @@ impl Maps {
 
     /// Registered pods, by address.
     pub fn pods(&self) -> Result<Vec<(Ipv4Addr, PodInfo)>> {
-        let mut pods = self
-            .pods
-            .iter()
-            .map(|r| r.map(|(ip, pod)| (Ipv4Addr::from(ip), pod)))
-            .collect::<Result<Vec<_>, _>>()
-            .map_err(|e| Error::map("reading PODS", e))?;
-        pods.sort_by_key(|(ip, _)| *ip);
-        Ok(pods)
+        sorted_pods(&self.pods)
     }
 
     /// Each counter summed over CPUs.
@@ -226,6 +219,22 @@ impl Maps {
         }
         Ok(doomed.len())
     }
+}
+
+/// The pods registered in maps pinned at `path` that [`Maps::open`] refuses only because
+/// `run` upgrades them first (`PODS` is the same in every upgradable layout).
+pub fn pods_before_upgrade(path: &Path) -> Result<Vec<(Ipv4Addr, PodInfo)>> {
+    sorted_pods(&typed(path, names::PODS)?)
+}
+
+fn sorted_pods(map: &HashMap<MapData, u32, PodInfo>) -> Result<Vec<(Ipv4Addr, PodInfo)>> {
+    let mut pods = map
+        .iter()
+        .map(|r| r.map(|(ip, pod)| (Ipv4Addr::from(ip), pod)))
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|e| Error::map("reading PODS", e))?;
+    pods.sort_by_key(|(ip, _)| *ip);
+    Ok(pods)
 }
 
 /// CLOCK_MONOTONIC_COARSE in nanoseconds: the clock the programs stamp flows with.

@@ -586,10 +586,14 @@ fn check_pinned_maps(args: &RunArgs, cidr: Cidr, gateway: u32) -> anyhow::Result
             );
         }
     }
-    let Ok(maps) = Maps::open(pin) else {
-        return Ok(());
+    let pods = match Maps::open(pin) {
+        Ok(maps) => maps.pods().unwrap_or_default(),
+        Err(Error::LayoutUpgradable(_)) => {
+            datapath_user::maps::pods_before_upgrade(pin).unwrap_or_default()
+        }
+        Err(_) => return Ok(()),
     };
-    for (ip, pod) in maps.pods().unwrap_or_default() {
+    for (ip, pod) in pods {
         if let Some(problem) = cidr.pod_address_problem(gateway, u32::from(ip)) {
             bail!(
                 "registered pod {ip} ({}) does not fit these flags: it {problem} (pod range {}/{}, gateway {}); `datapath-user pod del --ip {ip}` first or choose a --pod-cidr/--gateway that fits",

@@ -11,7 +11,7 @@ use std::{
 
 use datapath_tests::{
     lab::{Lab, NODE_IP, SERVER_IP},
-    netns::{exec, ifindex_of, within},
+    netns::{exec, exec_output, ifindex_of, within},
     traffic::{self, Server, TcpService},
     LabOptions,
 };
@@ -219,6 +219,28 @@ fn layout_1_maps_are_upgraded_in_place_keeping_every_flow() {
         "{stderr}"
     );
     failed_start_pins_layout_1_back(&mut lab);
+    // The flags are still checked against the pods registered in layout-1 maps (bounded: a
+    // `run` that accepted them would stay in the foreground).
+    let bin = datapath_tests::datapath_user_bin();
+    let out = exec_output(
+        &lab.node,
+        &[
+            "timeout",
+            "30",
+            bin.to_str().unwrap(),
+            "run",
+            "--uplink",
+            "eth0",
+            "--gateway",
+            &pod.ip,
+            "--pin-path",
+            lab.pin_path.to_str().unwrap(),
+        ],
+    )
+    .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "a registered pod as the gateway");
+    assert!(stderr.contains("does not fit these flags"), "{stderr}");
 
     lab.start_daemon().unwrap();
     let log = std::fs::read_to_string(&lab.daemon_log).unwrap();
