@@ -5,11 +5,11 @@
 //! full-scan interval (the shortest timeout, at most ten seconds: no flow's expiry is closer
 //! than that to the packet that set it), and each full scan lists the flows that become
 //! removable before the next one. Every tick then looks at those alone. Where a full scan
-//! would cost more than 0.3% of a core at that pace (a table of a few hundred
-//! thousand long-lived flows), scans come less often, at most a minute apart, unless they
-//! find flows they were late for in numbers, or the programs created more than a percent of
-//! the table since the last one ([`datapath_common::scan`]); the programs treat a flow past its
-//! removal time as gone, so lateness costs memory, not correctness.
+//! would cost more than 0.3% of a core at that pace (a table of a few hundred thousand
+//! long-lived flows), scans come less often, at most a minute apart, unless they find flows
+//! they were late for in numbers, or the programs created more than a percent of the table
+//! since the last one ([`datapath_common::scan`]); the programs treat a flow past its removal
+//! time as gone, so lateness costs memory, not correctness.
 
 use std::{
     collections::{HashMap, HashSet},
@@ -228,6 +228,7 @@ impl Sweeper {
             )
         {
             self.next_full_scan = Some(punctual);
+            self.full_scan_interval = Duration::from_secs(u64::from(punctual_s));
         }
     }
 
