@@ -314,13 +314,7 @@ impl Flow {
     /// Nanoseconds (monotonic) at which this flow expires, given its state's timeout.
     #[must_use]
     pub const fn expires_at_ns(&self, proto: u8, timeouts: &Timeouts) -> u64 {
-        let timeout = match self.state() {
-            Some(state) => state.timeout(proto, timeouts),
-            None => 0,
-        };
-        // Saturating: entries are read back from maps any process may have written.
-        self.last_seen_ns
-            .saturating_add(timeout as u64 * 1_000_000_000)
+        expires_at(self.state, self.last_seen_ns, proto, timeouts)
     }
 }
 
@@ -383,15 +377,21 @@ impl Flow {
     }
 }
 
-/// When a flow in `state` (a [`FlowState`] as `u8`) last seen at `last_seen` is over: its
-/// state's timeout after that, and at least the revalidation interval.
-const fn removable_at(state: u8, last_seen: u64, proto: u8, timeouts: &Timeouts) -> u64 {
+/// When a flow in `state` (a [`FlowState`] as `u8`) last seen at `last_seen` expires: its
+/// state's timeout after that.
+const fn expires_at(state: u8, last_seen: u64, proto: u8, timeouts: &Timeouts) -> u64 {
     let timeout = match FlowState::from_u8(state) {
         Some(state) => state.timeout(proto, timeouts),
         None => 0,
     };
     // Saturating: entries are read back from maps any process may have written.
-    let expires = last_seen.saturating_add(timeout as u64 * 1_000_000_000);
+    last_seen.saturating_add(timeout as u64 * 1_000_000_000)
+}
+
+/// When such a flow is over: it has expired ([`expires_at`]) and been idle for at least the
+/// revalidation interval.
+const fn removable_at(state: u8, last_seen: u64, proto: u8, timeouts: &Timeouts) -> u64 {
+    let expires = expires_at(state, last_seen, proto, timeouts);
     let idle = last_seen.saturating_add(REVALIDATE_INTERVAL_NS);
     if expires > idle {
         expires
@@ -433,19 +433,10 @@ pub struct Binding {
 impl Binding {
     /// A new binding of `owner`, with nothing counted and nothing to deliver by yet.
     #[must_use]
-    pub const fn claim(owner: FlowKey) -> Self {
+    pub fn claim(owner: FlowKey) -> Self {
         Self {
             owner,
-            revalidated_ns: 0,
-            last_seen_ns: 0,
-            packets: 0,
-            bytes: 0,
-            pod_ifindex: 0,
-            flags: 0,
-            _pad: 0,
-            pod_mac: [0; 6],
-            gateway_mac: [0; 6],
-            _pad2: [0; 6],
+            ..Self::default()
         }
     }
 

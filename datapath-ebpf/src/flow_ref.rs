@@ -72,12 +72,7 @@ impl FlowRef {
     /// Where replies go: the pod's host veth, and its link-layer addresses if known.
     #[inline(always)]
     pub fn delivery(self) -> Delivery {
-        self.read(|f| Delivery {
-            ifindex: f.pod_ifindex,
-            has_macs: f.flags & FLAG_HAS_MACS != 0,
-            pod_mac: f.pod_mac,
-            gateway_mac: f.gateway_mac,
-        })
+        self.read(|f| Delivery::new(f.pod_ifindex, f.flags, f.pod_mac, f.gateway_mac))
     }
 
     /// The address and port the flow is translated to.
@@ -229,6 +224,20 @@ pub struct Delivery {
     pub gateway_mac: [u8; 6],
 }
 
+impl Delivery {
+    /// From an entry's copy of the pod's veth, `FLAG_*` bits and link-layer addresses (flows
+    /// and bindings hold the same fields).
+    #[inline(always)]
+    fn new(ifindex: u32, flags: u8, pod_mac: [u8; 6], gateway_mac: [u8; 6]) -> Self {
+        Self {
+            ifindex,
+            has_macs: flags & FLAG_HAS_MACS != 0,
+            pod_mac,
+            gateway_mac,
+        }
+    }
+}
+
 impl BindingRef {
     /// The binding of reply tuple `tuple`, if the table holds one.
     #[inline(always)]
@@ -265,12 +274,7 @@ impl BindingRef {
     /// Where the one-lookup path delivers replies.
     #[inline(always)]
     pub fn delivery(self) -> Delivery {
-        self.read(|b| Delivery {
-            ifindex: b.pod_ifindex,
-            has_macs: b.flags & FLAG_HAS_MACS != 0,
-            pod_mac: b.pod_mac,
-            gateway_mac: b.gateway_mac,
-        })
+        self.read(|b| Delivery::new(b.pod_ifindex, b.flags, b.pod_mac, b.gateway_mac))
     }
 
     /// Copies `to` (the flow's delivery, just confirmed) into the entry and opens the
