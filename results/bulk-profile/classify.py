@@ -40,7 +40,7 @@ def classify(frames):
             return name
     return "rx core (netif_receive, backlog)"
 
-def samples(path, pids):
+def samples(path):
     out = subprocess.run(["perf", "script", "-i", path, "-F", "comm,pid,ip,sym"],
                          capture_output=True, text=True).stdout
     for block in out.split("\n\n"):
@@ -56,27 +56,41 @@ def samples(path, pids):
                 frames.append(parts[1].split("+")[0].strip())
         yield comm, int(pid) if pid.isdigit() else 0, frames
 
+def runs(outs, mode):
+    """Each run OUT of `outs` (comma-separated) in `mode`: the pids of our two iperf3 processes
+    (server, client), what iperf3 received, and the perf samples."""
+    for prefix in outs.split(","):
+        srv, cli = (int(p) for p in open(f"{prefix}-{mode}.pids").read().split())
+        received = json.load(open(f"{prefix}-{mode}.json"))["end"]["sum_received"]
+        yield (srv, cli), received, samples(f"{prefix}-{mode}.data")
+
+def per_gb(outs, modes, count):
+    """For each mode: a Counter filled by `count(counter, comm, pid, frames, (srv, cli))` over
+    every sample of its runs, the GB received and the seconds it took."""
+    res, gbs, secs = {}, {}, {}
+    for mode in modes:
+        c, gb, seconds = collections.Counter(), 0.0, 0.0
+        for pids, received, run_samples in runs(outs, mode):
+            gb += received["bytes"] / 1e9
+            seconds += received["seconds"]
+            for comm, pid, frames in run_samples:
+                count(c, comm, pid, frames, pids)
+        res[mode], gbs[mode], secs[mode] = c, gb, seconds
+    return res, gbs, secs
+
+def count_where(c, comm, pid, frames, pids):
+    srv, cli = pids
+    if pid in pids:
+        c[classify(frames)] += 1
+        c["TOTAL (our iperf3 processes)"] += 1
+        c["  of which in the sender (pod 0, iperf3 -c)" if pid == cli else "  of which in the receiver (server, iperf3 -s)"] += 1
+    elif comm.startswith("ksoftirqd"):
+        c["ksoftirqd (any traffic): " + classify(frames)] += 1
+
 def main():
     out, modes = sys.argv[1], sys.argv[2:]
-    table, gb, rate = {}, {}, {}
-    for mode in modes:
-        c = collections.Counter()
-        gb[mode] = seconds = 0.0
-        for prefix in out.split(","):
-            srv, cli = (int(p) for p in open(f"{prefix}-{mode}.pids").read().split())
-            pids = {srv, cli}
-            d = json.load(open(f"{prefix}-{mode}.json"))
-            gb[mode] += d["end"]["sum_received"]["bytes"] / 1e9
-            seconds += d["end"]["sum_received"]["seconds"]
-            for comm, pid, frames in samples(f"{prefix}-{mode}.data", pids):
-                if pid in pids:
-                    c[classify(frames)] += 1
-                    c["TOTAL (our iperf3 processes)"] += 1
-                    c["  of which in the sender (pod 0, iperf3 -c)" if pid == cli else "  of which in the receiver (server, iperf3 -s)"] += 1
-                elif comm.startswith("ksoftirqd"):
-                    c["ksoftirqd (any traffic): " + classify(frames)] += 1
-        rate[mode] = gb[mode] * 8 / seconds
-        table[mode] = c
+    table, gb, secs = per_gb(out, modes, count_where)
+    rate = {m: gb[m] * 8 / secs[m] for m in modes}
     keys = sorted({k for c in table.values() for k in c}, key=lambda k: -max(t[k] for t in table.values()))
     print("CPU ms per GB received (samples at 999 Hz / GB); Gbit/s: " +
           ", ".join(f"{m} {rate[m]:.2f}" for m in modes))
@@ -85,4 +99,5 @@ def main():
     for k in keys:
         print(f"| {k:<50} | " + " | ".join(f"{table[m][k]/gb[m]:9.2f}" for m in modes) + " |")
 
-main()
+if __name__ == "__main__":
+    main()
